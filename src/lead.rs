@@ -1,0 +1,379 @@
+//! Domain types of a lead. Raw strings from senders become these types through constructors
+//! that can fail, so the rest of the code never handles an unchecked email or phone number.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use crate::telemetry::{mask_email, mask_phone};
+
+/// Our identifier of one accepted lead: a ULID, so ids sort by arrival time.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeadId(Ulid);
+
+impl LeadId {
+    pub fn new() -> Self {
+        Self(Ulid::new())
+    }
+}
+
+impl Default for LeadId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for LeadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Debug for LeadId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeadId({})", self.0)
+    }
+}
+
+impl FromStr for LeadId {
+    type Err = ulid::DecodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ulid::from_string(s).map(Self)
+    }
+}
+
+/// The `Type` Onpipeline accepts on an email address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailType {
+    Work,
+    Home,
+    Other,
+}
+
+impl FromStr for EmailType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "work" => Ok(Self::Work),
+            "home" => Ok(Self::Home),
+            "other" => Ok(Self::Other),
+            _ => Err(format!("email type must be work, home or other, not {s:?}")),
+        }
+    }
+}
+
+/// The `Type` Onpipeline accepts on a phone number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhoneType {
+    Work,
+    Home,
+    Mobile,
+    Other,
+}
+
+impl FromStr for PhoneType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "work" => Ok(Self::Work),
+            "home" => Ok(Self::Home),
+            "mobile" => Ok(Self::Mobile),
+            "other" => Ok(Self::Other),
+            _ => Err(format!("phone type must be work, home, mobile or other, not {s:?}")),
+        }
+    }
+}
+
+/// A syntactically valid email address (checked with the `validator` crate), trimmed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EmailAddress(String);
+
+impl EmailAddress {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        use validator::ValidateEmail;
+        let trimmed = raw.trim();
+        if trimmed.validate_email() {
+            Ok(Self(trimmed.to_owned()))
+        } else {
+            Err("is not a valid email address".to_owned())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for EmailAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EmailAddress({})", mask_email(&self.0))
+    }
+}
+
+/// A phone number: E.164 when it parses as a valid number (national numbers read with the
+/// source's region), otherwise the sender's text, trimmed. A phone number is never dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PhoneNumber(String);
+
+impl PhoneNumber {
+    /// Fails only on blank input.
+    pub fn parse(raw: &str, region: Option<phonenumber::country::Id>) -> Option<Self> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return None;
+        }
+        match phonenumber::parse(region, trimmed) {
+            Ok(number) if phonenumber::is_valid(&number) => Some(Self(
+                number.format().mode(phonenumber::Mode::E164).to_string(),
+            )),
+            _ => Some(Self(trimmed.to_owned())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PhoneNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PhoneNumber({})", mask_phone(&self.0))
+    }
+}
+
+/// The fields a sender submitted, in the order they first appeared. A name submitted several
+/// times (repeated keys, `name[]`) keeps every value in order. Blank values are kept here and
+/// treated as absent by the mapping.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Inbound {
+    fields: Vec<(String, Vec<String>)>,
+}
+
+impl Inbound {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one value; a trailing `[]` on the name is dropped (`interest[]` → `interest`).
+    pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let mut name = name.into();
+        if let Some(stripped) = name.strip_suffix("[]") {
+            name = stripped.to_owned();
+        }
+        let value = value.into();
+        match self.fields.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, values)) => values.push(value),
+            None => self.fields.push((name, vec![value])),
+        }
+    }
+
+    /// All values of one field, blank ones included.
+    pub fn get(&self, name: &str) -> Option<&[String]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.fields.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
+impl fmt::Debug for Inbound {
+    /// Field names only: values are personal data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.fields.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Inbound {
+    fn from_iter<T: IntoIterator<Item = (K, V)>>(iter: T) -> Self {
+        let mut inbound = Inbound::new();
+        for (k, v) in iter {
+            inbound.push(k, v);
+        }
+        inbound
+    }
+}
+
+/// One email entry of a Leadsin payload.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailEntry {
+    #[serde(rename = "Address")]
+    pub address: String,
+    #[serde(rename = "Type")]
+    pub kind: EmailType,
+}
+
+/// One phone entry of a Leadsin payload.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneEntry {
+    #[serde(rename = "Number")]
+    pub number: String,
+    #[serde(rename = "Type")]
+    pub kind: PhoneType,
+}
+
+/// One custom field of a Leadsin payload, addressed by its Onpipeline ID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraEntry {
+    #[serde(rename = "ID")]
+    pub id: String,
+    #[serde(rename = "Value")]
+    pub value: String,
+}
+
+/// The JSON body of `POST /Leadsin`, field names as Onpipeline spells them.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeadsinPayload {
+    #[serde(rename = "FirstName")]
+    pub first_name: String,
+    #[serde(rename = "LastName")]
+    pub last_name: String,
+    #[serde(rename = "Phone", default, skip_serializing_if = "Vec::is_empty")]
+    pub phone: Vec<PhoneEntry>,
+    #[serde(rename = "Email", default, skip_serializing_if = "Vec::is_empty")]
+    pub email: Vec<EmailEntry>,
+    #[serde(rename = "OrgName", default, skip_serializing_if = "Option::is_none")]
+    pub org_name: Option<String>,
+    #[serde(rename = "AddressLine1", default, skip_serializing_if = "Option::is_none")]
+    pub address_line1: Option<String>,
+    #[serde(rename = "AddressLine2", default, skip_serializing_if = "Option::is_none")]
+    pub address_line2: Option<String>,
+    #[serde(rename = "Postcode", default, skip_serializing_if = "Option::is_none")]
+    pub postcode: Option<String>,
+    #[serde(rename = "City", default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(rename = "Region", default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(rename = "Country", default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(rename = "Extra", default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<ExtraEntry>,
+}
+
+impl fmt::Debug for LeadsinPayload {
+    /// Names and custom values are left out and emails and phones masked: this may reach a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeadsinPayload")
+            .field(
+                "email",
+                &self
+                    .email
+                    .iter()
+                    .map(|e| mask_email(&e.address))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "phone",
+                &self
+                    .phone
+                    .iter()
+                    .map(|p| mask_phone(&p.number))
+                    .collect::<Vec<_>>(),
+            )
+            .field("extra_ids", &self.extra.iter().map(|e| &e.id).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A lead as it sits in the queue: everything the forwarder needs to deliver it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedLead {
+    pub id: LeadId,
+    /// The source id from the sources file (`website`, `acme`, …).
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+    pub payload: LeadsinPayload,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn email_with_surrounding_spaces_is_trimmed_and_accepted() {
+        let email = EmailAddress::parse("  ana@example.com ").unwrap();
+        assert_eq!(email.as_str(), "ana@example.com");
+    }
+
+    #[test]
+    fn email_without_at_sign_is_rejected() {
+        assert!(EmailAddress::parse("ana.example.com").is_err());
+        assert!(EmailAddress::parse("ana@").is_err());
+    }
+
+    #[test]
+    fn national_phone_is_normalised_with_the_region() {
+        let gb = "GB".parse().unwrap();
+        let phone = PhoneNumber::parse("020 7946 0018", Some(gb)).unwrap();
+        assert_eq!(phone.as_str(), "+442079460018");
+    }
+
+    #[test]
+    fn international_phone_is_normalised_without_a_region() {
+        let phone = PhoneNumber::parse("+34 912 345 678", None).unwrap();
+        assert_eq!(phone.as_str(), "+34912345678");
+    }
+
+    #[test]
+    fn unparseable_phone_is_kept_as_given() {
+        let phone = PhoneNumber::parse(" call me after 6 ", None).unwrap();
+        assert_eq!(phone.as_str(), "call me after 6");
+    }
+
+    #[test]
+    fn blank_phone_is_absent() {
+        assert!(PhoneNumber::parse("   ", None).is_none());
+    }
+
+    #[test]
+    fn bracketed_names_collect_every_value_in_order() {
+        let inbound: Inbound = [("interest[]", "a"), ("name", "x"), ("interest[]", "b")]
+            .into_iter()
+            .collect();
+        assert_eq!(inbound.get("interest").unwrap(), ["a", "b"]);
+        assert_eq!(
+            inbound.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["interest", "name"]
+        );
+    }
+
+    #[test]
+    fn debug_output_masks_personal_data() {
+        let payload = LeadsinPayload {
+            first_name: "Ana".into(),
+            last_name: "Lopez".into(),
+            email: vec![EmailEntry {
+                address: "ana.lopez@example.com".into(),
+                kind: EmailType::Work,
+            }],
+            phone: vec![PhoneEntry {
+                number: "+442079460018".into(),
+                kind: PhoneType::Mobile,
+            }],
+            ..Default::default()
+        };
+        let debug = format!("{payload:?}");
+        assert!(!debug.contains("ana.lopez@example.com"), "{debug}");
+        assert!(!debug.contains("2079460018"), "{debug}");
+        assert!(!debug.contains("Lopez"), "{debug}");
+    }
+}

@@ -1,0 +1,23 @@
+//! leadgate: receive sales leads from forms, ad platforms and partners, queue them durably and
+//! deliver each one exactly once to Onpipeline's `Leadsin` endpoint.
+//!
+//! The road of a lead, one module per step:
+//! receive ([`http`]) → verify and parse ([`sources`]) → map and validate ([`mapping`], [`lead`])
+//! → dedupe and enqueue ([`queue`]) → answer; later lease → deliver ([`forwarder`],
+//! [`onpipeline`]) → ack, retry later ([`retry`]) or dead-letter.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod forwarder;
+pub mod http;
+pub mod lead;
+pub mod mapping;
+pub mod onpipeline;
+pub mod queue;
+pub mod retry;
+pub mod sim;
+pub mod sources;
+pub mod telemetry;
+pub mod tls;

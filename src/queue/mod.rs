@@ -1,0 +1,229 @@
+//! The delivery queue: one contract, two backends (Redis, embedded SQLite).
+//!
+//! # The contract
+//!
+//! 1. **Enqueue is durable before the 2xx.** [`Queue::enqueue`] returns only once the lead is
+//!    written where a crash of this process cannot lose it (a committed SQLite transaction on
+//!    disk; a Redis write acknowledged by the server — its own persistence settings decide the
+//!    rest, see the README). An enqueue that fails or times out is answered `503`: it may still
+//!    have landed, which is why idempotency keys exist.
+//! 2. **Idempotency.** An enqueue carrying an [`IdempotencyKey`] already seen within its time to
+//!    live queues nothing and returns [`Enqueued::Replayed`] with the first lead's id. The key
+//!    and the lead are written atomically.
+//! 3. **Leases.** A consumer leases ready entries with [`Queue::lease`]. An entry is ready when it
+//!    is new, when its retry delay has passed, or when a lease on it was not settled within the
+//!    visibility timeout (the consumer died): then it is redelivered to any consumer.
+//! 4. **Each lease settles exactly once**, with [`Queue::settle`]:
+//!    * [`Settle::Delivered`] records the delivery (see [`Queue::delivery_of`]) and removes the
+//!      entry, atomically: a redelivered lease of a lead already recorded as delivered is
+//!      recognised by the forwarder and not sent again;
+//!    * [`Settle::RetryLater`] replaces the entry with a new copy that becomes ready after the
+//!      delay, with `attempt + 1` when the attempt counts (it does not when delivery is paused
+//!      or the process is shutting down);
+//!    * [`Settle::Dead`] moves the entry to the dead letters with its reason.
+//!
+//!    Settling a lease that has expired and been redelivered meanwhile is harmless: the
+//!    delivered record makes the second delivery a no-op.
+//! 5. Nothing else removes an entry. No lead is dropped.
+
+pub mod embedded;
+pub mod redis;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::lead::{LeadId, QueuedLead};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store cannot be reached or did not answer in time: callers answer `503`.
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else (corrupt entry, schema problem).
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Settings common to both backends.
+#[derive(Clone, Debug)]
+pub struct QueueSettings {
+    /// An unsettled lease is redelivered after this long.
+    pub lease_timeout: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
+    /// How long a delivered lead's record (its Onpipeline LeadID) is kept.
+    pub delivered_ttl: Duration,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            lease_timeout: Duration::from_secs(60),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            delivered_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Where the queue lives.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// `redis://` or `rediss://` URL (may carry a password: never logged), and the key prefix.
+    Redis { url: secrecy::SecretString, prefix: String },
+    /// Directory holding the SQLite database.
+    Embedded { dir: PathBuf },
+}
+
+/// A sender-chosen key that makes a repeated submission a no-op: scoped per source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    pub source: String,
+    pub key: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// The lead was written.
+    Queued,
+    /// The idempotency key was seen before: nothing written; this is the first lead's id.
+    Replayed { first: LeadId },
+}
+
+/// One leased entry. `attempt` is the number of the delivery attempt about to be made (1 for a
+/// fresh lead).
+#[derive(Debug)]
+pub struct Lease {
+    pub lead: QueuedLead,
+    pub attempt: u32,
+    /// The reason of the previous attempt, if any.
+    pub last_error: Option<String>,
+    pub(crate) handle: LeaseHandle,
+}
+
+/// Backend-specific identity of a leased entry.
+#[derive(Clone, Debug)]
+pub(crate) enum LeaseHandle {
+    Redis { stream_id: String, entry: String },
+    Embedded { entry_id: i64, lease_token: i64 },
+}
+
+/// What Onpipeline said when it took the lead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// `Data.LeadID` from Onpipeline, when it gave one (not on a 409 duplicate).
+    pub onpipeline_lead_id: Option<String>,
+    /// Onpipeline answered 409: it already had this lead.
+    pub duplicate: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// How a lease ends.
+#[derive(Clone, Debug)]
+pub enum Settle {
+    Delivered(Delivery),
+    RetryLater {
+        delay: Duration,
+        reason: String,
+        /// false when the attempt must not count (delivery paused, shutdown release).
+        count_attempt: bool,
+    },
+    Dead {
+        reason: String,
+    },
+}
+
+/// A dead-lettered lead and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub lead: QueuedLead,
+    pub attempts: u32,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Counts by state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub ready: u64,
+    pub leased: u64,
+    pub delayed: u64,
+    pub dead: u64,
+}
+
+/// The queue, whichever backend holds it. The rest of the code never knows which.
+#[derive(Clone)]
+pub enum Queue {
+    Redis(redis::RedisQueue),
+    Embedded(embedded::EmbeddedQueue),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $q:ident => $call:expr) => {
+        match $self {
+            Queue::Redis($q) => $call,
+            Queue::Embedded($q) => $call,
+        }
+    };
+}
+
+impl Queue {
+    /// Opens (creating if needed) the queue. `consumer` names this process among the consumers
+    /// sharing the queue (unique per replica).
+    pub async fn open(backend: &Backend, settings: QueueSettings, consumer: &str) -> Result<Self> {
+        Ok(match backend {
+            Backend::Redis { url, prefix } => {
+                Queue::Redis(redis::RedisQueue::open(url, prefix, settings, consumer).await?)
+            }
+            Backend::Embedded { dir } => {
+                Queue::Embedded(embedded::EmbeddedQueue::open(dir, settings).await?)
+            }
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Queue::Redis(_) => "redis",
+            Queue::Embedded(_) => "embedded",
+        }
+    }
+
+    pub async fn enqueue(
+        &self,
+        lead: &QueuedLead,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Enqueued> {
+        dispatch!(self, q => q.enqueue(lead, idempotency).await)
+    }
+
+    /// Leases up to `max` ready entries, waiting up to `wait` for at least one.
+    pub async fn lease(&self, max: usize, wait: Duration) -> Result<Vec<Lease>> {
+        dispatch!(self, q => q.lease(max, wait).await)
+    }
+
+    pub async fn settle(&self, lease: Lease, how: Settle) -> Result<()> {
+        dispatch!(self, q => q.settle(lease, how).await)
+    }
+
+    /// The delivery record of a lead, if it was delivered.
+    pub async fn delivery_of(&self, id: LeadId) -> Result<Option<Delivery>> {
+        dispatch!(self, q => q.delivery_of(id).await)
+    }
+
+    pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        dispatch!(self, q => q.dead_letters(limit).await)
+    }
+
+    pub async fn stats(&self) -> Result<Stats> {
+        dispatch!(self, q => q.stats().await)
+    }
+
+    /// Cheap reachability check for `/readyz`.
+    pub async fn ping(&self) -> Result<()> {
+        dispatch!(self, q => q.ping().await)
+    }
+}

@@ -1,0 +1,1 @@
+//! Stub: decoding of request bodies (urlencoded with charsets, multipart, JSON).
