@@ -1,1 +1,199 @@
-//! Stub.
+//! The ingest boundary's one error enum. Its status and stable code are chosen in one match;
+//! client errors carry a message and per-field messages; internal errors answer a bare 500
+//! and are logged with their whole cause chain, never returned.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use actix_web::HttpResponse;
+use actix_web::http::StatusCode;
+use actix_web::http::header;
+use serde::Serialize;
+
+use crate::mapping::Rejection;
+
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("there is no source {0:?}")]
+    UnknownSource(String),
+    #[error("a valid `Authorization: Bearer <key>` header is required")]
+    Unauthorized,
+    #[error("posts from {0} are not allowed for this source")]
+    OriginNotAllowed(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("the body is larger than this source accepts ({limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    PartTooLarge(String),
+    #[error("{}", .0.message)]
+    Rejected(Rejection),
+    #[error("too many requests{}", scope_text(.scope))]
+    RateLimited {
+        retry_after: Duration,
+        scope: &'static str,
+    },
+    #[error("the gateway cannot accept leads right now; try again shortly")]
+    Unavailable { retry_after: Duration },
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+fn scope_text(scope: &str) -> String {
+    match scope {
+        "ip" => " from this address".to_owned(),
+        "source" => " for this source".to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// The JSON error document every client error uses.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub code: &'a str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fields: Option<&'a BTreeMap<String, Vec<String>>>,
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
+            IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngestError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Stable machine-readable code; documented in openapi.yaml.
+    pub fn code(&self) -> &str {
+        match self {
+            IngestError::UnknownSource(_) => "unknown_source",
+            IngestError::Unauthorized => "unauthorized",
+            IngestError::OriginNotAllowed(_) => "origin_not_allowed",
+            IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
+            IngestError::Malformed(_) => "malformed_body",
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
+            IngestError::Rejected(r) => r.code,
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::Unavailable { .. } => "unavailable",
+            IngestError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn fields(&self) -> Option<&BTreeMap<String, Vec<String>>> {
+        match self {
+            IngestError::Rejected(r) if !r.fields.is_empty() => Some(&r.fields),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            IngestError::RateLimited { retry_after, .. }
+            | IngestError::Unavailable { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The public message: internal errors say nothing about their cause.
+    pub fn public_message(&self) -> String {
+        self.to_string()
+    }
+
+    /// Logs what needs logging: internal errors with their cause chain.
+    pub fn log(&self, source: &str) {
+        match self {
+            IngestError::Internal(e) => {
+                tracing::error!(
+                    source,
+                    error = format!("{e:#}"),
+                    "Ingest failed with an internal error."
+                )
+            }
+            IngestError::Unavailable { .. } => {
+                tracing::warn!(source, "Refused a lead because the queue is unavailable.")
+            }
+            other => tracing::debug!(source, code = other.code(), "Refused a request."),
+        }
+    }
+
+    /// The answer for a client that reads JSON.
+    pub fn json_response(&self) -> HttpResponse {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: self.public_message(),
+                fields: self.fields(),
+            },
+        };
+        let mut response = HttpResponse::build(self.status());
+        if let Some(after) = self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, retry_after_seconds(after).to_string()));
+        }
+        if matches!(self, IngestError::Unauthorized) {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(body)
+    }
+
+    /// The answer for a person who submitted a plain HTML form: a readable page.
+    pub fn html_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status());
+        if let Some(after) = self.retry_after() {
+            response.insert_header((header::RETRY_AFTER, retry_after_seconds(after).to_string()));
+        }
+        response
+            .content_type("text/html; charset=utf-8")
+            .body(crate::http::pages::error_page(self).into_string())
+    }
+}
+
+/// Whole seconds, rounded up, at least 1: `Retry-After: 0` would invite a hot loop.
+pub fn retry_after_seconds(after: Duration) -> u64 {
+    after.as_secs_f64().ceil().max(1.0) as u64
+}
+
+impl From<crate::queue::Error> for IngestError {
+    fn from(e: crate::queue::Error) -> Self {
+        match e {
+            crate::queue::Error::Unavailable(_) => IngestError::Unavailable {
+                retry_after: Duration::from_secs(5),
+            },
+            crate::queue::Error::Other(e) => IngestError::Internal(e),
+        }
+    }
+}
+
+impl From<crate::sources::body::BodyError> for IngestError {
+    fn from(e: crate::sources::body::BodyError) -> Self {
+        use crate::sources::body::BodyError;
+        match e {
+            BodyError::UnsupportedMediaType { .. } => {
+                IngestError::UnsupportedMediaType(e.to_string())
+            }
+            // Only a part inside the body can be too large here; the body itself was bounded
+            // before decoding.
+            BodyError::TooLarge { message } => IngestError::PartTooLarge(message),
+            BodyError::Malformed { message } => IngestError::Malformed(message),
+        }
+    }
+}

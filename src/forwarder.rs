@@ -1,1 +1,353 @@
-//! Stub.
+//! The forwarder: lease leads, deliver them to Leadsin with bounded concurrency, settle each
+//! lease by the outcome. Policy lives here, in one place:
+//!
+//! * delivered or duplicate (409) → record the delivery and ack;
+//! * temporary failure → a new copy later, per [`RetryPolicy`] (and `Retry-After`), until the
+//!   lead is too old, then dead-letter;
+//! * rejected data (400, 406) → dead-letter with Onpipeline's answer;
+//! * 401/403/404 → **pause all delivery**: the lead goes back uncounted, nothing more is leased,
+//!   and one probe is sent after a growing back-off (re-reading a token file first) until
+//!   Onpipeline accepts again.
+//!
+//! A lead whose delivery is already recorded (its earlier lease expired after Onpipeline took
+//! it) is acked without being sent again.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::TokenSource;
+use crate::onpipeline::{LeadsinClient, Outcome};
+use crate::queue::{Delivery, Lease, Queue, Settle};
+use crate::retry::{Decision, RetryPolicy};
+
+/// Whether delivery runs, as `/readyz` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    Running,
+    /// This process does not deliver by design (`--no-forwarder`); another one does.
+    Off {
+        reason: String,
+    },
+    /// Delivery cannot run: no Onpipeline token is configured. Leads wait in the queue.
+    Held {
+        reason: String,
+    },
+    /// Onpipeline refused our credentials or address; probing until it accepts again.
+    Paused {
+        reason: String,
+        since: chrono::DateTime<Utc>,
+    },
+}
+
+/// Shared between the forwarder, which writes it, and the HTTP side, which reports it.
+#[derive(Debug)]
+pub struct DeliveryState {
+    status: RwLock<DeliveryStatus>,
+    resume: Notify,
+}
+
+impl DeliveryState {
+    pub fn new(status: DeliveryStatus) -> Arc<Self> {
+        Arc::new(Self {
+            status: RwLock::new(status),
+            resume: Notify::new(),
+        })
+    }
+
+    pub fn get(&self) -> DeliveryStatus {
+        self.status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set(&self, status: DeliveryStatus) {
+        *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    fn is_paused(&self) -> bool {
+        matches!(self.get(), DeliveryStatus::Paused { .. })
+    }
+
+    /// Pauses delivery (first reason wins); returns whether this call paused it.
+    fn pause(&self, reason: &str) -> bool {
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(*status, DeliveryStatus::Paused { .. }) {
+            return false;
+        }
+        *status = DeliveryStatus::Paused {
+            reason: reason.to_owned(),
+            since: Utc::now(),
+        };
+        true
+    }
+
+    /// Resumes delivery at once (operators; a successful probe).
+    pub fn resume(&self) {
+        self.set(DeliveryStatus::Running);
+        self.resume.notify_waiters();
+    }
+}
+
+pub struct Forwarder {
+    pub queue: Queue,
+    pub client: LeadsinClient,
+    pub token: TokenSource,
+    pub policy: RetryPolicy,
+    pub concurrency: usize,
+    pub state: Arc<DeliveryState>,
+    /// Longest wait between probes while paused.
+    pub probe_max: Duration,
+}
+
+/// How long one lease call waits for work before looking at shutdown and pause again.
+const LEASE_WAIT: Duration = Duration::from_millis(500);
+
+impl Forwarder {
+    /// Runs until `shutdown` turns true, then waits for in-flight deliveries to settle.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(this.concurrency));
+        let mut tasks = JoinSet::new();
+        let mut probe_delay = Duration::from_secs(1);
+        info!(
+            endpoint = %this.client.endpoint(),
+            concurrency = this.concurrency,
+            "Forwarder started."
+        );
+
+        while !*shutdown.borrow() {
+            while tasks.try_join_next().is_some() {}
+
+            if this.state.is_paused() {
+                // Wait for in-flight attempts to finish before probing, so one probe means one
+                // request.
+                while tasks.join_next().await.is_some() {}
+                tokio::select! {
+                    _ = tokio::time::sleep(probe_delay) => {}
+                    _ = this.state.resume.notified() => {}
+                    _ = shutdown.changed() => continue,
+                }
+                probe_delay = (probe_delay * 2).min(this.probe_max);
+                if this.state.is_paused() {
+                    this.probe().await;
+                }
+                continue;
+            }
+            probe_delay = Duration::from_secs(1);
+
+            let free = slots.available_permits();
+            if free == 0 {
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let leases = tokio::select! {
+                leases = this.queue.lease(free, LEASE_WAIT) => leases,
+                _ = shutdown.changed() => continue,
+            };
+            let leases = match leases {
+                Ok(leases) => leases,
+                Err(e) => {
+                    warn!(error = %e, "Could not lease leads; retrying in a second.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            for lease in leases {
+                let permit = slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore is never closed");
+                let this = this.clone();
+                tasks.spawn(async move {
+                    this.deliver(lease).await;
+                    drop(permit);
+                });
+            }
+        }
+
+        info!(
+            in_flight = tasks.len(),
+            "Forwarder stopping; finishing deliveries in flight."
+        );
+        while tasks.join_next().await.is_some() {}
+        info!("Forwarder stopped.");
+    }
+
+    /// Sends one lead while paused; resumes delivery when Onpipeline takes it.
+    async fn probe(&self) {
+        let lease = match self.queue.lease(1, LEASE_WAIT).await {
+            Ok(mut leases) if !leases.is_empty() => leases.remove(0),
+            Ok(_) => {
+                // Nothing to probe with: resume; the next lead will tell.
+                info!("Delivery resumes: no lead is waiting to probe with.");
+                self.state.resume();
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "Could not lease a lead to probe with.");
+                return;
+            }
+        };
+        info!(lead_id = %lease.lead.id, "Probing Onpipeline while delivery is paused.");
+        self.deliver(lease).await;
+    }
+
+    async fn deliver(&self, lease: Lease) {
+        let span = info_span!(
+            "deliver",
+            source = %lease.lead.source,
+            lead_id = %lease.lead.id,
+            attempt = lease.attempt
+        );
+        self.deliver_in_span(lease).instrument(span).await
+    }
+
+    async fn deliver_in_span(&self, lease: Lease) {
+        match self.queue.delivery_of(lease.lead.id).await {
+            Ok(Some(delivery)) => {
+                info!("Lead was already delivered; acknowledging without sending it again.");
+                self.settle(lease, Settle::Delivered(delivery)).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Without knowing, sending could duplicate: put it back for later.
+                warn!(error = %e, "Could not read the delivery record; will retry.");
+                let retry = Settle::RetryLater {
+                    delay: Duration::from_secs(1),
+                    reason: format!("queue error: {e}"),
+                    count_attempt: false,
+                };
+                self.settle(lease, retry).await;
+                return;
+            }
+        }
+
+        let token = match self.token.load() {
+            Ok(token) => token,
+            Err(e) => {
+                let reason = format!("the Onpipeline token cannot be read: {e:#}");
+                if self.state.pause(&reason) {
+                    error!(reason, "ALERT: delivery paused.");
+                }
+                let retry = Settle::RetryLater {
+                    delay: Duration::ZERO,
+                    reason,
+                    count_attempt: false,
+                };
+                self.settle(lease, retry).await;
+                return;
+            }
+        };
+
+        let outcome = self.client.send(&token, &lease.lead.payload).await;
+        let was_paused = self.state.is_paused();
+        if was_paused && !matches!(outcome, Outcome::Paused { .. }) {
+            info!("Onpipeline accepts our requests again; delivery resumes.");
+            self.state.resume();
+        }
+        let settle = match outcome {
+            Outcome::Delivered { lead_id } => {
+                info!(
+                    onpipeline_lead_id = lead_id.as_deref().unwrap_or(""),
+                    "Lead delivered."
+                );
+                Settle::Delivered(Delivery {
+                    onpipeline_lead_id: lead_id,
+                    duplicate: false,
+                    at: Utc::now(),
+                })
+            }
+            Outcome::Duplicate => {
+                info!("Onpipeline already had this lead (409); counted as delivered.");
+                Settle::Delivered(Delivery {
+                    onpipeline_lead_id: None,
+                    duplicate: true,
+                    at: Utc::now(),
+                })
+            }
+            Outcome::RetryLater { reason, after, .. } => {
+                let age = (Utc::now() - lease.lead.received_at)
+                    .to_std()
+                    .unwrap_or_default();
+                match self
+                    .policy
+                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
+                {
+                    Decision::RetryAfter(delay) => {
+                        warn!(
+                            reason,
+                            delay_ms = delay.as_millis() as u64,
+                            "Delivery failed; will retry."
+                        );
+                        Settle::RetryLater {
+                            delay,
+                            reason,
+                            count_attempt: true,
+                        }
+                    }
+                    Decision::GiveUp => {
+                        error!(
+                            reason,
+                            "Delivery kept failing past the retry limit; dead-lettered."
+                        );
+                        Settle::Dead {
+                            reason: format!(
+                                "gave up after {} attempts over {}: {reason}",
+                                lease.attempt,
+                                humantime::format_duration(Duration::from_secs(age.as_secs()))
+                            ),
+                        }
+                    }
+                }
+            }
+            Outcome::Rejected { reason, .. } => {
+                error!(reason, "Onpipeline rejected the lead; dead-lettered.");
+                Settle::Dead { reason }
+            }
+            Outcome::Paused { reason, .. } => {
+                if self.state.pause(&reason) {
+                    error!(
+                        reason,
+                        "ALERT: Onpipeline refused our token or address; delivery paused until it accepts again."
+                    );
+                }
+                Settle::RetryLater {
+                    delay: Duration::ZERO,
+                    reason,
+                    count_attempt: false,
+                }
+            }
+        };
+        self.settle(lease, settle).await;
+    }
+
+    /// Settles with a few retries: failing to record a delivery would make the lead be sent
+    /// again after its lease expires (Onpipeline then answers 409, still counted once).
+    async fn settle(&self, lease: Lease, how: Settle) {
+        let mut wait = Duration::from_millis(100);
+        for attempt in 1..=6 {
+            match self.queue.settle(lease.clone(), how.clone()).await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(error = %e, attempt, "Could not settle a lease; retrying.");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        error!("Giving up settling a lease; it will be redelivered after its timeout.");
+    }
+}

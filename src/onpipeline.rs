@@ -1,1 +1,349 @@
-//! Stub.
+//! The Leadsin client: builds the request, sends it over HTTPS from the configured egress, and
+//! classifies Onpipeline's answer into an [`Outcome`]. Policy (when to retry, when to pause)
+//! lives in the forwarder and [`crate::retry`]; this module only says what the answer meant.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::lead::LeadsinPayload;
+use crate::retry::parse_retry_after;
+
+/// What one delivery attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Onpipeline created the lead (200/201/202 with a `Header`).
+    Delivered { lead_id: Option<String> },
+    /// Onpipeline already has this lead (409): counts as delivered.
+    Duplicate,
+    /// A temporary failure: try again later, not before `after` when Onpipeline said so.
+    RetryLater {
+        reason: String,
+        status: Option<u16>,
+        after: Option<Duration>,
+    },
+    /// Onpipeline refused the data for good (400, 406, or a 2xx carrying such an `Error`).
+    Rejected { reason: String, status: u16 },
+    /// Our credentials or egress are wrong (401, 403, 404): stop all delivery until fixed.
+    Paused { reason: String, status: u16 },
+}
+
+/// How to reach Onpipeline.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub endpoint: Url,
+    pub timeout: Duration,
+    pub egress_ip: Option<IpAddr>,
+    /// `http://user:pass@proxy:3128` — may hold credentials, so it is a secret.
+    pub egress_proxy: Option<SecretString>,
+    /// Extra trusted root CAs (PEM): `LEADGATE_CA_FILE`, the sandbox simulator's CA.
+    pub extra_ca_pem: Vec<Vec<u8>>,
+    pub max_connections: usize,
+}
+
+#[derive(Clone)]
+pub struct LeadsinClient {
+    http: reqwest::Client,
+    endpoint: Url,
+}
+
+impl LeadsinClient {
+    pub fn new(settings: &ClientSettings) -> anyhow::Result<Self> {
+        let extra: Vec<&[u8]> = settings.extra_ca_pem.iter().map(Vec::as_slice).collect();
+        let tls = crate::tls::client_config(&extra)?;
+        let mut builder = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .https_only(true)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(settings.max_connections)
+            .user_agent(concat!("leadgate/", env!("CARGO_PKG_VERSION")));
+        if let Some(ip) = settings.egress_ip {
+            builder = builder.local_address(ip);
+        }
+        if let Some(proxy) = &settings.egress_proxy {
+            let proxy = reqwest::Proxy::all(proxy.expose_secret())
+                .map_err(|_| anyhow::anyhow!("LEADGATE_EGRESS_PROXY is not a usable proxy URL"))?;
+            builder = builder.proxy(proxy);
+        }
+        let http = builder
+            .build()
+            .context("building the Onpipeline HTTP client")?;
+        Ok(Self {
+            http,
+            endpoint: settings.endpoint.clone(),
+        })
+    }
+
+    pub fn endpoint(&self) -> &Url {
+        &self.endpoint
+    }
+
+    /// One delivery attempt. Never fails: transport errors are outcomes too.
+    pub async fn send(&self, token: &SecretString, payload: &LeadsinPayload) -> Outcome {
+        let request = self
+            .http
+            .post(self.endpoint.clone())
+            .header(reqwest::header::AUTHORIZATION, token.expose_secret())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(payload);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return transport_failure(&e),
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match response.bytes().await {
+            Ok(body) => classify(status, retry_after.as_deref(), &body, SystemTime::now()),
+            Err(e) => {
+                // The status arrived but the body did not: Onpipeline may or may not have
+                // created the lead. Retrying is safe because a repeat is answered 409.
+                let mut outcome = transport_failure(&e);
+                if let Outcome::RetryLater { status: s, .. } = &mut outcome {
+                    *s = Some(status);
+                }
+                outcome
+            }
+        }
+    }
+}
+
+fn transport_failure(e: &reqwest::Error) -> Outcome {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "the answer was cut off"
+    } else {
+        "request failed"
+    };
+    // reqwest's Display carries the URL but never headers, so no token can leak here.
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        detail.push_str(": ");
+        detail.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Outcome::RetryLater {
+        reason: format!("{kind}: {detail}"),
+        status: None,
+        after: None,
+    }
+}
+
+/// Reads an answer of Onpipeline, following its API reference: a JSON body with `Header` and
+/// `Data` on success, or an `Error` object (`Code`, `Message`) — which is an error even when
+/// the HTTP status is 2xx. The code in the body wins over the HTTP status when both exist.
+pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: SystemTime) -> Outcome {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let error = json
+        .as_ref()
+        .and_then(|j| j.get("Error"))
+        .filter(|e| e.is_object());
+    let after = retry_after.and_then(|v| parse_retry_after(v, now));
+
+    if let Some(error) = error {
+        let code = error
+            .get("Code")
+            .and_then(|c| match c {
+                Value::String(s) => s.trim().parse::<u16>().ok(),
+                Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                _ => None,
+            })
+            .filter(|c| *c >= 400)
+            .unwrap_or(if status >= 400 { status } else { 500 });
+        let message = error
+            .get("Message")
+            .and_then(Value::as_str)
+            .unwrap_or("no message")
+            .chars()
+            .take(300)
+            .collect::<String>();
+        let reason = format!("Onpipeline error {code}: {message}");
+        return by_code(code, reason, after);
+    }
+
+    match status {
+        200..=202 => {
+            let header = json.as_ref().and_then(|j| j.get("Header"));
+            if header.is_some() {
+                let lead_id = json
+                    .as_ref()
+                    .and_then(|j| j.pointer("/Data/LeadID"))
+                    .and_then(|id| match id {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Number(n) => Some(n.to_string()),
+                        _ => None,
+                    });
+                Outcome::Delivered { lead_id }
+            } else {
+                // A 2xx that is not Onpipeline's JSON (a proxy page, an empty body): we cannot
+                // tell whether the lead was created, so try again; a repeat is answered 409.
+                Outcome::RetryLater {
+                    reason: format!(
+                        "HTTP {status} without Onpipeline's Header: {}",
+                        snippet(body)
+                    ),
+                    status: Some(status),
+                    after,
+                }
+            }
+        }
+        _ => {
+            let reason = format!("HTTP {status}: {}", snippet(body));
+            by_code(status, reason, after)
+        }
+    }
+}
+
+fn by_code(code: u16, reason: String, after: Option<Duration>) -> Outcome {
+    match code {
+        409 => Outcome::Duplicate,
+        400 | 406 | 413 | 422 => Outcome::Rejected {
+            reason,
+            status: code,
+        },
+        401 | 403 | 404 => Outcome::Paused {
+            reason,
+            status: code,
+        },
+        _ => Outcome::RetryLater {
+            reason,
+            status: Some(code),
+            after,
+        },
+    }
+}
+
+/// The first bytes of a body, as text on one line, for reasons and logs.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.is_empty() {
+        "empty body".to_owned()
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn error_body(code: &str, message: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "Error": {"Code": code, "Message": message, "Time": "2026-12-03 10:00:00", "IP": "127.0.0.1"}
+        }))
+        .unwrap()
+    }
+
+    const CREATED: &[u8] = br#"{"Header":{"Status":"Created","Code":"201","Time":"2026-12-03 10:00:00","Endpoint":"Leadsin"},"Data":{"LeadID":"123456789HSY7584306"}}"#;
+
+    #[test]
+    fn created_with_header_is_delivered_with_the_lead_id() {
+        assert_eq!(
+            classify(201, None, CREATED, now()),
+            Outcome::Delivered {
+                lead_id: Some("123456789HSY7584306".into())
+            }
+        );
+        assert!(matches!(
+            classify(200, None, CREATED, now()),
+            Outcome::Delivered { .. }
+        ));
+    }
+
+    #[test]
+    fn an_error_object_is_an_error_even_with_status_200() {
+        let outcome = classify(200, None, &error_body("406", "Not acceptable"), now());
+        assert!(
+            matches!(outcome, Outcome::Rejected { status: 406, .. }),
+            "{outcome:?}"
+        );
+        let outcome = classify(201, None, &error_body("401", "Invalid Token"), now());
+        assert!(
+            matches!(outcome, Outcome::Paused { status: 401, .. }),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn each_status_row_classifies_as_the_reference_says() {
+        let rows: [(u16, &str); 9] = [
+            (400, "rejected"),
+            (401, "paused"),
+            (403, "paused"),
+            (404, "paused"),
+            (406, "rejected"),
+            (409, "duplicate"),
+            (429, "retry"),
+            (500, "retry"),
+            (503, "retry"),
+        ];
+        for (status, expected) in rows {
+            let outcome = classify(status, None, &error_body(&status.to_string(), "x"), now());
+            let got = match outcome {
+                Outcome::Rejected { .. } => "rejected",
+                Outcome::Paused { .. } => "paused",
+                Outcome::Duplicate => "duplicate",
+                Outcome::RetryLater { .. } => "retry",
+                Outcome::Delivered { .. } => "delivered",
+            };
+            assert_eq!(got, expected, "status {status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_read_on_429() {
+        let outcome = classify(429, Some("7"), &error_body("429", "slow down"), now());
+        assert_eq!(
+            outcome,
+            Outcome::RetryLater {
+                reason: "Onpipeline error 429: slow down".into(),
+                status: Some(429),
+                after: Some(Duration::from_secs(7))
+            }
+        );
+    }
+
+    #[test]
+    fn a_non_json_502_page_is_retried() {
+        let outcome = classify(502, None, b"<html><body>Bad Gateway</body></html>", now());
+        assert!(
+            matches!(&outcome, Outcome::RetryLater { reason, status: Some(502), .. } if reason.contains("Bad Gateway")),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
+    fn a_2xx_without_header_is_retried_not_trusted() {
+        assert!(matches!(
+            classify(200, None, b"", now()),
+            Outcome::RetryLater { .. }
+        ));
+        assert!(matches!(
+            classify(201, None, b"{}", now()),
+            Outcome::RetryLater { .. }
+        ));
+    }
+
+    #[test]
+    fn a_numeric_error_code_is_understood() {
+        let body = br#"{"Error":{"Code":409,"Message":"Duplicate"}}"#;
+        assert_eq!(classify(409, None, body, now()), Outcome::Duplicate);
+    }
+}

@@ -1,1 +1,109 @@
-//! Stub.
+//! The HTTP side: the route table (on one screen, below), the shared state handlers read, and
+//! the handlers themselves — ingest in [`ingest`], health in [`health`], the sandbox pages in
+//! [`sandbox`].
+
+pub mod health;
+pub mod ingest;
+pub mod limits;
+pub mod pages;
+pub mod sandbox;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::{HttpResponse, web};
+use ipnet::IpNet;
+
+use crate::config::Sources;
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::forwarder::DeliveryState;
+use crate::queue::Queue;
+use crate::sim::Simulator;
+
+/// What every handler can read.
+pub struct AppState {
+    pub sources: Sources,
+    pub queue: Queue,
+    pub limiters: limits::Limiters,
+    pub trusted_proxies: Vec<IpNet>,
+    pub delivery: Arc<DeliveryState>,
+    /// The in-process simulator in `--sandbox` mode (its inbox is shown at `/sandbox`).
+    pub sandbox: Option<Arc<Simulator>>,
+    /// False in a forwarder-only process: `/in/...` answers 503.
+    pub ingest: bool,
+    accepting: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        sources: Sources,
+        queue: Queue,
+        trusted_proxies: Vec<IpNet>,
+        delivery: Arc<DeliveryState>,
+        sandbox: Option<Arc<Simulator>>,
+        ingest: bool,
+    ) -> Self {
+        let limiters = limits::Limiters::new(&sources);
+        Self {
+            sources,
+            queue,
+            limiters,
+            trusted_proxies,
+            delivery,
+            sandbox,
+            ingest,
+            accepting: AtomicBool::new(true),
+        }
+    }
+
+    /// False once shutdown began: new leads are answered 503 so senders retry elsewhere.
+    pub fn accepting(&self) -> bool {
+        self.ingest && self.accepting.load(Ordering::Relaxed)
+    }
+
+    pub fn stop_accepting(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Declares the routes once: registers them and lists them (the list is checked against
+/// `openapi.yaml` by a test).
+macro_rules! routes {
+    ($( $method:ident $path:literal => $handler:path ),* $(,)?) => {
+        /// Every `(method, path)` the gateway serves.
+        pub const ROUTES: &[(&str, &str)] = &[ $( (stringify!($method), $path) ),* ];
+
+        fn register(cfg: &mut web::ServiceConfig) {
+            $( cfg.route($path, web::method(actix_web::http::Method::$method).to($handler)); )*
+        }
+    };
+}
+
+routes! {
+    POST "/in/{source_id}" => ingest::ingest,
+    OPTIONS "/in/{source_id}" => ingest::preflight,
+    GET "/thanks" => ingest::thanks,
+    GET "/healthz" => health::healthz,
+    GET "/readyz" => health::readyz,
+    GET "/" => sandbox::demo,
+    GET "/sandbox" => sandbox::inbox,
+}
+
+/// Builds the routes on an actix app.
+pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(state);
+        register(cfg);
+        cfg.default_service(web::to(not_found));
+    }
+}
+
+async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(ErrorBody {
+        error: ErrorDetail {
+            code: "not_found",
+            message: "there is no such route; leads are posted to /in/{source_id}".to_owned(),
+            fields: None,
+        },
+    })
+}

@@ -74,7 +74,10 @@ impl Default for QueueSettings {
 #[derive(Clone, Debug)]
 pub enum Backend {
     /// `redis://` or `rediss://` URL (may carry a password: never logged), and the key prefix.
-    Redis { url: secrecy::SecretString, prefix: String },
+    Redis {
+        url: secrecy::SecretString,
+        prefix: String,
+    },
     /// Directory holding the SQLite database.
     Embedded { dir: PathBuf },
 }
@@ -95,8 +98,8 @@ pub enum Enqueued {
 }
 
 /// One leased entry. `attempt` is the number of the delivery attempt about to be made (1 for a
-/// fresh lead).
-#[derive(Debug)]
+/// fresh lead). Cloning a lease does not duplicate it: settling either copy settles it.
+#[derive(Clone, Debug)]
 pub struct Lease {
     pub lead: QueuedLead,
     pub attempt: u32,

@@ -1,0 +1,346 @@
+//! Process settings from the environment (`LEADGATE_*`, read with envy) and the sources file.
+//! Everything is validated once at start-up; a bad value stops the process with a message
+//! naming the variable, or the file, line and key.
+
+pub mod check;
+pub mod sources;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ipnet::IpNet;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::queue::{Backend, QueueSettings};
+use crate::retry::RetryPolicy;
+use crate::telemetry::LogFormat;
+
+pub use sources::{Limits, Origin, Source, SourceKind, Sources};
+
+/// Every `LEADGATE_*` variable. The README's configuration table lists the same set.
+#[derive(Deserialize)]
+pub struct Settings {
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "defaults::sources")]
+    pub sources: PathBuf,
+    pub redis_url: Option<SecretString>,
+    #[serde(default = "defaults::redis_prefix")]
+    pub redis_prefix: String,
+    #[serde(default = "defaults::data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "defaults::onpipeline_url")]
+    pub onpipeline_url: String,
+    pub onpipeline_token: Option<SecretString>,
+    pub onpipeline_token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub egress_ip: Option<IpAddr>,
+    pub egress_proxy: Option<SecretString>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default = "defaults::concurrency")]
+    pub delivery_concurrency: usize,
+    #[serde(
+        default = "defaults::onpipeline_timeout",
+        deserialize_with = "duration"
+    )]
+    pub onpipeline_timeout: Duration,
+    #[serde(default = "defaults::lease_timeout", deserialize_with = "duration")]
+    pub lease_timeout: Duration,
+    #[serde(default = "defaults::retry_base", deserialize_with = "duration")]
+    pub retry_base: Duration,
+    #[serde(default = "defaults::retry_max_delay", deserialize_with = "duration")]
+    pub retry_max_delay: Duration,
+    #[serde(default = "defaults::retry_max_age", deserialize_with = "duration")]
+    pub retry_max_age: Duration,
+    #[serde(default = "defaults::pause_probe_max", deserialize_with = "duration")]
+    pub pause_probe_max: Duration,
+}
+
+mod defaults {
+    use super::*;
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 8080))
+    }
+    pub fn sources() -> PathBuf {
+        PathBuf::from("./leadgate.toml")
+    }
+    pub fn redis_prefix() -> String {
+        "leadgate".to_owned()
+    }
+    pub fn data_dir() -> PathBuf {
+        PathBuf::from("./leadgate-data")
+    }
+    pub fn onpipeline_url() -> String {
+        "https://api.onpipeline.com".to_owned()
+    }
+    pub fn concurrency() -> usize {
+        8
+    }
+    pub fn onpipeline_timeout() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn lease_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn retry_base() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn retry_max_delay() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn retry_max_age() -> Duration {
+        Duration::from_secs(72 * 3600)
+    }
+    pub fn pause_probe_max() -> Duration {
+        Duration::from_secs(300)
+    }
+}
+
+/// Durations are written like `250ms`, `30s`, `1h`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(text.trim())
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {e}")))
+}
+
+/// Where the Onpipeline token comes from. A file is read again whenever delivery is paused and
+/// probes, so a rotated token is picked up without a restart.
+#[derive(Clone)]
+pub enum TokenSource {
+    Inline(SecretString),
+    File(PathBuf),
+}
+
+impl TokenSource {
+    pub fn load(&self) -> anyhow::Result<SecretString> {
+        match self {
+            TokenSource::Inline(token) => Ok(token.clone()),
+            TokenSource::File(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| {
+                    format!(
+                        "cannot read LEADGATE_ONPIPELINE_TOKEN_FILE {}",
+                        path.display()
+                    )
+                })?;
+                let token = text.trim();
+                if token.is_empty() {
+                    bail!("LEADGATE_ONPIPELINE_TOKEN_FILE {} is empty", path.display());
+                }
+                Ok(SecretString::from(token.to_owned()))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Inline(_) => f.write_str("TokenSource::Inline(<redacted>)"),
+            TokenSource::File(path) => write!(f, "TokenSource::File({})", path.display()),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads `LEADGATE_*` from the process environment.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_iter(std::env::vars())
+    }
+
+    /// Reads settings from the given `(name, value)` pairs (tests pass their own).
+    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("LEADGATE_"))
+            .collect();
+        let settings: Settings = match envy::prefixed("LEADGATE_").from_iter(vars.clone()) {
+            Ok(settings) => settings,
+            Err(e) => bail!("invalid environment: {}", name_the_culprit(&vars, e)),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.onpipeline_endpoint()?;
+        if self.onpipeline_token.is_some() && self.onpipeline_token_file.is_some() {
+            bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
+        }
+        if let Some(url) = &self.redis_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
+            }
+        }
+        if let Some(proxy) = &self.egress_proxy {
+            Url::parse(proxy.expose_secret())
+                .map_err(|_| anyhow::anyhow!("LEADGATE_EGRESS_PROXY is not a valid URL"))?;
+        }
+        if self.delivery_concurrency == 0 {
+            bail!("LEADGATE_DELIVERY_CONCURRENCY must be at least 1");
+        }
+        if self.retry_base.is_zero() || self.retry_max_delay < self.retry_base {
+            bail!("LEADGATE_RETRY_BASE must be positive and at most LEADGATE_RETRY_MAX_DELAY");
+        }
+        Ok(())
+    }
+
+    /// `{LEADGATE_ONPIPELINE_URL}/Leadsin`; plain `http://` is refused: Onpipeline serves HTTPS only.
+    pub fn onpipeline_endpoint(&self) -> anyhow::Result<Url> {
+        let base = Url::parse(self.onpipeline_url.trim_end_matches('/')).with_context(|| {
+            format!(
+                "LEADGATE_ONPIPELINE_URL {:?} is not a URL",
+                self.onpipeline_url
+            )
+        })?;
+        if base.scheme() != "https" {
+            bail!(
+                "LEADGATE_ONPIPELINE_URL must use https:// (Onpipeline accepts HTTPS only), got {:?}",
+                self.onpipeline_url
+            );
+        }
+        let mut endpoint = base;
+        let path = format!("{}/Leadsin", endpoint.path().trim_end_matches('/'));
+        endpoint.set_path(&path);
+        Ok(endpoint)
+    }
+
+    pub fn token_source(&self) -> Option<TokenSource> {
+        match (&self.onpipeline_token, &self.onpipeline_token_file) {
+            (Some(token), _) => Some(TokenSource::Inline(token.clone())),
+            (None, Some(path)) => Some(TokenSource::File(path.clone())),
+            (None, None) => None,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match &self.redis_url {
+            Some(url) => Backend::Redis {
+                url: url.clone(),
+                prefix: self.redis_prefix.clone(),
+            },
+            None => Backend::Embedded {
+                dir: self.data_dir.clone(),
+            },
+        }
+    }
+
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
+            lease_timeout: self.lease_timeout,
+            ..QueueSettings::default()
+        }
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            base: self.retry_base,
+            max_delay: self.retry_max_delay,
+            max_age: self.retry_max_age,
+        }
+    }
+
+    pub fn load_sources(&self) -> anyhow::Result<Sources> {
+        Sources::load(&self.sources)
+    }
+
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+}
+
+/// envy's parse errors do not always say which variable was wrong, and may quote the value
+/// (which can be a secret). Find the variable by parsing each one alone, and report only its
+/// name and the reason.
+fn name_the_culprit(vars: &[(String, String)], e: envy::Error) -> String {
+    if let envy::Error::MissingValue(field) = &e {
+        return format!("LEADGATE_{} is required", field.to_uppercase());
+    }
+    for var in vars {
+        if let Err(alone) = envy::prefixed("LEADGATE_").from_iter::<_, Settings>([var.clone()]) {
+            let reason = alone.to_string();
+            let reason = reason.split(" while parsing value").next().unwrap_or(&reason);
+            let reason = if reason.contains(&var.1) { "invalid value" } else { reason };
+            return format!("{}: {reason}", var.0);
+        }
+    }
+    "a LEADGATE_ variable has an invalid value".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::from_iter(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_apply_with_an_empty_environment() {
+        let s = env(&[]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.sources, PathBuf::from("./leadgate.toml"));
+        assert!(matches!(s.backend(), Backend::Embedded { .. }));
+        assert_eq!(
+            s.onpipeline_endpoint().unwrap().as_str(),
+            "https://api.onpipeline.com/Leadsin"
+        );
+        assert!(s.token_source().is_none());
+    }
+
+    #[test]
+    fn plain_http_upstream_is_refused() {
+        let err = env(&[("LEADGATE_ONPIPELINE_URL", "http://api.onpipeline.com")])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("https://"), "{err}");
+    }
+
+    #[test]
+    fn upstream_with_a_path_keeps_it() {
+        let s = env(&[("LEADGATE_ONPIPELINE_URL", "https://127.0.0.1:9443/onp/")]).unwrap();
+        assert_eq!(
+            s.onpipeline_endpoint().unwrap().as_str(),
+            "https://127.0.0.1:9443/onp/Leadsin"
+        );
+    }
+
+    #[test]
+    fn durations_and_lists_parse() {
+        let s = env(&[
+            ("LEADGATE_RETRY_BASE", "250ms"),
+            ("LEADGATE_TRUSTED_PROXIES", "10.0.0.0/8,127.0.0.1/32"),
+        ])
+        .unwrap();
+        assert_eq!(s.retry_base, Duration::from_millis(250));
+        assert_eq!(s.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_value_names_the_variable_but_not_the_value() {
+        let err = env(&[("LEADGATE_EGRESS_IP", "secret-looking-value")])
+            .err()
+            .unwrap();
+        let text = err.to_string();
+        assert!(text.contains("LEADGATE_EGRESS_IP"), "{text}");
+        assert!(!text.contains("secret-looking-value"), "{text}");
+    }
+
+    #[test]
+    fn token_and_token_file_together_are_refused() {
+        assert!(
+            env(&[
+                ("LEADGATE_ONPIPELINE_TOKEN", "t"),
+                ("LEADGATE_ONPIPELINE_TOKEN_FILE", "/tmp/t")
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,669 @@
+//! The sources file (`leadgate.toml`): one `[[source]]` table per sender, each with its kind,
+//! its mapping into Leadsin fields and its limits. Loaded and checked once at start-up; every
+//! error names the file, the line and the key.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use governor::Quota;
+use indexmap::IndexMap;
+use reqwest::Url;
+use secrecy::SecretString;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::mapping::{ExtraId, MappingRules, Target};
+
+/// A configuration error located in the sources file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct SourcesError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+/// What a source accepts and how it proves who sent it.
+pub enum SourceKind {
+    /// Website forms: urlencoded, multipart or JSON, from browsers; no credential.
+    Form,
+    /// Partner systems: `Authorization: Bearer <key>` with one of these keys.
+    Partner { api_keys: Vec<SecretString> },
+}
+
+impl SourceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::Form => "form",
+            SourceKind::Partner { .. } => "partner",
+        }
+    }
+}
+
+impl fmt::Debug for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceKind::Form => f.write_str("Form"),
+            SourceKind::Partner { api_keys } => {
+                write!(f, "Partner {{ api_keys: <{} redacted> }}", api_keys.len())
+            }
+        }
+    }
+}
+
+/// An allowed browser origin: `scheme://host[:port]`, or `*` for any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Any,
+    Exact(String),
+}
+
+impl Origin {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text == "*" {
+            return Ok(Origin::Any);
+        }
+        let url = Url::parse(text)
+            .map_err(|_| format!("{text:?} is not an origin like https://www.example.com"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("{text:?} is not an http(s) origin"));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(format!(
+                "{text:?} has a path; an origin is only scheme://host[:port]"
+            ));
+        }
+        Ok(Origin::Exact(url.origin().ascii_serialization()))
+    }
+
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origin::Any => true,
+            Origin::Exact(allowed) => allowed.eq_ignore_ascii_case(origin),
+        }
+    }
+}
+
+/// Per-source abuse limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Requests per client IP; `None` = off.
+    pub per_ip: Option<Quota>,
+    /// Requests for the whole source; `None` = off.
+    pub total: Option<Quota>,
+    /// Largest accepted body in bytes.
+    pub max_body: usize,
+}
+
+/// One configured source.
+#[derive(Debug)]
+pub struct Source {
+    pub id: String,
+    pub kind: SourceKind,
+    pub allowed_origins: Vec<Origin>,
+    pub thank_you_url: Option<Url>,
+    pub mapping: MappingRules,
+    pub limits: Limits,
+}
+
+impl Source {
+    /// Whether a browser page at `origin` may post to this source.
+    pub fn allows_origin(&self, origin: &str) -> bool {
+        self.allowed_origins.iter().any(|o| o.allows(origin))
+    }
+}
+
+/// Every configured source, by id.
+#[derive(Debug, Default)]
+pub struct Sources {
+    list: Vec<Arc<Source>>,
+    by_id: HashMap<String, Arc<Source>>,
+}
+
+impl Sources {
+    pub fn get(&self, id: &str) -> Option<&Arc<Source>> {
+        self.by_id.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Source>> {
+        self.list.iter()
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the sources file {}: {e} (set LEADGATE_SOURCES to its path)",
+                path.display()
+            )
+        })?;
+        Ok(Self::parse(&path.display().to_string(), &text, |name| {
+            std::env::var(name).ok()
+        })?)
+    }
+
+    /// Parses the file's text; `env` resolves `${VAR}` references.
+    pub fn parse(
+        file: &str,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SourcesError> {
+        let ctx = Ctx {
+            file,
+            text,
+            env: &env,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| ctx.line_of(s.start)).unwrap_or(0);
+            ctx.error_at_line(line, e.message().trim_end().to_owned())
+        })?;
+        let mut sources = Sources::default();
+        let mut seen = HashSet::new();
+        for raw in raw.source {
+            let source = Arc::new(build(&ctx, raw)?);
+            if !seen.insert(source.id.clone()) {
+                return Err(ctx.error(0..0, format!("source id {:?} is defined twice", source.id)));
+            }
+            sources.by_id.insert(source.id.clone(), source.clone());
+            sources.list.push(source);
+        }
+        Ok(sources)
+    }
+}
+
+// ---- raw file shape -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    source: Vec<RawSource>,
+}
+
+type S = Spanned<String>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    id: S,
+    kind: S,
+    #[serde(default)]
+    allowed_origins: Vec<S>,
+    thank_you_url: Option<S>,
+    phone_region: Option<S>,
+    last_name_fallback: Option<S>,
+    unmapped_extra: Option<S>,
+    #[serde(default)]
+    fields: IndexMap<String, S>,
+    #[serde(default)]
+    extra: IndexMap<String, S>,
+    #[serde(default)]
+    constants: IndexMap<String, S>,
+    #[serde(default)]
+    api_keys: Vec<S>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_ip: Option<S>,
+    total: Option<S>,
+    max_body: Option<S>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn error(&self, span: Range<usize>, message: String) -> SourcesError {
+        let line = if span == (0..0) {
+            0
+        } else {
+            self.line_of(span.start)
+        };
+        self.error_at_line(line, message)
+    }
+
+    fn error_at_line(&self, line: usize, message: String) -> SourcesError {
+        SourcesError {
+            file: self.file.to_owned(),
+            line,
+            message,
+        }
+    }
+
+    /// `${VAR}` anywhere in the value is replaced from the environment; an unset variable is an
+    /// error, so a secret never silently becomes an empty string.
+    fn expand(&self, value: &S, key: &str) -> Result<String, SourcesError> {
+        let text = value.get_ref();
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after.find('}').ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    format!("{key}: unterminated ${{ in its value"),
+                )
+            })?;
+            let name = &after[..end];
+            let resolved = (self.env)(name).ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    format!("{key}: environment variable {name} is not set"),
+                )
+            })?;
+            out.push_str(&resolved);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
+    let id = raw.id.get_ref().clone();
+    let at = |span: Range<usize>, key: &str, message: String| {
+        ctx.error(span, format!("source {id:?}, key {key}: {message}"))
+    };
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    {
+        return Err(at(
+            raw.id.span(),
+            "id",
+            "use lowercase letters, digits, - and _ (it becomes the URL /in/<id>)".into(),
+        ));
+    }
+
+    let kind = match raw.kind.get_ref().as_str() {
+        "form" => {
+            if let Some(key) = raw.api_keys.first() {
+                return Err(at(
+                    key.span(),
+                    "api_keys",
+                    "only partner sources take api_keys".into(),
+                ));
+            }
+            SourceKind::Form
+        }
+        "partner" => {
+            if raw.api_keys.is_empty() {
+                return Err(at(
+                    raw.kind.span(),
+                    "api_keys",
+                    "a partner source needs at least one key".into(),
+                ));
+            }
+            let mut keys = Vec::new();
+            for key in &raw.api_keys {
+                let value = ctx.expand(key, &format!("source {id:?}, key api_keys"))?;
+                if value.len() < 16 {
+                    return Err(at(
+                        key.span(),
+                        "api_keys",
+                        "a key must be at least 16 characters".into(),
+                    ));
+                }
+                keys.push(SecretString::from(value));
+            }
+            SourceKind::Partner { api_keys: keys }
+        }
+        other => {
+            return Err(at(
+                raw.kind.span(),
+                "kind",
+                format!("unknown kind {other:?}; expected form or partner"),
+            ));
+        }
+    };
+
+    let mut allowed_origins = Vec::new();
+    for origin in &raw.allowed_origins {
+        allowed_origins.push(
+            Origin::parse(origin.get_ref()).map_err(|m| at(origin.span(), "allowed_origins", m))?,
+        );
+    }
+
+    let thank_you_url = match &raw.thank_you_url {
+        None => None,
+        Some(url) => {
+            let parsed = Url::parse(url.get_ref())
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| {
+                    at(
+                        url.span(),
+                        "thank_you_url",
+                        format!("{:?} is not an http(s) URL", url.get_ref()),
+                    )
+                })?;
+            Some(parsed)
+        }
+    };
+
+    let phone_region = match &raw.phone_region {
+        None => None,
+        Some(region) => Some(
+            region
+                .get_ref()
+                .to_ascii_uppercase()
+                .parse::<phonenumber::country::Id>()
+                .map_err(|_| {
+                    at(
+                        region.span(),
+                        "phone_region",
+                        format!(
+                            "{:?} is not a two-letter region code like GB",
+                            region.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+    };
+
+    let mut fields = Vec::new();
+    for (incoming, target) in &raw.fields {
+        let parsed = target
+            .get_ref()
+            .parse::<Target>()
+            .map_err(|m| at(target.span(), &format!("fields.{incoming}"), m))?;
+        fields.push((incoming.clone(), parsed));
+    }
+    let extra_id = |value: &S, key: &str| {
+        value
+            .get_ref()
+            .parse::<ExtraId>()
+            .map_err(|m| at(value.span(), key, m))
+    };
+    let mut extra = Vec::new();
+    for (incoming, id_value) in &raw.extra {
+        if raw.fields.contains_key(incoming) {
+            return Err(at(
+                id_value.span(),
+                &format!("extra.{incoming}"),
+                "this field is already mapped in [source.fields]".into(),
+            ));
+        }
+        extra.push((
+            incoming.clone(),
+            extra_id(id_value, &format!("extra.{incoming}"))?,
+        ));
+    }
+    let mut constants = Vec::new();
+    for (id_text, value) in &raw.constants {
+        let id = id_text
+            .parse::<ExtraId>()
+            .map_err(|m| at(value.span(), "constants", m))?;
+        if extra.iter().any(|(_, e)| *e == id) {
+            return Err(at(
+                value.span(),
+                &format!("constants.{id_text}"),
+                "this custom field ID also receives a mapped field in [source.extra]".into(),
+            ));
+        }
+        constants.push((id, value.get_ref().clone()));
+    }
+    let unmapped_extra = match &raw.unmapped_extra {
+        None => None,
+        Some(value) => Some(extra_id(value, "unmapped_extra")?),
+    };
+
+    let mapping = MappingRules {
+        fields: if fields.is_empty() {
+            default_fields()
+        } else {
+            fields
+        },
+        extra,
+        constants,
+        unmapped_extra,
+        phone_region,
+        last_name_fallback: raw
+            .last_name_fallback
+            .as_ref()
+            .map(|v| v.get_ref().clone())
+            .unwrap_or_else(|| "-".to_owned()),
+    };
+
+    let (default_per_ip, default_total, default_body) = match kind {
+        SourceKind::Form => ("20/minute", "200/second", 1024 * 1024),
+        SourceKind::Partner { .. } => ("off", "100/second", 256 * 1024),
+    };
+    let quota =
+        |value: &Option<S>, default: &str, key: &str| -> Result<Option<Quota>, SourcesError> {
+            match value {
+                None => Ok(parse_rate(default).expect("default rates parse")),
+                Some(v) => parse_rate(v.get_ref()).map_err(|m| at(v.span(), key, m)),
+            }
+        };
+    let limits = Limits {
+        per_ip: quota(&raw.limits.per_ip, default_per_ip, "limits.per_ip")?,
+        total: quota(&raw.limits.total, default_total, "limits.total")?,
+        max_body: match &raw.limits.max_body {
+            None => default_body,
+            Some(v) => parse_size(v.get_ref()).map_err(|m| at(v.span(), "limits.max_body", m))?,
+        },
+    };
+
+    Ok(Source {
+        id,
+        kind,
+        allowed_origins,
+        thank_you_url,
+        mapping,
+        limits,
+    })
+}
+
+/// When a source has no `[source.fields]` table, these common form names map by themselves.
+pub fn default_fields() -> Vec<(String, Target)> {
+    use crate::lead::{EmailType, PhoneType};
+    [
+        ("first_name", Target::FirstName),
+        ("last_name", Target::LastName),
+        ("name", Target::FullName),
+        ("email", Target::Email(EmailType::Work)),
+        ("phone", Target::Phone(PhoneType::Work)),
+        ("company", Target::OrgName),
+        ("street", Target::AddressLine1),
+        ("address", Target::AddressLine1),
+        ("address2", Target::AddressLine2),
+        ("zip", Target::Postcode),
+        ("postcode", Target::Postcode),
+        ("city", Target::City),
+        ("state", Target::Region),
+        ("region", Target::Region),
+        ("country", Target::Country),
+    ]
+    .into_iter()
+    .map(|(k, t)| (k.to_owned(), t))
+    .collect()
+}
+
+/// `"20/minute"`, `"200/second"`, `"1000/hour"`, or `"off"`.
+pub fn parse_rate(text: &str) -> Result<Option<Quota>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let err = || format!("{text:?} is not a rate like \"20/minute\" or \"off\"");
+    let (count, unit) = text.split_once('/').ok_or_else(err)?;
+    let count: NonZeroU32 = count.trim().parse().map_err(|_| err())?;
+    let quota = match unit.trim() {
+        "second" | "s" => Quota::per_second(count),
+        "minute" | "m" | "min" => Quota::per_minute(count),
+        "hour" | "h" => Quota::per_hour(count),
+        _ => return Err(err()),
+    };
+    Ok(Some(quota))
+}
+
+/// `"64KiB"`, `"1MiB"`, `"65536"`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like \"64KiB\""))?;
+    let bytes = usize::try_from(size.as_u64()).map_err(|_| format!("{text:?} is too large"))?;
+    if bytes == 0 {
+        return Err("max_body must be positive".to_owned());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    const EXAMPLE: &str = r#"
+[[source]]
+id = "website"
+kind = "form"
+allowed_origins = ["https://www.example.com"]
+thank_you_url = "https://www.example.com/thanks"
+phone_region = "GB"
+last_name_fallback = "-"
+unmapped_extra = "4444444"
+
+[source.fields]
+first_name = "FirstName"
+name = "FullName"
+email = "Email.work"
+phone = "Phone.mobile"
+
+[source.extra]
+budget = "1111111"
+utm_campaign = "2222222"
+
+[source.constants]
+"3333333" = "Website form"
+
+[source.limits]
+per_ip = "off"
+max_body = "64KiB"
+
+[[source]]
+id = "acme"
+kind = "partner"
+api_keys = ["${ACME_KEY}"]
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "ACME_KEY").then(|| "acme-secret-key-0123456789".to_owned())
+    }
+
+    fn parse(text: &str) -> Result<Sources, SourcesError> {
+        Sources::parse("leadgate.toml", text, env)
+    }
+
+    #[test]
+    fn the_documented_example_loads() {
+        let sources = parse(EXAMPLE).unwrap();
+        let website = sources.get("website").unwrap();
+        assert!(matches!(website.kind, SourceKind::Form));
+        assert_eq!(website.mapping.fields.len(), 4);
+        assert_eq!(
+            website.mapping.fields[3].1,
+            Target::Phone(crate::lead::PhoneType::Mobile)
+        );
+        assert_eq!(website.mapping.extra[1].0, "utm_campaign");
+        assert_eq!(website.mapping.constants[0].1, "Website form");
+        assert_eq!(
+            website.mapping.unmapped_extra.as_ref().unwrap().as_str(),
+            "4444444"
+        );
+        assert!(website.limits.per_ip.is_none());
+        assert_eq!(website.limits.max_body, 64 * 1024);
+        assert!(website.allows_origin("https://www.example.com"));
+        assert!(!website.allows_origin("https://evil.example"));
+        let SourceKind::Partner { api_keys } = &sources.get("acme").unwrap().kind else {
+            panic!("acme is a partner");
+        };
+        assert_eq!(api_keys[0].expose_secret(), "acme-secret-key-0123456789");
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_line() {
+        let text = "[[source]]\nid = \"w\"\nkind = \"form\"\ncolour = \"blue\"\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_leadsin_field_names_line_and_key() {
+        let text =
+            "[[source]]\nid = \"w\"\nkind = \"form\"\n[source.fields]\nemail = \"Email.office\"\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:5:"), "{err}");
+        assert!(err.contains("fields.email"), "{err}");
+    }
+
+    #[test]
+    fn an_unset_environment_variable_is_an_error_not_an_empty_key() {
+        let text = "[[source]]\nid = \"p\"\nkind = \"partner\"\napi_keys = [\"${NOPE}\"]\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(err.contains("NOPE is not set"), "{err}");
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_bad_regions_are_refused() {
+        let dup =
+            "[[source]]\nid = \"a\"\nkind = \"form\"\n[[source]]\nid = \"a\"\nkind = \"form\"\n";
+        assert!(
+            parse(dup)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("defined twice")
+        );
+        let region = "[[source]]\nid = \"a\"\nkind = \"form\"\nphone_region = \"XX\"\n";
+        assert!(
+            parse(region)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("phone_region")
+        );
+    }
+
+    #[test]
+    fn rates_and_sizes_parse() {
+        assert!(parse_rate("off").unwrap().is_none());
+        assert!(parse_rate("20/minute").unwrap().is_some());
+        assert!(parse_rate("20/fortnight").is_err());
+        assert!(parse_rate("0/second").is_err());
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn origins_are_normalised_and_must_not_have_paths() {
+        assert_eq!(
+            Origin::parse("https://Example.com:443").unwrap(),
+            Origin::Exact("https://example.com".into())
+        );
+        assert!(Origin::parse("https://example.com/form").is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! The one ingest handler, `POST /in/{source_id}`, and its CORS preflight. It only sequences
+//! the road — limit → read → verify → parse → map → dedupe → enqueue → answer — each step
+//! living in its own module.
+
+use std::time::Duration;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use chrono::Utc;
+use futures_util::StreamExt;
+use reqwest::Url;
+use serde::Serialize;
+use tracing::info;
+
+use super::{AppState, limits};
+use crate::config::{Source, SourceKind};
+use crate::error::IngestError;
+use crate::lead::{LeadId, QueuedLead};
+use crate::queue::{Enqueued, IdempotencyKey};
+use crate::sources::{self, Submission};
+
+/// How the answer is given: JSON for programs, pages and redirects for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flavor {
+    Json,
+    Browser,
+}
+
+#[derive(Serialize)]
+struct Accepted {
+    id: String,
+    status: &'static str,
+}
+
+pub async fn ingest(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let source_id = path.into_inner();
+    let Some(source) = state.sources.get(&source_id).cloned() else {
+        return IngestError::UnknownSource(source_id).json_response();
+    };
+    let flavor = flavor(&req, &source);
+    let result = accept(&req, payload, &state, &source).await;
+    let mut response = match result {
+        Ok(accepted) => answer(&req, &source, flavor, accepted),
+        Err(e) => {
+            e.log(&source.id);
+            match flavor {
+                Flavor::Json => e.json_response(),
+                Flavor::Browser => e.html_response(),
+            }
+        }
+    };
+    add_cors(&req, &state, &source, response.headers_mut());
+    response
+}
+
+/// What the road produced for the answer.
+struct Outcome {
+    id: LeadId,
+    /// The idempotency key was seen before: `id` is the first lead's.
+    replayed: bool,
+    /// The form's `_next` field, if any (checked before use).
+    next: Option<String>,
+}
+
+/// Runs the road up to the durable enqueue.
+async fn accept(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    source: &Source,
+) -> Result<Outcome, IngestError> {
+    if !state.accepting() {
+        return Err(IngestError::Unavailable {
+            retry_after: Duration::from_secs(5),
+        });
+    }
+    let client = client_ip(req, state);
+    state.limiters.check(&source.id, client)?;
+
+    let idempotency = idempotency_key(req, source)?;
+    let body = read_body(req, payload, source.limits.max_body).await?;
+    let submission = Submission::new(req.headers().clone(), body, own_origin(req));
+    let verified = sources::verify(source, submission)?;
+    let parsed = sources::parse(source, verified).await?;
+    let leadsin = sources::map(source, &parsed)?;
+    let next = match &parsed {
+        sources::Parsed::Fields(fields) => fields
+            .get("_next")
+            .and_then(|values| values.first())
+            .map(|v| v.trim().to_owned()),
+        sources::Parsed::Leadsin(_) => None,
+    };
+
+    let lead = QueuedLead {
+        id: LeadId::new(),
+        source: source.id.clone(),
+        received_at: Utc::now(),
+        payload: leadsin,
+    };
+    match state.queue.enqueue(&lead, idempotency.as_ref()).await? {
+        Enqueued::Queued => {
+            info!(source = %source.id, lead_id = %lead.id, "Lead queued.");
+            Ok(Outcome {
+                id: lead.id,
+                replayed: false,
+                next,
+            })
+        }
+        Enqueued::Replayed { first } => {
+            info!(source = %source.id, lead_id = %first, "Idempotent replay; nothing new queued.");
+            Ok(Outcome {
+                id: first,
+                replayed: true,
+                next,
+            })
+        }
+    }
+}
+
+fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) -> HttpResponse {
+    match flavor {
+        Flavor::Json => {
+            let mut response = HttpResponse::Accepted();
+            if outcome.replayed {
+                response.insert_header(("Idempotent-Replayed", "true"));
+            }
+            response.json(Accepted {
+                id: outcome.id.to_string(),
+                status: "queued",
+            })
+        }
+        Flavor::Browser => {
+            let location = redirect_target(req, source, outcome.next.as_deref());
+            HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, location))
+                .finish()
+        }
+    }
+}
+
+/// Where a browser goes after a successful post: `_next` when its origin is allowed (checked
+/// here, never an open redirect), else the source's thank-you URL, else the built-in page.
+fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> String {
+    let own = own_origin(req);
+    if let Some(url) = next.and_then(|n| Url::parse(n).ok()) {
+        let origin = url.origin().ascii_serialization();
+        if matches!(url.scheme(), "http" | "https")
+            && sources::form::is_allowed(source, &origin, own.as_deref())
+        {
+            return url.to_string();
+        }
+    }
+    match &source.thank_you_url {
+        Some(url) => url.to_string(),
+        None => format!("/thanks?source={}", source.id),
+    }
+}
+
+fn flavor(req: &HttpRequest, source: &Source) -> Flavor {
+    if matches!(source.kind, SourceKind::Partner { .. }) {
+        return Flavor::Json;
+    }
+    let headers = req.headers();
+    let get = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let accept = get(header::ACCEPT);
+    let content_type = get(header::CONTENT_TYPE).to_ascii_lowercase();
+    let fetch_mode = headers.get("sec-fetch-mode").and_then(|v| v.to_str().ok());
+    let wants_json = accept.contains("application/json")
+        || content_type.starts_with("application/json")
+        || content_type.contains("+json")
+        || headers.contains_key("x-requested-with")
+        || fetch_mode.is_some_and(|m| m != "navigate");
+    if wants_json {
+        Flavor::Json
+    } else {
+        Flavor::Browser
+    }
+}
+
+fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
+    let peer = req
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    limits::client_ip(peer, forwarded, &state.trusted_proxies)
+}
+
+/// The gateway's own origin as the browser saw it, to recognise same-origin posts.
+fn own_origin(req: &HttpRequest) -> Option<String> {
+    let info = req.connection_info();
+    Some(format!("{}://{}", info.scheme(), info.host()).to_ascii_lowercase())
+}
+
+fn idempotency_key(
+    req: &HttpRequest,
+    source: &Source,
+) -> Result<Option<IdempotencyKey>, IngestError> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| {
+            IngestError::Malformed(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned(),
+            )
+        })?;
+    Ok(Some(IdempotencyKey {
+        source: source.id.clone(),
+        key: key.to_owned(),
+    }))
+}
+
+/// Reads the body, refusing with 413 as soon as it is known to exceed `limit`: at once from a
+/// declared `Content-Length`, or as soon as a chunked body passes the limit.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, IngestError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(IngestError::TooLarge { limit });
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| IngestError::Malformed(format!("the body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(IngestError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// `OPTIONS /in/{source_id}`: the CORS preflight. Only allow-listed origins of form sources
+/// are granted; partners are servers and need no CORS.
+pub async fn preflight(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let source_id = path.into_inner();
+    let Some(source) = state.sources.get(&source_id).cloned() else {
+        return IngestError::UnknownSource(source_id).json_response();
+    };
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    let requested_method = req
+        .headers()
+        .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+        .and_then(|v| v.to_str().ok());
+    let granted = matches!(source.kind, SourceKind::Form)
+        && origin
+            .is_some_and(|o| sources::form::is_allowed(&source, o, own_origin(&req).as_deref()))
+        && requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
+    let mut response = if granted {
+        let mut r = HttpResponse::NoContent();
+        r.insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS"))
+            .insert_header((
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "Content-Type, Accept, Idempotency-Key, X-Requested-With",
+            ))
+            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"));
+        r.finish()
+    } else {
+        let origin = origin.unwrap_or("(no Origin header)").to_owned();
+        IngestError::OriginNotAllowed(origin).json_response()
+    };
+    add_cors(&req, &state, &source, response.headers_mut());
+    response
+}
+
+/// Echoes an allowed `Origin` (never `*`), always with `Vary: Origin` so caches keep answers
+/// for different origins apart.
+fn add_cors(
+    req: &HttpRequest,
+    _state: &AppState,
+    source: &Source,
+    headers: &mut header::HeaderMap,
+) {
+    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    if !matches!(source.kind, SourceKind::Form) {
+        return;
+    }
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return;
+    };
+    let allowed = origin.to_str().is_ok_and(|o| source.allows_origin(o));
+    if allowed {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    }
+}
+
+/// `GET /thanks`: the built-in thank-you page.
+pub async fn thanks() -> HttpResponse {
+    HttpResponse::build(StatusCode::OK)
+        .content_type("text/html; charset=utf-8")
+        .body(super::pages::thanks_page().into_string())
+}
