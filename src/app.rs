@@ -208,6 +208,11 @@ impl Gateway {
         self.simulator.as_ref()
     }
 
+    /// The queue this gateway writes to (tests read its counts).
+    pub fn queue(&self) -> &Queue {
+        &self.state.queue
+    }
+
     pub fn delivery(&self) -> DeliveryStatus {
         self.state.delivery.get()
     }

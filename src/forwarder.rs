@@ -116,7 +116,8 @@ impl Forwarder {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.concurrency));
         let mut tasks = JoinSet::new();
-        let mut probe_delay = Duration::from_secs(1);
+        let first_probe_delay = Duration::from_secs(1).min(this.probe_max);
+        let mut probe_delay = first_probe_delay;
         info!(
             endpoint = %this.client.endpoint(),
             concurrency = this.concurrency,
@@ -141,7 +142,7 @@ impl Forwarder {
                 }
                 continue;
             }
-            probe_delay = Duration::from_secs(1);
+            probe_delay = first_probe_delay;
 
             let free = slots.available_permits();
             if free == 0 {

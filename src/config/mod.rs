@@ -151,11 +151,11 @@ impl std::fmt::Debug for TokenSource {
 impl Settings {
     /// Reads `LEADGATE_*` from the process environment.
     pub fn from_env() -> anyhow::Result<Self> {
-        Self::from_iter(std::env::vars())
+        Self::from_vars(std::env::vars())
     }
 
     /// Reads settings from the given `(name, value)` pairs (tests pass their own).
-    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
         let vars: Vec<(String, String)> = vars
             .into_iter()
             .filter(|(name, _)| name.starts_with("LEADGATE_"))
@@ -279,7 +279,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> anyhow::Result<Settings> {
-        Settings::from_iter(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Settings::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]

@@ -1,0 +1,415 @@
+//! Spawning the real gateway for tests — in-process (fast, most tests) or as a child process
+//! of the built binary (kill -9, restart) — next to a real Onpipeline simulator over HTTPS.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leadgate::app::{Gateway, ServeOptions};
+use leadgate::config::Settings;
+use leadgate::sim::{ReceivedLead, SimConfig, Simulator, TokenKind};
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const TOKEN: &str = "test-leadsin-token-0001";
+pub const PARTNER_KEY: &str = "acme-partner-key-0123456789";
+
+/// The sources file most tests use: the documented example, with rate limits off so tests
+/// never trip them by accident.
+pub fn default_sources() -> String {
+    format!(
+        r#"
+[[source]]
+id = "website"
+kind = "form"
+allowed_origins = ["https://www.example.com"]
+thank_you_url = "https://www.example.com/thanks"
+phone_region = "GB"
+last_name_fallback = "-"
+unmapped_extra = "4444444"
+
+[source.fields]
+first_name = "FirstName"
+last_name = "LastName"
+name = "FullName"
+email = "Email.work"
+phone = "Phone.mobile"
+company = "OrgName"
+street = "AddressLine1"
+zip = "Postcode"
+city = "City"
+state = "Region"
+country = "Country"
+
+[source.extra]
+budget = "1111111"
+utm_campaign = "2222222"
+
+[source.constants]
+"3333333" = "Website form"
+
+[source.limits]
+per_ip = "off"
+total = "off"
+max_body = "64KiB"
+
+[[source]]
+id = "acme"
+kind = "partner"
+api_keys = ["{PARTNER_KEY}"]
+phone_region = "ES"
+
+[source.extra]
+campaign = "5555555"
+
+[source.constants]
+"6666666" = "Partner ACME"
+
+[source.limits]
+total = "off"
+"#
+    )
+}
+
+/// Makes sure rustls has its provider and logs go to the test output (once).
+pub fn init() {
+    leadgate::tls::install_default_provider();
+    leadgate::telemetry::init(leadgate::telemetry::LogFormat::Text);
+}
+
+/// Starts a simulator that accepts [`TOKEN`] (and a read-only token `read-only-token`).
+pub async fn start_sim(allow_ips: Vec<IpAddr>) -> Simulator {
+    init();
+    Simulator::start(SimConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tokens: vec![
+            (TOKEN.to_owned(), TokenKind::Leadsin),
+            ("read-only-token".to_owned(), TokenKind::ReadOnly),
+        ],
+        allow_ips,
+        ca_out: None,
+    })
+    .await
+    .expect("the simulator starts")
+}
+
+/// Environment for a gateway delivering to `sim`, with quick retries for tests.
+pub struct GatewayEnv {
+    pub vars: Vec<(String, String)>,
+    pub dir: PathBuf,
+}
+
+impl GatewayEnv {
+    /// `dir` holds the sources file, the CA file and the embedded queue.
+    pub fn new(dir: &Path, sim: &Simulator, sources: &str) -> Self {
+        let sources_path = dir.join("leadgate.toml");
+        std::fs::write(&sources_path, sources).unwrap();
+        let ca_path = dir.join("sim-ca.pem");
+        std::fs::write(&ca_path, sim.ca_pem()).unwrap();
+        let vars = [
+            ("LEADGATE_LISTEN", "127.0.0.1:0".to_owned()),
+            ("LEADGATE_SOURCES", sources_path.display().to_string()),
+            ("LEADGATE_DATA_DIR", dir.join("data").display().to_string()),
+            ("LEADGATE_ONPIPELINE_URL", sim.base_url()),
+            ("LEADGATE_ONPIPELINE_TOKEN", TOKEN.to_owned()),
+            ("LEADGATE_CA_FILE", ca_path.display().to_string()),
+            ("LEADGATE_RETRY_BASE", "50ms".to_owned()),
+            ("LEADGATE_RETRY_MAX_DELAY", "400ms".to_owned()),
+            ("LEADGATE_LEASE_TIMEOUT", "3s".to_owned()),
+            ("LEADGATE_PAUSE_PROBE_MAX", "300ms".to_owned()),
+            ("LEADGATE_ONPIPELINE_TIMEOUT", "2s".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Self {
+            vars,
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn set(&mut self, name: &str, value: impl Into<String>) -> &mut Self {
+        self.unset(name);
+        self.vars.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn unset(&mut self, name: &str) -> &mut Self {
+        self.vars.retain(|(k, _)| k != name);
+        self
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings::from_vars(self.vars.clone()).expect("test settings are valid")
+    }
+}
+
+/// A gateway running inside the test process, with its simulator.
+pub struct TestApp {
+    pub gateway: Option<Gateway>,
+    pub sim: Arc<Simulator>,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub env: GatewayEnv,
+    _dir: Option<TempDir>,
+}
+
+impl TestApp {
+    /// The default sources, a fresh embedded queue, a simulator allowing everyone.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(&default_sources(), |_| {}).await
+    }
+
+    pub async fn spawn_with(sources: &str, configure: impl FnOnce(&mut GatewayEnv)) -> Self {
+        let sim = Arc::new(start_sim(Vec::new()).await);
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = GatewayEnv::new(dir.path(), &sim, sources);
+        configure(&mut env);
+        let mut app = Self {
+            gateway: None,
+            sim,
+            base: String::new(),
+            http: client(),
+            env,
+            _dir: Some(dir),
+        };
+        app.start().await;
+        app
+    }
+
+    /// Starts (or restarts) the gateway with the current environment.
+    pub async fn start(&mut self) {
+        let gateway = Gateway::start(self.env.settings(), ServeOptions::default())
+            .await
+            .expect("the gateway starts");
+        self.base = format!("http://{}", gateway.addr());
+        self.gateway = Some(gateway);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(gateway) = self.gateway.take() {
+            gateway.shutdown().await;
+        }
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        self.gateway.as_ref().expect("the gateway runs")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post_form(&self, source: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+        let body = serde_urlencoded(fields);
+        self.http
+            .post(self.url(&format!("/in/{source}")))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, source: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/in/{source}")))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_partner(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/in/acme"))
+            .bearer_auth(PARTNER_KEY)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the simulator has received `n` leads; returns them.
+    pub async fn received(&self, n: usize) -> Vec<ReceivedLead> {
+        wait_received(&self.sim, n, Duration::from_secs(20)).await
+    }
+
+    pub async fn stats(&self) -> leadgate::queue::Stats {
+        self.gateway().queue().stats().await.unwrap()
+    }
+}
+
+/// An HTTP client that does not follow redirects (tests look at them).
+pub fn client() -> reqwest::Client {
+    init();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `application/x-www-form-urlencoded` encoding of UTF-8 pairs.
+pub fn serde_urlencoded(fields: &[(&str, &str)]) -> String {
+    fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", form_escape(k), form_escape(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn form_escape(text: &str) -> String {
+    let mut out = String::new();
+    for byte in text.bytes() {
+        match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => out.push(byte as char),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Polls the simulator until it holds `n` leads, failing after `timeout`; also fails when it
+/// holds more than `n` (a duplicate) once they arrived.
+pub async fn wait_received(sim: &Simulator, n: usize, timeout: Duration) -> Vec<ReceivedLead> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let leads = sim.received();
+        if leads.len() >= n {
+            assert_eq!(leads.len(), n, "the simulator received more leads than expected");
+            return leads;
+        }
+        if Instant::now() > deadline {
+            panic!("the simulator received {} of {n} leads within {timeout:?}", leads.len());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Polls `check` until it returns Some, failing after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The gateway as a separate process of the built binary, for kill -9 and restarts.
+pub struct GatewayProcess {
+    child: Option<Child>,
+    pub base: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    listen: SocketAddr,
+    log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts `leadgate serve` with `env` on a free port, and waits until it answers.
+    pub async fn start(env: &GatewayEnv, args: &[&str]) -> Self {
+        let listen = free_port();
+        let mut vars = env.vars.clone();
+        vars.retain(|(k, _)| k != "LEADGATE_LISTEN");
+        vars.push(("LEADGATE_LISTEN".into(), listen.to_string()));
+        let mut process = Self {
+            child: None,
+            base: format!("http://{listen}"),
+            env: vars,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            listen,
+            log: env.dir.join(format!("gateway-{}.log", listen.port())),
+        };
+        process.spawn().await;
+        process
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_leadgate"))
+            .arg("serve")
+            .args(&self.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the leadgate binary starts");
+        self.child = Some(child);
+        let http = client();
+        let url = format!("{}/healthz", self.base);
+        let log = self.log.clone();
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "leadgate exited with {status} at start-up:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("leadgate did not answer on {url} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same port with the same settings, changed by `change`.
+    pub async fn restart(&mut self, change: impl FnOnce(&mut Vec<(String, String)>)) {
+        self.kill9();
+        change(&mut self.env);
+        self.env.retain(|(k, _)| k != "LEADGATE_LISTEN");
+        self.env.push(("LEADGATE_LISTEN".into(), self.listen.to_string()));
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
