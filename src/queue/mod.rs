@@ -74,10 +74,7 @@ impl Default for QueueSettings {
 #[derive(Clone, Debug)]
 pub enum Backend {
     /// `redis://` or `rediss://` URL (may carry a password: never logged), and the key prefix.
-    Redis {
-        url: secrecy::SecretString,
-        prefix: String,
-    },
+    Redis { url: secrecy::SecretString, prefix: String },
     /// Directory holding the SQLite database.
     Embedded { dir: PathBuf },
 }
