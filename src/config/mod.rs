@@ -266,8 +266,15 @@ fn name_the_culprit(vars: &[(String, String)], e: envy::Error) -> String {
     for var in vars {
         if let Err(alone) = envy::prefixed("LEADGATE_").from_iter::<_, Settings>([var.clone()]) {
             let reason = alone.to_string();
-            let reason = reason.split(" while parsing value").next().unwrap_or(&reason);
-            let reason = if reason.contains(&var.1) { "invalid value" } else { reason };
+            let reason = reason
+                .split(" while parsing value")
+                .next()
+                .unwrap_or(&reason);
+            let reason = if reason.contains(&var.1) {
+                "invalid value"
+            } else {
+                reason
+            };
             return format!("{}: {reason}", var.0);
         }
     }

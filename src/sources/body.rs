@@ -234,7 +234,7 @@ pub fn decode_urlencoded(
     charset: Option<&str>,
     limits: &BodyLimits,
 ) -> Result<Inbound, BodyError> {
-    let mut pairs: Vec<(Cow<'_, [u8]>, Cow<'_, [u8]>)> = Vec::new();
+    let mut pairs = Vec::new();
     for piece in body.split(|b| *b == b'&').filter(|piece| !piece.is_empty()) {
         if pairs.len() == limits.max_fields {
             return Err(too_many_fields(limits));
@@ -615,7 +615,10 @@ mod tests {
 
     const BOUNDARY: &str = "----leadgateBoundary7MA4YWxk";
 
-    fn multipart_body(parts: &[(&str, Option<&str>, Option<&str>, &[u8])]) -> Vec<u8> {
+    /// One test part: name, filename, Content-Type, contents.
+    type Part<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a [u8]);
+
+    fn multipart_body(parts: &[Part<'_>]) -> Vec<u8> {
         let mut body = Vec::new();
         for (name, filename, content_type, data) in parts {
             body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
