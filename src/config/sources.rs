@@ -380,6 +380,19 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         ),
     };
 
+    let control = raw
+        .fields
+        .iter()
+        .chain(raw.extra.iter())
+        .find(|(incoming, _)| incoming.starts_with('_'));
+    if let Some((incoming, value)) = control {
+        return Err(at(
+            value.span(),
+            incoming,
+            "names starting with _ are control fields (_next, _charset_) and are never forwarded"
+                .into(),
+        ));
+    }
     let mut fields = Vec::new();
     for (incoming, target) in &raw.fields {
         let parsed = target
