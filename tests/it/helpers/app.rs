@@ -290,24 +290,6 @@ pub async fn wait_received(sim: &Simulator, n: usize, timeout: Duration) -> Vec<
     }
 }
 
-/// Polls `check` until it returns Some, failing after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 /// The gateway as a separate process of the built binary, for kill -9 and restarts.
 pub struct GatewayProcess {
     child: Option<Child>,

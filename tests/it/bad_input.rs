@@ -1,0 +1,201 @@
+//! Bad input gets a precise 4xx with a stable code and nothing is queued.
+
+use serde_json::{Value, json};
+
+use crate::helpers::app::{PARTNER_KEY, TestApp};
+
+async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status, "expected {status} {code}");
+    let body: Value = response.json().await.expect("a JSON error document");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    body
+}
+
+async fn assert_nothing_queued(app: &TestApp) {
+    let stats = app.stats().await;
+    assert_eq!(stats.ready + stats.leased + stats.delayed + stats.dead, 0, "{stats:?}");
+    assert!(app.sim.received().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_json_is_400_malformed_body() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .post(app.url("/in/website"))
+        .header("content-type", "application/json")
+        .body("{\"name\": \"Ana\",")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 400, "malformed_body").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_415() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .post(app.url("/in/website"))
+        .header("content-type", "text/plain")
+        .header("accept", "application/json")
+        .body("name=Ana")
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 415, "unsupported_media_type").await;
+    let partner_form = app
+        .http
+        .post(app.url("/in/acme"))
+        .bearer_auth(PARTNER_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("first_name=Ana&last_name=Ruiz")
+        .send()
+        .await
+        .unwrap();
+    assert_error(partner_form, 415, "unsupported_media_type").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn no_name_at_all_is_422_name_required() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_json("website", &json!({"email": "ana@example.com", "company": "Acme"}))
+        .await;
+    assert_error(response, 422, "name_required").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn invalid_email_is_422_with_a_message_for_that_field() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_json("website", &json!({"name": "Ana Ruiz", "email": "ana.example.com"}))
+        .await;
+    let body = assert_error(response, 422, "validation_failed").await;
+    let messages = body["error"]["fields"]["email"].as_array().expect("a message for email");
+    assert!(!messages.is_empty());
+    assert!(!body.to_string().contains("ana.example.com"), "values are not echoed: {body}");
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn browser_post_with_an_invalid_email_gets_a_readable_page() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_form("website", &[("name", "Ana Ruiz"), ("email", "nope")])
+        .await;
+    assert_eq!(response.status(), 422);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let page = response.text().await.unwrap();
+    assert!(page.contains("Please check the form"), "{page}");
+    assert!(page.contains("email"), "{page}");
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn oversize_body_is_413_whether_declared_or_chunked() {
+    let app = TestApp::spawn().await;
+    let big = format!("name=Ana+Ruiz&message={}", "x".repeat(70 * 1024));
+    let declared = app
+        .http
+        .post(app.url("/in/website"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_error(declared, 413, "payload_too_large").await;
+
+    // No Content-Length: the body streams in chunks and is refused once past the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        big.into_bytes().chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let chunked = app
+        .http
+        .post(app.url("/in/website"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(chunked, 413, "payload_too_large").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn a_bad_or_missing_bearer_key_is_401() {
+    let app = TestApp::spawn().await;
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz"});
+    let wrong = app
+        .http
+        .post(app.url("/in/acme"))
+        .bearer_auth("acme-partner-key-0123456788")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    assert_error(wrong, 401, "unauthorized").await;
+    let missing = app.http.post(app.url("/in/acme")).json(&body).send().await.unwrap();
+    assert_error(missing, 401, "unauthorized").await;
+    let basic = app
+        .http
+        .post(app.url("/in/acme"))
+        .basic_auth("acme", Some(PARTNER_KEY))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_error(basic, 401, "unauthorized").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn an_unknown_source_is_a_404_json_error() {
+    let app = TestApp::spawn().await;
+    let response = app.post_json("nope", &json!({"name": "Ana Ruiz"})).await;
+    assert_error(response, 404, "unknown_source").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn a_page_on_a_foreign_origin_may_not_post() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .post(app.url("/in/website"))
+        .header("origin", "https://evil.example")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body("name=Ana+Ruiz")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+    assert_error(response, 403, "origin_not_allowed").await;
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn the_per_address_rate_limit_answers_429_with_retry_after() {
+    let sources = crate::helpers::app::default_sources().replacen(
+        "per_ip = \"off\"\ntotal = \"off\"",
+        "per_ip = \"2/minute\"\ntotal = \"off\"",
+        1,
+    );
+    let app = TestApp::spawn_with(&sources, |_| {}).await;
+    for _ in 0..2 {
+        let ok = app.post_json("website", &json!({"name": "Ana Ruiz"})).await;
+        assert_eq!(ok.status(), 202);
+    }
+    let limited = app.post_json("website", &json!({"name": "Ana Ruiz"})).await;
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_error(limited, 429, "rate_limited").await;
+    app.received(2).await;
+}

@@ -1,0 +1,109 @@
+//! The command line: `check-config` and `serve --sandbox` as a new user runs them.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::app::{client, free_port};
+
+fn leadgate() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_leadgate"));
+    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+#[test]
+fn check_config_prints_each_source_with_its_url_and_mapping() {
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("[website] kind=form url=http://127.0.0.1:8080/in/website"), "{stdout}");
+    assert!(stdout.contains("budget -> Extra 1111111"), "{stdout}");
+    assert!(stdout.contains("name -> FullName"), "{stdout}");
+}
+
+#[test]
+fn check_config_names_file_line_and_key_of_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[source.fields]\nemail = \"Email.office\"\n",
+    )
+    .unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("{}:6:", path.display())), "{stderr}");
+    assert!(stderr.contains("fields.email"), "{stderr}");
+}
+
+#[test]
+fn check_config_refuses_a_plain_http_upstream() {
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"))
+        .env("LEADGATE_ONPIPELINE_URL", "http://api.onpipeline.com")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+/// The README's run command, as a newcomer uses it: the demo form's lead reaches the
+/// in-process simulator and shows at /sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = leadgate()
+        .args(["serve", "--sandbox"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LEADGATE_LISTEN", listen.to_string())
+        .env("LEADGATE_DATA_DIR", dir.path().join("data"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = client();
+    let base = format!("http://{listen}");
+    let ready = crate::helpers::eventually(Duration::from_secs(30), "the sandbox to start", || async {
+        http.get(format!("{base}/readyz")).send().await.ok()?.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(ready["delivery"]["state"], "running", "{ready}");
+
+    let page = http.get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("action=\"/in/website\""), "{page}");
+
+    let response = http
+        .post(format!("{base}/in/website"))
+        .header("origin", &base)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=Sandra+Box&email=sandra%40example.com&budget=10k-50k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303);
+    let inbox = crate::helpers::eventually(Duration::from_secs(20), "the lead at /sandbox", || async {
+        let page = http.get(format!("{base}/sandbox")).send().await.ok()?.text().await.ok()?;
+        page.contains("Sandra").then_some(page)
+    })
+    .await;
+    assert!(inbox.contains("1111111"), "the Extra ID is shown: {inbox}");
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(log.contains("SANDBOX MODE"), "{log}");
+    assert!(!log.contains("sandra@example.com"), "emails are masked in logs:\n{log}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

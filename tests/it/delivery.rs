@@ -1,0 +1,175 @@
+//! Every classification row of Onpipeline's answers, driven through the simulator's fault
+//! injection: each lead ends delivered exactly once, or dead-lettered with its reason.
+
+use std::time::Duration;
+
+use leadgate::forwarder::DeliveryStatus;
+use leadgate::sim::Fault;
+use serde_json::{Value, json};
+
+use crate::helpers::app::TestApp;
+use crate::helpers::eventually;
+
+fn status(code: u16) -> Fault {
+    Fault::Status {
+        status: code,
+        retry_after: None,
+        message: None,
+    }
+}
+
+async fn post_one(app: &TestApp, name: &str) -> String {
+    let response = app.post_json("website", &json!({"name": name})).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// Statuses the simulator answered, in order (None: the connection was dropped).
+fn statuses(app: &TestApp) -> Vec<Option<u16>> {
+    app.sim.requests().iter().map(|r| r.status).collect()
+}
+
+#[tokio::test]
+async fn temporary_failures_are_retried_until_one_delivery() {
+    let app = TestApp::spawn().await;
+    app.sim.push_faults([
+        status(500),
+        Fault::Drop,
+        Fault::NonJson502,
+        status(503),
+        Fault::Delay { ms: 3_000 }, // longer than LEADGATE_ONPIPELINE_TIMEOUT=2s
+    ]);
+    post_one(&app, "Retry Me").await;
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["FirstName"], "Retry");
+    let seen = statuses(&app);
+    assert_eq!(&seen[..4], &[Some(500), None, Some(502), Some(503)], "{seen:?}");
+    assert_eq!(seen.last(), Some(&Some(201)), "{seen:?}");
+    // Nothing more arrives: the lead was settled.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(app.sim.received().len(), 1);
+    assert_eq!(app.stats().await, leadgate::queue::Stats::default());
+}
+
+#[tokio::test]
+async fn retry_after_on_429_and_503_spaces_the_next_attempt() {
+    let app = TestApp::spawn().await;
+    app.sim.push_faults([
+        Fault::Status {
+            status: 429,
+            retry_after: Some("2".into()),
+            message: Some("Too many requests".into()),
+        },
+        Fault::Status {
+            status: 503,
+            retry_after: Some("1".into()),
+            message: None,
+        },
+    ]);
+    post_one(&app, "Patient Person").await;
+    app.received(1).await;
+    let requests = app.sim.requests();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    let gap1 = (requests[1].at - requests[0].at).to_std().unwrap();
+    let gap2 = (requests[2].at - requests[1].at).to_std().unwrap();
+    assert!(gap1 >= Duration::from_millis(1950), "429 Retry-After: 2 honoured, got {gap1:?}");
+    assert!(gap2 >= Duration::from_millis(950), "503 Retry-After: 1 honoured, got {gap2:?}");
+}
+
+#[tokio::test]
+async fn rejected_data_is_dead_lettered_with_onpipeline_s_reason() {
+    for code in [400u16, 406] {
+        let app = TestApp::spawn().await;
+        app.sim.push_faults([Fault::Status {
+            status: code,
+            retry_after: None,
+            message: Some("Not acceptable - the data is wrong".into()),
+        }]);
+        let id = post_one(&app, "Bad Data").await;
+        let dead = eventually(Duration::from_secs(10), "a dead letter", || async {
+            let dead = app.gateway().queue().dead_letters(10).await.unwrap();
+            (!dead.is_empty()).then_some(dead)
+        })
+        .await;
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].lead.id.to_string(), id);
+        assert!(dead[0].reason.contains(&code.to_string()), "{}", dead[0].reason);
+        assert!(dead[0].reason.contains("the data is wrong"), "{}", dead[0].reason);
+        assert_eq!(app.sim.requests().len(), 1, "a rejected lead is not retried");
+        assert!(app.sim.received().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_409_duplicate_counts_as_delivered_and_is_not_resent() {
+    let app = TestApp::spawn().await;
+    app.sim.push_faults([status(409)]);
+    let id = post_one(&app, "Already There").await;
+    let delivery = eventually(Duration::from_secs(10), "the delivery record", || async {
+        app.gateway()
+            .queue()
+            .delivery_of(id.parse().unwrap())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(delivery.duplicate);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.sim.requests().len(), 1);
+    assert_eq!(app.stats().await, leadgate::queue::Stats::default());
+}
+
+#[tokio::test]
+async fn credential_errors_pause_delivery_until_onpipeline_accepts_again() {
+    for code in [401u16, 403, 404] {
+        let app = TestApp::spawn().await;
+        app.sim.push_faults([status(code), status(code), status(code)]);
+        post_one(&app, "Paused Lead").await;
+        let readyz: Value = eventually(Duration::from_secs(10), "delivery to pause", || async {
+            let body: Value = app.http.get(app.url("/readyz")).send().await.ok()?.json().await.ok()?;
+            (body["delivery"]["state"] == "paused").then_some(body)
+        })
+        .await;
+        assert_eq!(readyz["status"], "degraded");
+        assert!(
+            readyz["delivery"]["reason"].as_str().unwrap().contains(&code.to_string()),
+            "{readyz}"
+        );
+        // Probes continue with back-off; once the faults are used up the lead goes through.
+        let leads = app.received(1).await;
+        assert_eq!(leads[0].payload["LastName"], "Lead");
+        eventually(Duration::from_secs(5), "delivery to resume", || async {
+            (app.gateway().delivery() == DeliveryStatus::Running).then_some(())
+        })
+        .await;
+        assert_eq!(statuses(&app), [Some(code), Some(code), Some(code), Some(201)]);
+    }
+}
+
+#[tokio::test]
+async fn many_leads_through_mixed_failures_arrive_exactly_once() {
+    let app = TestApp::spawn().await;
+    let faults: Vec<Fault> = (0..30)
+        .map(|i| match i % 5 {
+            0 => status(500),
+            1 => Fault::Drop,
+            2 => Fault::NonJson502,
+            3 => status(429),
+            _ => status(503),
+        })
+        .collect();
+    app.sim.push_faults(faults);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(post_one(&app, &format!("Lead Number{i}")).await);
+    }
+    let leads = app.received(40).await;
+    let mut names: Vec<String> = leads
+        .iter()
+        .map(|l| l.payload["LastName"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 40, "every lead exactly once");
+}
