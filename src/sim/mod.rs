@@ -199,7 +199,8 @@ pub enum Fault {
     /// Wait, then handle the request normally. If the client hangs up meanwhile, the handler is
     /// cancelled and nothing is recorded.
     Delay { ms: u64 },
-    /// Close the connection without any HTTP answer. No lead is recorded.
+    /// Close the connection without any HTTP answer. No lead is recorded. (Over HTTP/2, which
+    /// actix offers by ALPN, the same fault resets the stream instead; leadgate speaks HTTP/1.1.)
     Drop,
     /// Handle the request normally and, if the lead is created, close the connection without
     /// answering: the lead exists but the client cannot know (the retry-after-success case).
@@ -494,6 +495,47 @@ mod tests {
         assert!(parse_token(":leadsin").is_err());
         let err = parse_token("secret-token:admin").unwrap_err();
         assert!(!err.contains("secret-token"), "{err}");
+    }
+
+    #[test]
+    fn sim_arguments_parse_with_documented_defaults() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: SimArgs,
+        }
+        let defaults = Cli::try_parse_from(["sim"]).unwrap().sim;
+        assert_eq!(defaults.listen, "127.0.0.1:8443".parse().unwrap());
+        assert!(defaults.tokens.is_empty() && defaults.allow_ips.is_empty());
+        assert!(defaults.ca_out.is_none() && !defaults.detect_duplicates);
+
+        let args = Cli::try_parse_from([
+            "sim",
+            "--listen",
+            "[::1]:0",
+            "--token",
+            "a:leadsin",
+            "--token",
+            "b:read-only",
+            "--allow-ip",
+            "127.0.0.2",
+            "--ca-out",
+            "/tmp/ca.pem",
+            "--detect-duplicates",
+        ])
+        .unwrap()
+        .sim;
+        assert_eq!(
+            args.tokens,
+            vec![
+                ("a".to_owned(), TokenKind::Leadsin),
+                ("b".to_owned(), TokenKind::ReadOnly)
+            ]
+        );
+        assert_eq!(args.allow_ips, vec!["127.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert!(args.detect_duplicates);
+        assert!(Cli::try_parse_from(["sim", "--token", "a:admin"]).is_err());
     }
 
     #[test]

@@ -145,6 +145,7 @@ fn bad_gateway_page() -> HttpResponse {
 /// answer and sees the TLS connection closed mid-request (reqwest: "connection closed before
 /// message completed"). This is the closest actix comes to a server or network dying without
 /// touching the socket directly; actix logs the aborted body at error level, which is expected.
+/// Over HTTP/2 (offered by actix's ALPN) the same error resets only the stream (RST_STREAM).
 fn dropped_connection() -> HttpResponse {
     HttpResponse::Ok().streaming(futures_util::stream::once(async {
         Err::<Bytes, _>(std::io::Error::other(
