@@ -1,0 +1,13 @@
+//! The one integration-test binary: the real gateway over real HTTP, a real Onpipeline
+//! simulator over HTTPS, a real `redis-server` per test, a real headless Chromium. Shared
+//! set-up lives in `helpers`, named after what tests do with it.
+
+mod bad_input;
+mod browser;
+mod cli;
+mod delivery;
+mod durability;
+mod egress;
+mod forms;
+mod helpers;
+mod sim;

@@ -1,0 +1,879 @@
+//! The Onpipeline simulator driven over real HTTPS on loopback, as leadgate's forwarder will
+//! drive it: every documented answer, the scripted faults and the inspection endpoints.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use chrono::NaiveDateTime;
+use leadgate::sim::{Fault, RequestOutcome, SimConfig, SimSettings, Simulator, TokenKind};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const LEAD_TOKEN: &str = "lead-source-token";
+const RW_TOKEN: &str = "read-write-token";
+const RO_TOKEN: &str = "read-only-token";
+
+fn config() -> SimConfig {
+    SimConfig {
+        tokens: vec![
+            (LEAD_TOKEN.to_owned(), TokenKind::Leadsin),
+            (RW_TOKEN.to_owned(), TokenKind::ReadWrite),
+            (RO_TOKEN.to_owned(), TokenKind::ReadOnly),
+        ],
+        ..SimConfig::default()
+    }
+}
+
+async fn start() -> Simulator {
+    Simulator::start(config()).await.expect("simulator starts")
+}
+
+/// A client that trusts only the simulator's CA and never goes through a proxy.
+fn client_builder(sim: &Simulator) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(sim.client_tls_config().expect("client TLS config"))
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+}
+
+fn client(sim: &Simulator) -> reqwest::Client {
+    client_builder(sim).build().expect("client builds")
+}
+
+/// The reference's own sample lead.
+fn mike() -> Value {
+    json!({
+        "FirstName": "Mike", "LastName": "Smith", "OrgName": "Company Inc.",
+        "Email": [{"Address": "mike@company.com", "Type": "work"}],
+        "Phone": [{"Number": "111111111111", "Type": "work"}],
+        "Extra": [{"ID": "1111111", "Value": "Managing Director"}]
+    })
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|err| panic!("answer is not JSON ({err}): {}", self.text))
+    }
+
+    /// Asserts the documented Error object: only an `Error` member, `Code` equal to the HTTP
+    /// status, the message, a `YYYY-MM-DD HH:MM:SS` time and the caller's IP.
+    fn assert_error(&self, status: u16, message_contains: &str, ip: &str) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.text);
+        let body = self.json();
+        let object = body.as_object().expect("an object");
+        assert_eq!(object.len(), 1, "only the Error member: {body}");
+        let error = &body["Error"];
+        assert_eq!(error["Code"], json!(status.to_string()));
+        let message = error["Message"].as_str().expect("Message is a string");
+        assert!(
+            message.contains(message_contains),
+            "message {message:?} should contain {message_contains:?}"
+        );
+        let time = error["Time"].as_str().expect("Time is a string");
+        NaiveDateTime::parse_from_str(time, "%Y-%m-%d %H:%M:%S")
+            .unwrap_or_else(|err| panic!("Time {time:?} is not YYYY-MM-DD HH:MM:SS: {err}"));
+        assert_eq!(error["IP"], json!(ip));
+        assert_eq!(
+            self.headers["content-type"].to_str().unwrap(),
+            "application/json"
+        );
+    }
+}
+
+async fn send(
+    client: &reqwest::Client,
+    url: String,
+    token: Option<&str>,
+    body: impl Into<reqwest::Body>,
+) -> Answer {
+    let mut request = client.post(url).body(body);
+    if let Some(token) = token {
+        request = request.header("Authorization", token);
+    }
+    let response = request.send().await.expect("an HTTP answer");
+    Answer {
+        status: response.status(),
+        headers: response.headers().clone(),
+        text: response.text().await.expect("a body"),
+    }
+}
+
+async fn post_lead(sim: &Simulator, token: Option<&str>, lead: &Value) -> Answer {
+    send(
+        &client(sim),
+        format!("{}/Leadsin", sim.base_url()),
+        token,
+        lead.to_string(),
+    )
+    .await
+}
+
+/// Polls `check` until it holds or five seconds pass.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn statuses(sim: &Simulator) -> Vec<Option<u16>> {
+    sim.requests().iter().map(|r| r.status).collect()
+}
+
+#[tokio::test]
+async fn accepted_lead_gets_201_with_the_documented_header_and_is_recorded() {
+    let sim = start().await;
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!(body["Header"]["Status"], "Created");
+    assert_eq!(body["Header"]["Code"], "201");
+    assert_eq!(body["Header"]["Endpoint"], "Leadsin");
+    let time = body["Header"]["Time"].as_str().unwrap();
+    assert!(
+        NaiveDateTime::parse_from_str(time, "%Y-%m-%d %H:%M:%S").is_ok(),
+        "{time}"
+    );
+    let lead_id = body["Data"]["LeadID"].as_str().expect("a LeadID");
+    assert_eq!(
+        lead_id.len(),
+        19,
+        "shaped like the reference's 123456789HSY7584306"
+    );
+
+    let received = sim.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].payload, mike());
+    assert_eq!(received[0].lead_id, lead_id);
+    assert_eq!(received[0].peer_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert_eq!(statuses(&sim), vec![Some(201)]);
+    assert_eq!(sim.requests()[0].outcome, RequestOutcome::Answered);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn each_accepted_lead_gets_its_own_lead_id() {
+    let sim = start().await;
+    let first = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.json();
+    let second = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.json();
+    assert_ne!(first["Data"]["LeadID"], second["Data"]["LeadID"]);
+    assert_eq!(
+        sim.received().len(),
+        2,
+        "duplicates are accepted while detection is off"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn missing_authorization_header_is_400() {
+    let sim = start().await;
+    post_lead(&sim, None, &mike())
+        .await
+        .assert_error(400, "Missing Token", "127.0.0.1");
+    post_lead(&sim, Some(""), &mike())
+        .await
+        .assert_error(400, "Missing Token", "127.0.0.1");
+    assert!(sim.received().is_empty());
+    assert_eq!(statuses(&sim), vec![Some(400), Some(400)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_token_is_401_invalid_token() {
+    let sim = start().await;
+    post_lead(&sim, Some("not-a-token"), &mike())
+        .await
+        .assert_error(401, "Invalid Token", "127.0.0.1");
+    // The header carries the raw token; a "Bearer" prefix makes it a different, unknown token.
+    post_lead(&sim, Some(&format!("Bearer {LEAD_TOKEN}")), &mike())
+        .await
+        .assert_error(401, "Invalid Token", "127.0.0.1");
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn read_only_token_is_403_but_leadsin_and_read_write_tokens_create_leads() {
+    let sim = start().await;
+    post_lead(&sim, Some(RO_TOKEN), &mike())
+        .await
+        .assert_error(403, "No permissions", "127.0.0.1");
+    assert_eq!(
+        post_lead(&sim, Some(RW_TOKEN), &mike()).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(sim.received().len(), 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn peer_outside_the_allow_list_is_403_and_an_allowed_peer_gets_201() {
+    let allowed = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let sim = Simulator::start(SimConfig {
+        allow_ips: vec![allowed],
+        ..config()
+    })
+    .await
+    .unwrap();
+
+    post_lead(&sim, Some(LEAD_TOKEN), &mike())
+        .await
+        .assert_error(403, "Invalid IP", "127.0.0.1");
+    assert!(sim.received().is_empty());
+
+    let from_allowed = client_builder(&sim).local_address(allowed).build().unwrap();
+    let answer = send(
+        &from_allowed,
+        format!("{}/Leadsin", sim.base_url()),
+        Some(LEAD_TOKEN),
+        mike().to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{}", answer.text);
+    assert_eq!(sim.received()[0].peer_ip, allowed);
+    assert_eq!(sim.requests()[1].peer_ip, allowed);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn token_is_checked_before_the_allow_list() {
+    let sim = Simulator::start(SimConfig {
+        allow_ips: vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))],
+        ..config()
+    })
+    .await
+    .unwrap();
+    post_lead(&sim, Some("not-a-token"), &mike())
+        .await
+        .assert_error(401, "Invalid Token", "127.0.0.1");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_json_is_406() {
+    let sim = start().await;
+    let answer = send(
+        &client(&sim),
+        format!("{}/Leadsin", sim.base_url()),
+        Some(LEAD_TOKEN),
+        "{\"FirstName\": \"Mike\",",
+    )
+    .await;
+    answer.assert_error(406, "Invalid JSON", "127.0.0.1");
+    post_lead(&sim, Some(LEAD_TOKEN), &json!(["not", "an", "object"]))
+        .await
+        .assert_error(406, "Invalid JSON", "127.0.0.1");
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn missing_or_blank_mandatory_names_are_406_naming_the_field() {
+    let sim = start().await;
+    let mut lead = mike();
+    lead.as_object_mut().unwrap().remove("FirstName");
+    post_lead(&sim, Some(LEAD_TOKEN), &lead).await.assert_error(
+        406,
+        "FirstName is mandatory",
+        "127.0.0.1",
+    );
+
+    let mut lead = mike();
+    lead["LastName"] = json!("   ");
+    post_lead(&sim, Some(LEAD_TOKEN), &lead).await.assert_error(
+        406,
+        "LastName is mandatory",
+        "127.0.0.1",
+    );
+
+    let mut lead = mike();
+    lead["LastName"] = json!(42);
+    post_lead(&sim, Some(LEAD_TOKEN), &lead).await.assert_error(
+        406,
+        "LastName must be a string",
+        "127.0.0.1",
+    );
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn email_and_phone_types_outside_the_documented_lists_are_406() {
+    let sim = start().await;
+    let mut lead = mike();
+    lead["Email"][0]["Type"] = json!("mobile"); // valid for phones only
+    post_lead(&sim, Some(LEAD_TOKEN), &lead).await.assert_error(
+        406,
+        "Email[0].Type must be work, home or other",
+        "127.0.0.1",
+    );
+
+    let mut lead = mike();
+    lead["Phone"] = json!([
+        {"Number": "+1111111111111", "Type": "mobile"},
+        {"Number": "+2222222222222", "Type": "fax"}
+    ]);
+    post_lead(&sim, Some(LEAD_TOKEN), &lead).await.assert_error(
+        406,
+        "Phone[1].Type must be work, home, mobile or other",
+        "127.0.0.1",
+    );
+
+    let mut lead = mike();
+    lead["Phone"][0]["Type"] = json!("mobile");
+    lead["Email"][0]["Type"] = json!("other");
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &lead).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(sim.received().len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn wrongly_shaped_email_phone_and_extra_are_406() {
+    let sim = start().await;
+    let cases = [
+        ("Email", json!("mike@company.com"), "Email must be an array"),
+        (
+            "Email",
+            json!([{"Address": "mike@company.com"}]),
+            "Email[0].Type",
+        ),
+        (
+            "Email",
+            json!(["mike@company.com"]),
+            "Email[0] must be an object",
+        ),
+        (
+            "Phone",
+            json!({"Number": "1", "Type": "work"}),
+            "Phone must be an array",
+        ),
+        (
+            "Extra",
+            json!([{"Value": "Managing Director"}]),
+            "Extra[0].ID is mandatory",
+        ),
+        (
+            "Extra",
+            json!({"1111111": "Managing Director"}),
+            "Extra must be an array",
+        ),
+        ("Extra", json!([{"ID": "1111111"}]), "Extra[0].Value"),
+    ];
+    for (field, value, message) in cases {
+        let mut lead = mike();
+        lead[field] = value;
+        post_lead(&sim, Some(LEAD_TOKEN), &lead)
+            .await
+            .assert_error(406, message, "127.0.0.1");
+    }
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn other_resources_are_404_except_for_leadsin_tokens_which_get_403() {
+    let sim = start().await;
+    let client = client(&sim);
+    let url = format!("{}/PersonAdd", sim.base_url());
+    send(&client, url.clone(), Some(RW_TOKEN), "{}")
+        .await
+        .assert_error(404, "Not Found", "127.0.0.1");
+    send(&client, url.clone(), Some(LEAD_TOKEN), "{}")
+        .await
+        .assert_error(403, "No permissions", "127.0.0.1");
+    send(&client, url.clone(), None, "{}")
+        .await
+        .assert_error(400, "Missing Token", "127.0.0.1");
+    send(&client, url, Some("not-a-token"), "{}")
+        .await
+        .assert_error(401, "Invalid Token", "127.0.0.1");
+    assert!(
+        sim.requests().is_empty(),
+        "only /Leadsin requests are logged"
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_detection_answers_409_for_the_same_payload_in_any_key_order() {
+    let sim = start().await;
+    sim.set_detect_duplicates(true);
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,
+        StatusCode::CREATED
+    );
+    // Same lead, keys reordered and spaced differently.
+    let reordered = r#"{ "Extra":[{"Value":"Managing Director","ID":"1111111"}],
+        "Phone":[{"Type":"work","Number":"111111111111"}], "LastName":"Smith",
+        "Email":[{"Type":"work","Address":"mike@company.com"}],
+        "OrgName":"Company Inc.", "FirstName":"Mike" }"#;
+    send(
+        &client(&sim),
+        format!("{}/Leadsin", sim.base_url()),
+        Some(LEAD_TOKEN),
+        reordered,
+    )
+    .await
+    .assert_error(409, "Conflict - Duplicate", "127.0.0.1");
+
+    let mut other = mike();
+    other["FirstName"] = json!("Michael");
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &other).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(sim.received().len(), 2);
+    assert_eq!(statuses(&sim), vec![Some(201), Some(409), Some(201)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn status_faults_answer_error_objects_in_script_order_with_retry_after() {
+    let sim = start().await;
+    sim.push_faults([
+        Fault::retry_after(503, "7"),
+        Fault::Status {
+            status: 429,
+            retry_after: None,
+            message: Some("Too many requests - slow down".to_owned()),
+        },
+    ]);
+
+    let first = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    first.assert_error(503, "Service Unavailable", "127.0.0.1");
+    assert_eq!(first.headers["retry-after"], "7");
+    let second = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    second.assert_error(429, "Too many requests - slow down", "127.0.0.1");
+    assert!(second.headers.get("retry-after").is_none());
+    let third = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(third.status, StatusCode::CREATED);
+
+    assert_eq!(sim.received().len(), 1, "faulted requests record no lead");
+    assert_eq!(statuses(&sim), vec![Some(503), Some(429), Some(201)]);
+    let times: Vec<_> = sim.requests().iter().map(|r| r.at).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert!(sim.pending_faults().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_2xx_status_fault_still_carries_an_error_object() {
+    let sim = start().await;
+    sim.push_faults([Fault::Status {
+        status: 200,
+        retry_after: None,
+        message: Some("Something went wrong".to_owned()),
+    }]);
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    answer.assert_error(200, "Something went wrong", "127.0.0.1");
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_raw_fault_answers_exactly_the_scripted_body() {
+    let sim = start().await;
+    sim.push_faults([Fault::Raw {
+        status: 201,
+        content_type: Some("application/json".to_owned()),
+        body: r#"{"Header":{"Code":"201"}}"#.to_owned(),
+        retry_after: None,
+    }]);
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(answer.text, r#"{"Header":{"Code":"201"}}"#);
+    assert!(sim.received().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn non_json_502_fault_answers_a_proxy_html_page() {
+    let sim = start().await;
+    sim.push_faults([Fault::NonJson502]);
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        answer.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(answer.text.contains("502 Bad Gateway"));
+    assert!(serde_json::from_str::<Value>(&answer.text).is_err());
+    assert!(sim.received().is_empty());
+    assert_eq!(statuses(&sim), vec![Some(502)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn drop_fault_closes_the_connection_without_any_http_answer() {
+    let sim = start().await;
+    sim.push_faults([Fault::Drop]);
+    let client = client(&sim);
+    let result = client
+        .post(format!("{}/Leadsin", sim.base_url()))
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await;
+    let err = result.expect_err("no HTTP answer, not even a status line");
+    assert!(
+        !err.is_timeout(),
+        "the connection closed rather than stalled: {err:?}"
+    );
+    assert!(err.status().is_none());
+
+    assert!(sim.received().is_empty());
+    let log = sim.requests();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].status, None);
+    assert_eq!(log[0].outcome, RequestOutcome::Dropped);
+
+    // The server is unharmed: the next request is handled normally.
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,
+        StatusCode::CREATED
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn drop_after_accept_records_the_lead_but_the_client_gets_no_answer() {
+    let sim = start().await;
+    sim.set_detect_duplicates(true);
+    sim.push_faults([Fault::DropAfterAccept]);
+    let client = client(&sim);
+    let url = format!("{}/Leadsin", sim.base_url());
+    let result = client
+        .post(&url)
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "no answer to the request that created the lead"
+    );
+    assert_eq!(sim.received().len(), 1);
+    assert_eq!(sim.requests()[0].outcome, RequestOutcome::Dropped);
+
+    // The client's retry of the same lead is then a duplicate.
+    send(&client, url, Some(LEAD_TOKEN), mike().to_string())
+        .await
+        .assert_error(409, "Conflict - Duplicate", "127.0.0.1");
+    assert_eq!(sim.received().len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn delay_fault_answers_normally_after_the_delay() {
+    let sim = start().await;
+    sim.push_faults([Fault::Delay { ms: 300 }]);
+    let started = Instant::now();
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(sim.received().len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn client_giving_up_during_a_delay_cancels_the_request_and_records_nothing() {
+    let sim = start().await;
+    sim.push_faults([Fault::Delay { ms: 60_000 }]);
+    let impatient = client_builder(&sim)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let result = impatient
+        .post(format!("{}/Leadsin", sim.base_url()))
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await;
+    assert!(result.expect_err("the client gives up").is_timeout());
+    drop(impatient);
+
+    // The Cancelled outcome is written only when the handler's future is dropped, so once it
+    // shows, the lead can no longer be recorded.
+    eventually("the handler is cancelled", || {
+        sim.requests()
+            .first()
+            .is_some_and(|r| r.outcome == RequestOutcome::Cancelled)
+    })
+    .await;
+    assert!(sim.received().is_empty());
+    assert_eq!(statuses(&sim), vec![None]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn persistent_latency_delays_every_request() {
+    let sim = start().await;
+    sim.set_latency(Duration::from_millis(200));
+    for _ in 0..2 {
+        let started = Instant::now();
+        let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+        assert_eq!(answer.status, StatusCode::CREATED);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+    assert_eq!(
+        sim.settings(),
+        SimSettings {
+            detect_duplicates: false,
+            latency_ms: 200
+        }
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn control_endpoints_script_faults_settings_and_expose_what_was_received() {
+    let sim = start().await;
+    let client = client(&sim);
+    let base = sim.base_url();
+
+    let scripted = client
+        .post(format!("{base}/_sim/faults"))
+        .body(r#"[{"kind":"status","status":503,"retry_after":"1"},{"kind":"non_json_502"}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scripted.status(), StatusCode::OK);
+    assert_eq!(
+        scripted.json::<Value>().await.unwrap(),
+        json!({"pending": 2})
+    );
+    let one = client
+        .post(format!("{base}/_sim/faults"))
+        .body(r#"{"kind":"drop"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.json::<Value>().await.unwrap(), json!({"pending": 3}));
+    assert_eq!(sim.pending_faults().len(), 3);
+    let cleared = client
+        .delete(format!("{base}/_sim/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleared.status(), StatusCode::NO_CONTENT);
+    assert!(sim.pending_faults().is_empty());
+    client
+        .post(format!("{base}/_sim/faults"))
+        .body(r#"[{"kind":"status","status":503}]"#)
+        .send()
+        .await
+        .unwrap();
+
+    let settings: Value = client
+        .post(format!("{base}/_sim/settings"))
+        .body(r#"{"detect_duplicates": true}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        settings,
+        json!({"detect_duplicates": true, "latency_ms": 0})
+    );
+    assert!(sim.settings().detect_duplicates);
+
+    let bad = client
+        .post(format!("{base}/_sim/settings"))
+        .body(r#"{"detect_duplicates": "yes"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    post_lead(&sim, Some(LEAD_TOKEN), &mike())
+        .await
+        .assert_error(503, "Service Unavailable", "127.0.0.1");
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    post_lead(&sim, Some(LEAD_TOKEN), &mike())
+        .await
+        .assert_error(409, "Duplicate", "127.0.0.1");
+
+    let leads: Value = client
+        .get(format!("{base}/_sim/leads"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(leads, serde_json::to_value(sim.received()).unwrap());
+    assert_eq!(leads[0]["payload"], mike());
+    assert_eq!(leads[0]["peer_ip"], "127.0.0.1");
+
+    let requests: Value = client
+        .get(format!("{base}/_sim/requests"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<(Value, Value)> = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].clone(), r["outcome"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (json!(503), json!("answered")),
+            (json!(201), json!("answered")),
+            (json!(409), json!("answered")),
+        ]
+    );
+
+    let reset = client
+        .delete(format!("{base}/_sim/leads"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), StatusCode::NO_CONTENT);
+    assert!(sim.received().is_empty());
+    assert!(sim.requests().is_empty());
+    // The duplicate memory went with the leads.
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,
+        StatusCode::CREATED
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn the_certificate_verifies_only_against_the_simulators_ca() {
+    let sim = start().await;
+
+    // Public roots only: the simulator's certificate must not be trusted.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let public_only = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let untrusting = reqwest::Client::builder()
+        .tls_backend_preconfigured(public_only)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let err = untrusting
+        .post(format!("{}/Leadsin", sim.base_url()))
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await
+        .expect_err("an unknown issuer is refused");
+    assert!(err.is_connect(), "{err:?}");
+    assert!(sim.requests().is_empty(), "nothing reached the handler");
+
+    // With the CA from its PEM, the name `localhost` verifies as well as the IP.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(sim.ca_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let trusting = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(trusting)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/Leadsin", sim.addr().port());
+    let answer = send(&client, url, Some(LEAD_TOKEN), mike().to_string()).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn ca_out_writes_the_ca_pem_for_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sim-ca.pem");
+    let sim = Simulator::start(SimConfig {
+        ca_out: Some(path.clone()),
+        ..config()
+    })
+    .await
+    .unwrap();
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(written, sim.ca_pem());
+    assert!(written.starts_with("-----BEGIN CERTIFICATE-----"));
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn simulator_serves_on_ipv6_loopback() {
+    let sim = Simulator::start(SimConfig {
+        listen: "[::1]:0".parse::<SocketAddr>().unwrap(),
+        ..config()
+    })
+    .await
+    .unwrap();
+    assert!(
+        sim.base_url().starts_with("https://[::1]:"),
+        "{}",
+        sim.base_url()
+    );
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(sim.received()[0].peer_ip, "::1".parse::<IpAddr>().unwrap());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn stop_closes_the_listener() {
+    let sim = start().await;
+    let url = format!("{}/Leadsin", sim.base_url());
+    let client = client(&sim);
+    assert_eq!(
+        send(&client, url.clone(), Some(LEAD_TOKEN), mike().to_string())
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    drop(client);
+    let fresh = client_builder(&sim).build().unwrap();
+    let started = Instant::now();
+    sim.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(5), "stop is prompt");
+    let err = fresh
+        .post(url)
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await
+        .expect_err("nothing listens any more");
+    assert!(err.is_connect(), "{err:?}");
+}
