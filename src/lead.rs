@@ -85,9 +85,7 @@ impl FromStr for PhoneType {
             "home" => Ok(Self::Home),
             "mobile" => Ok(Self::Mobile),
             "other" => Ok(Self::Other),
-            _ => Err(format!(
-                "phone type must be work, home, mobile or other, not {s:?}"
-            )),
+            _ => Err(format!("phone type must be work, home, mobile or other, not {s:?}")),
         }
     }
 }
@@ -255,17 +253,9 @@ pub struct LeadsinPayload {
     pub email: Vec<EmailEntry>,
     #[serde(rename = "OrgName", default, skip_serializing_if = "Option::is_none")]
     pub org_name: Option<String>,
-    #[serde(
-        rename = "AddressLine1",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "AddressLine1", default, skip_serializing_if = "Option::is_none")]
     pub address_line1: Option<String>,
-    #[serde(
-        rename = "AddressLine2",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "AddressLine2", default, skip_serializing_if = "Option::is_none")]
     pub address_line2: Option<String>,
     #[serde(rename = "Postcode", default, skip_serializing_if = "Option::is_none")]
     pub postcode: Option<String>,
@@ -299,10 +289,7 @@ impl fmt::Debug for LeadsinPayload {
                     .map(|p| mask_phone(&p.number))
                     .collect::<Vec<_>>(),
             )
-            .field(
-                "extra_ids",
-                &self.extra.iter().map(|e| &e.id).collect::<Vec<_>>(),
-            )
+            .field("extra_ids", &self.extra.iter().map(|e| &e.id).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }

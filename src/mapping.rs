@@ -142,10 +142,7 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
 /// Maps a body that already has Leadsin's own shape (`FirstName`, `Email[{Address,Type}]`, …,
 /// `Extra[{ID,Value}]`), as partners may send it: the same checks as [`map_fields`], and the
 /// source's constants added.
-pub fn map_leadsin(
-    body: &serde_json::Value,
-    rules: &MappingRules,
-) -> Result<LeadsinPayload, Rejection> {
+pub fn map_leadsin(body: &serde_json::Value, rules: &MappingRules) -> Result<LeadsinPayload, Rejection> {
     let _ = (body, rules);
     unimplemented!("mapping::map_leadsin")
 }

@@ -39,11 +39,7 @@ pub fn mask_phone(phone: &str) -> String {
     if digits.len() < 6 {
         return "***".to_owned();
     }
-    let plus = if phone.trim_start().starts_with('+') {
-        "+"
-    } else {
-        ""
-    };
+    let plus = if phone.trim_start().starts_with('+') { "+" } else { "" };
     let head: String = digits[..2].iter().collect();
     let tail: String = digits[digits.len() - 2..].iter().collect();
     format!("{plus}{head}{}{tail}", "*".repeat(digits.len() - 4))

@@ -48,14 +48,8 @@ pub struct RequestLog {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
-    Status {
-        status: u16,
-        retry_after: Option<String>,
-        message: Option<String>,
-    },
-    Delay {
-        ms: u64,
-    },
+    Status { status: u16, retry_after: Option<String>, message: Option<String> },
+    Delay { ms: u64 },
     Drop,
     NonJson502,
 }
@@ -63,35 +57,15 @@ pub enum Fault {
 pub struct Simulator {}
 
 impl Simulator {
-    pub async fn start(cfg: SimConfig) -> anyhow::Result<Self> {
-        unimplemented!()
-    }
-    pub fn addr(&self) -> SocketAddr {
-        unimplemented!()
-    }
-    pub fn base_url(&self) -> String {
-        unimplemented!()
-    }
-    pub fn ca_pem(&self) -> &str {
-        unimplemented!()
-    }
-    pub fn received(&self) -> Vec<ReceivedLead> {
-        unimplemented!()
-    }
-    pub fn requests(&self) -> Vec<RequestLog> {
-        unimplemented!()
-    }
-    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
-        unimplemented!()
-    }
-    pub fn set_detect_duplicates(&self, on: bool) {
-        unimplemented!()
-    }
-    pub async fn stop(self) {
-        unimplemented!()
-    }
+    pub async fn start(cfg: SimConfig) -> anyhow::Result<Self> { unimplemented!() }
+    pub fn addr(&self) -> SocketAddr { unimplemented!() }
+    pub fn base_url(&self) -> String { unimplemented!() }
+    pub fn ca_pem(&self) -> &str { unimplemented!() }
+    pub fn received(&self) -> Vec<ReceivedLead> { unimplemented!() }
+    pub fn requests(&self) -> Vec<RequestLog> { unimplemented!() }
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) { unimplemented!() }
+    pub fn set_detect_duplicates(&self, on: bool) { unimplemented!() }
+    pub async fn stop(self) { unimplemented!() }
 }
 
-pub async fn run(args: SimArgs) -> anyhow::Result<()> {
-    unimplemented!()
-}
+pub async fn run(args: SimArgs) -> anyhow::Result<()> { unimplemented!() }
