@@ -111,7 +111,11 @@ pub struct Lease {
 /// Backend-specific identity of a leased entry.
 #[derive(Clone, Debug)]
 pub(crate) enum LeaseHandle {
-    Redis { stream_id: String, entry: String },
+    /// `deliveries` is the entry's delivery count when it was leased: a later claim by another
+    /// consumer raises it, which makes this lease's settle stale.
+    Redis { stream_id: String, deliveries: i64 },
+    /// `lease_token` is drawn afresh by every lease, so a settle of an expired lease that was
+    /// leased again is recognised as stale.
     Embedded { entry_id: i64, lease_token: i64 },
 }
 

@@ -8,13 +8,22 @@ async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> V
     assert_eq!(response.status(), status, "expected {status} {code}");
     let body: Value = response.json().await.expect("a JSON error document");
     assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     body
 }
 
 async fn assert_nothing_queued(app: &TestApp) {
     let stats = app.stats().await;
-    assert_eq!(stats.ready + stats.leased + stats.delayed + stats.dead, 0, "{stats:?}");
+    assert_eq!(
+        stats.ready + stats.leased + stats.delayed + stats.dead,
+        0,
+        "{stats:?}"
+    );
     assert!(app.sim.received().is_empty());
 }
 
@@ -63,7 +72,10 @@ async fn wrong_content_type_is_415() {
 async fn no_name_at_all_is_422_name_required() {
     let app = TestApp::spawn().await;
     let response = app
-        .post_json("website", &json!({"email": "ana@example.com", "company": "Acme"}))
+        .post_json(
+            "website",
+            &json!({"email": "ana@example.com", "company": "Acme"}),
+        )
         .await;
     assert_error(response, 422, "name_required").await;
     assert_nothing_queued(&app).await;
@@ -73,12 +85,20 @@ async fn no_name_at_all_is_422_name_required() {
 async fn invalid_email_is_422_with_a_message_for_that_field() {
     let app = TestApp::spawn().await;
     let response = app
-        .post_json("website", &json!({"name": "Ana Ruiz", "email": "ana.example.com"}))
+        .post_json(
+            "website",
+            &json!({"name": "Ana Ruiz", "email": "ana.example.com"}),
+        )
         .await;
     let body = assert_error(response, 422, "validation_failed").await;
-    let messages = body["error"]["fields"]["email"].as_array().expect("a message for email");
+    let messages = body["error"]["fields"]["email"]
+        .as_array()
+        .expect("a message for email");
     assert!(!messages.is_empty());
-    assert!(!body.to_string().contains("ana.example.com"), "values are not echoed: {body}");
+    assert!(
+        !body.to_string().contains("ana.example.com"),
+        "values are not echoed: {body}"
+    );
     assert_nothing_queued(&app).await;
 }
 
@@ -89,7 +109,12 @@ async fn browser_post_with_an_invalid_email_gets_a_readable_page() {
         .post_form("website", &[("name", "Ana Ruiz"), ("email", "nope")])
         .await;
     assert_eq!(response.status(), 422);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     let page = response.text().await.unwrap();
     assert!(page.contains("Please check the form"), "{page}");
     assert!(page.contains("email"), "{page}");
@@ -112,14 +137,19 @@ async fn oversize_body_is_413_whether_declared_or_chunked() {
     assert_error(declared, 413, "payload_too_large").await;
 
     // No Content-Length: the body streams in chunks and is refused once past the limit.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        big.into_bytes().chunks(8 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .into_bytes()
+        .chunks(8 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
     let chunked = app
         .http
         .post(app.url("/in/website"))
         .header("content-type", "application/x-www-form-urlencoded")
         .header("accept", "application/json")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();
@@ -141,7 +171,13 @@ async fn a_bad_or_missing_bearer_key_is_401() {
         .unwrap();
     assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
     assert_error(wrong, 401, "unauthorized").await;
-    let missing = app.http.post(app.url("/in/acme")).json(&body).send().await.unwrap();
+    let missing = app
+        .http
+        .post(app.url("/in/acme"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_error(missing, 401, "unauthorized").await;
     let basic = app
         .http
@@ -176,7 +212,12 @@ async fn a_page_on_a_foreign_origin_may_not_post() {
         .send()
         .await
         .unwrap();
-    assert!(response.headers().get("access-control-allow-origin").is_none());
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
     assert_error(response, 403, "origin_not_allowed").await;
     assert_nothing_queued(&app).await;
 }
@@ -194,7 +235,11 @@ async fn the_per_address_rate_limit_answers_429_with_retry_after() {
         assert_eq!(ok.status(), 202);
     }
     let limited = app.post_json("website", &json!({"name": "Ana Ruiz"})).await;
-    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     assert_error(limited, 429, "rate_limited").await;
     app.received(2).await;

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use chromiumoxide::browser::{Browser, BrowserConfig};
 use chromiumoxide::Page;
+use chromiumoxide::browser::{Browser, BrowserConfig};
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -80,12 +80,18 @@ fn chromium_path() -> String {
     if let Ok(path) = std::env::var("CHROMIUM") {
         return path;
     }
-    for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome"] {
+    for candidate in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
         if std::path::Path::new(candidate).exists() {
             return candidate.to_owned();
         }
     }
-    panic!("no Chromium found: install it (apt-get install chromium) or set CHROMIUM; tests/run does this");
+    panic!(
+        "no Chromium found: install it (apt-get install chromium) or set CHROMIUM; tests/run does this"
+    );
 }
 
 async fn launch() -> (Browser, tokio::task::JoinHandle<()>, tempfile::TempDir) {
@@ -132,24 +138,60 @@ async fn run_js(page: &Page, call: &str) -> Value {
 async fn a_plain_html_form_lands_on_the_thank_you_page_and_the_lead_arrives() {
     let (app, website) = setup().await;
     let (mut browser, driver, _profile) = launch().await;
-    let page = browser.new_page(format!("{}/form.html", website.origin)).await.unwrap();
-    page.find_element("#name").await.unwrap().click().await.unwrap().type_str("Bruno Díaz").await.unwrap();
-    page.find_element("#email").await.unwrap().click().await.unwrap().type_str("bruno@example.com").await.unwrap();
-    page.find_element("#phone").await.unwrap().click().await.unwrap().type_str("07700 900123").await.unwrap();
-    page.find_element("#send").await.unwrap().click().await.unwrap();
-    let thanks = crate::helpers::eventually(Duration::from_secs(15), "the thank-you page", || async {
-        let url = page.url().await.ok()??;
-        let content = page.content().await.ok()?;
-        (url.contains("/thanks") && content.contains("Thank you")).then_some(url)
-    })
-    .await;
+    let page = browser
+        .new_page(format!("{}/form.html", website.origin))
+        .await
+        .unwrap();
+    page.find_element("#name")
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap()
+        .type_str("Bruno Díaz")
+        .await
+        .unwrap();
+    page.find_element("#email")
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap()
+        .type_str("bruno@example.com")
+        .await
+        .unwrap();
+    page.find_element("#phone")
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap()
+        .type_str("07700 900123")
+        .await
+        .unwrap();
+    page.find_element("#send")
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let thanks =
+        crate::helpers::eventually(Duration::from_secs(15), "the thank-you page", || async {
+            let url = page.url().await.ok()??;
+            let content = page.content().await.ok()?;
+            (url.contains("/thanks") && content.contains("Thank you")).then_some(url)
+        })
+        .await;
     assert!(thanks.starts_with(&app.base), "{thanks}");
     let leads = app.received(1).await;
     let lead = &leads[0].payload;
     assert_eq!(lead["FirstName"], "Bruno");
     assert_eq!(lead["LastName"], "Díaz");
     assert_eq!(lead["Phone"][0]["Number"], "+447700900123");
-    assert_eq!(lead["Extra"][0], serde_json::json!({"ID": "2222222", "Value": "browser-test"}));
+    assert_eq!(
+        lead["Extra"][0],
+        serde_json::json!({"ID": "2222222", "Value": "browser-test"})
+    );
     browser.close().await.unwrap();
     driver.await.unwrap();
     website.handle.stop(false).await;
@@ -159,7 +201,10 @@ async fn a_plain_html_form_lands_on_the_thank_you_page_and_the_lead_arrives() {
 async fn fetch_from_an_allowed_origin_is_granted_by_cors() {
     let (app, website) = setup().await;
     let (mut browser, driver, _profile) = launch().await;
-    let page = browser.new_page(format!("{}/fetch.html", website.origin)).await.unwrap();
+    let page = browser
+        .new_page(format!("{}/fetch.html", website.origin))
+        .await
+        .unwrap();
     let result = run_js(&page, "send('Carla Fetch')").await;
     assert_eq!(result["status"], 202, "{result}");
     assert_eq!(result["body"]["status"], "queued", "{result}");
@@ -177,12 +222,22 @@ async fn fetch_from_a_foreign_origin_is_refused() {
     let foreign = Website::start();
     foreign.gateway.set(app.base.clone()).unwrap();
     let (mut browser, driver, _profile) = launch().await;
-    let page = browser.new_page(format!("{}/fetch.html", foreign.origin)).await.unwrap();
+    let page = browser
+        .new_page(format!("{}/fetch.html", foreign.origin))
+        .await
+        .unwrap();
     let result = run_js(&page, "send('Eve Foreign')").await;
-    assert!(result.get("blocked").is_some(), "the browser must block it: {result}");
+    assert!(
+        result.get("blocked").is_some(),
+        "the browser must block it: {result}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = app.stats().await;
-    assert_eq!(stats.ready + stats.leased + stats.delayed, 0, "nothing queued: {stats:?}");
+    assert_eq!(
+        stats.ready + stats.leased + stats.delayed,
+        0,
+        "nothing queued: {stats:?}"
+    );
     assert!(app.sim.received().is_empty());
     browser.close().await.unwrap();
     driver.await.unwrap();

@@ -9,7 +9,9 @@ use crate::helpers::app::{client, free_port};
 
 fn leadgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_leadgate"));
-    command.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     command
 }
 
@@ -17,12 +19,22 @@ fn leadgate() -> Command {
 fn check_config_prints_each_source_with_its_url_and_mapping() {
     let output = leadgate()
         .arg("check-config")
-        .env("LEADGATE_SOURCES", concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"))
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("[website] kind=form url=http://127.0.0.1:8080/in/website"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("[website] kind=form url=http://127.0.0.1:8080/in/website"),
+        "{stdout}"
+    );
     assert!(stdout.contains("budget -> Extra 1111111"), "{stdout}");
     assert!(stdout.contains("name -> FullName"), "{stdout}");
 }
@@ -43,7 +55,10 @@ fn check_config_names_file_line_and_key_of_an_error() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains(&format!("{}:6:", path.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:6:", path.display())),
+        "{stderr}"
+    );
     assert!(stderr.contains("fields.email"), "{stderr}");
 }
 
@@ -51,7 +66,10 @@ fn check_config_names_file_line_and_key_of_an_error() {
 fn check_config_refuses_a_plain_http_upstream() {
     let output = leadgate()
         .arg("check-config")
-        .env("LEADGATE_SOURCES", concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"))
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
         .env("LEADGATE_ONPIPELINE_URL", "http://api.onpipeline.com")
         .output()
         .unwrap();
@@ -77,13 +95,27 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         .unwrap();
     let http = client();
     let base = format!("http://{listen}");
-    let ready = crate::helpers::eventually(Duration::from_secs(30), "the sandbox to start", || async {
-        http.get(format!("{base}/readyz")).send().await.ok()?.json::<Value>().await.ok()
-    })
-    .await;
+    let ready =
+        crate::helpers::eventually(Duration::from_secs(30), "the sandbox to start", || async {
+            http.get(format!("{base}/readyz"))
+                .send()
+                .await
+                .ok()?
+                .json::<Value>()
+                .await
+                .ok()
+        })
+        .await;
     assert_eq!(ready["delivery"]["state"], "running", "{ready}");
 
-    let page = http.get(format!("{base}/")).send().await.unwrap().text().await.unwrap();
+    let page = http
+        .get(format!("{base}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("action=\"/in/website\""), "{page}");
 
     let response = http
@@ -95,15 +127,26 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         .await
         .unwrap();
     assert_eq!(response.status(), 303);
-    let inbox = crate::helpers::eventually(Duration::from_secs(20), "the lead at /sandbox", || async {
-        let page = http.get(format!("{base}/sandbox")).send().await.ok()?.text().await.ok()?;
-        page.contains("Sandra").then_some(page)
-    })
-    .await;
+    let inbox =
+        crate::helpers::eventually(Duration::from_secs(20), "the lead at /sandbox", || async {
+            let page = http
+                .get(format!("{base}/sandbox"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            page.contains("Sandra").then_some(page)
+        })
+        .await;
     assert!(inbox.contains("1111111"), "the Extra ID is shown: {inbox}");
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
     assert!(log.contains("SANDBOX MODE"), "{log}");
-    assert!(!log.contains("sandra@example.com"), "emails are masked in logs:\n{log}");
+    assert!(
+        !log.contains("sandra@example.com"),
+        "emails are masked in logs:\n{log}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }

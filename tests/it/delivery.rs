@@ -44,7 +44,11 @@ async fn temporary_failures_are_retried_until_one_delivery() {
     let leads = app.received(1).await;
     assert_eq!(leads[0].payload["FirstName"], "Retry");
     let seen = statuses(&app);
-    assert_eq!(&seen[..4], &[Some(500), None, Some(502), Some(503)], "{seen:?}");
+    assert_eq!(
+        &seen[..4],
+        &[Some(500), None, Some(502), Some(503)],
+        "{seen:?}"
+    );
     assert_eq!(seen.last(), Some(&Some(201)), "{seen:?}");
     // Nothing more arrives: the lead was settled.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -73,8 +77,14 @@ async fn retry_after_on_429_and_503_spaces_the_next_attempt() {
     assert_eq!(requests.len(), 3, "{requests:?}");
     let gap1 = (requests[1].at - requests[0].at).to_std().unwrap();
     let gap2 = (requests[2].at - requests[1].at).to_std().unwrap();
-    assert!(gap1 >= Duration::from_millis(1950), "429 Retry-After: 2 honoured, got {gap1:?}");
-    assert!(gap2 >= Duration::from_millis(950), "503 Retry-After: 1 honoured, got {gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(1950),
+        "429 Retry-After: 2 honoured, got {gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(950),
+        "503 Retry-After: 1 honoured, got {gap2:?}"
+    );
 }
 
 #[tokio::test]
@@ -94,9 +104,21 @@ async fn rejected_data_is_dead_lettered_with_onpipeline_s_reason() {
         .await;
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].lead.id.to_string(), id);
-        assert!(dead[0].reason.contains(&code.to_string()), "{}", dead[0].reason);
-        assert!(dead[0].reason.contains("the data is wrong"), "{}", dead[0].reason);
-        assert_eq!(app.sim.requests().len(), 1, "a rejected lead is not retried");
+        assert!(
+            dead[0].reason.contains(&code.to_string()),
+            "{}",
+            dead[0].reason
+        );
+        assert!(
+            dead[0].reason.contains("the data is wrong"),
+            "{}",
+            dead[0].reason
+        );
+        assert_eq!(
+            app.sim.requests().len(),
+            1,
+            "a rejected lead is not retried"
+        );
         assert!(app.sim.received().is_empty());
     }
 }
@@ -124,16 +146,28 @@ async fn a_409_duplicate_counts_as_delivered_and_is_not_resent() {
 async fn credential_errors_pause_delivery_until_onpipeline_accepts_again() {
     for code in [401u16, 403, 404] {
         let app = TestApp::spawn().await;
-        app.sim.push_faults([status(code), status(code), status(code)]);
+        app.sim
+            .push_faults([status(code), status(code), status(code)]);
         post_one(&app, "Paused Lead").await;
         let readyz: Value = eventually(Duration::from_secs(10), "delivery to pause", || async {
-            let body: Value = app.http.get(app.url("/readyz")).send().await.ok()?.json().await.ok()?;
+            let body: Value = app
+                .http
+                .get(app.url("/readyz"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
             (body["delivery"]["state"] == "paused").then_some(body)
         })
         .await;
         assert_eq!(readyz["status"], "degraded");
         assert!(
-            readyz["delivery"]["reason"].as_str().unwrap().contains(&code.to_string()),
+            readyz["delivery"]["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&code.to_string()),
             "{readyz}"
         );
         // Probes continue with back-off; once the faults are used up the lead goes through.
@@ -143,7 +177,10 @@ async fn credential_errors_pause_delivery_until_onpipeline_accepts_again() {
             (app.gateway().delivery() == DeliveryStatus::Running).then_some(())
         })
         .await;
-        assert_eq!(statuses(&app), [Some(code), Some(code), Some(code), Some(201)]);
+        assert_eq!(
+            statuses(&app),
+            [Some(code), Some(code), Some(code), Some(201)]
+        );
     }
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::app::{GatewayEnv, GatewayProcess, TOKEN, client, default_sources, start_sim, wait_received};
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, TOKEN, client, default_sources, start_sim, wait_received,
+};
 use crate::helpers::redis::{RedisOptions, RedisServer};
 
 const LEADS: usize = 200;
@@ -72,7 +74,12 @@ async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>) {
         .collect();
     assert_eq!(names.len(), LEADS, "each lead exactly once");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sim.received().len(), LEADS, "no lead twice:\n{}", gateway.log());
+    assert_eq!(
+        sim.received().len(),
+        LEADS,
+        "no lead twice:\n{}",
+        gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,6 +115,13 @@ async fn kill_9_during_delivery_loses_nothing_and_creates_nothing_twice() {
     let delivered_before = sim.received().len();
     gateway.restart(|_| {}).await;
     let leads = wait_received(&sim, LEADS, Duration::from_secs(60)).await;
-    let names: BTreeSet<&str> = leads.iter().map(|l| l.payload["LastName"].as_str().unwrap()).collect();
-    assert_eq!(names.len(), LEADS, "delivered {delivered_before} before the kill");
+    let names: BTreeSet<&str> = leads
+        .iter()
+        .map(|l| l.payload["LastName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        LEADS,
+        "delivered {delivered_before} before the kill"
+    );
 }

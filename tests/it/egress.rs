@@ -32,7 +32,9 @@ async fn app_behind_whitelist(egress: Option<&str>) -> TestApp {
 #[tokio::test]
 async fn leads_leave_from_the_configured_egress_ip() {
     let app = app_behind_whitelist(Some("127.0.0.2")).await;
-    let response = app.post_json("website", &json!({"name": "Egress Ok"})).await;
+    let response = app
+        .post_json("website", &json!({"name": "Egress Ok"}))
+        .await;
     assert_eq!(response.status(), 202);
     let leads = app.received(1).await;
     assert_eq!(leads[0].peer_ip, "127.0.0.2".parse::<IpAddr>().unwrap());
@@ -42,15 +44,35 @@ async fn leads_leave_from_the_configured_egress_ip() {
 async fn a_wrong_egress_pauses_delivery_and_a_fixed_restart_delivers_each_lead_once() {
     let mut app = app_behind_whitelist(None).await;
     for i in 0..5 {
-        let response = app.post_json("website", &json!({"name": format!("Lead N{i}")})).await;
+        let response = app
+            .post_json("website", &json!({"name": format!("Lead N{i}")}))
+            .await;
         assert_eq!(response.status(), 202);
     }
-    let readyz: Value = eventually(Duration::from_secs(10), "delivery to pause on 403", || async {
-        let body: Value = app.http.get(app.url("/readyz")).send().await.ok()?.json().await.ok()?;
-        (body["delivery"]["state"] == "paused").then_some(body)
-    })
+    let readyz: Value = eventually(
+        Duration::from_secs(10),
+        "delivery to pause on 403",
+        || async {
+            let body: Value = app
+                .http
+                .get(app.url("/readyz"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (body["delivery"]["state"] == "paused").then_some(body)
+        },
+    )
     .await;
-    assert!(readyz["delivery"]["reason"].as_str().unwrap().contains("403"), "{readyz}");
+    assert!(
+        readyz["delivery"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("403"),
+        "{readyz}"
+    );
     assert!(app.sim.received().is_empty());
     assert!(app.sim.requests().iter().all(|r| r.status == Some(403)));
 
@@ -58,7 +80,10 @@ async fn a_wrong_egress_pauses_delivery_and_a_fixed_restart_delivers_each_lead_o
     app.env.set("LEADGATE_EGRESS_IP", "127.0.0.2");
     app.start().await;
     let leads = wait_received(&app.sim, 5, Duration::from_secs(20)).await;
-    let mut names: Vec<&str> = leads.iter().map(|l| l.payload["LastName"].as_str().unwrap()).collect();
+    let mut names: Vec<&str> = leads
+        .iter()
+        .map(|l| l.payload["LastName"].as_str().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["N0", "N1", "N2", "N3", "N4"]);
     assert!(leads.iter().all(|l| l.peer_ip.to_string() == "127.0.0.2"));

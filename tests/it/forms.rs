@@ -108,7 +108,10 @@ async fn multipart_form_with_a_file_part_forwards_the_text_fields_only() {
     let response = app
         .http
         .post(app.url("/in/website"))
-        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
         .header("accept", "application/json")
         .body(multipart(boundary, &parts))
         .send()
@@ -127,7 +130,10 @@ async fn iso_8859_1_form_is_decoded_by_its_charset() {
     let response = app
         .http
         .post(app.url("/in/website"))
-        .header("content-type", "application/x-www-form-urlencoded; charset=ISO-8859-1")
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=ISO-8859-1",
+        )
         .body(body)
         .send()
         .await
@@ -183,7 +189,10 @@ async fn repeated_keys_and_bracketed_names_keep_every_value() {
 async fn a_single_name_gets_the_fallback_last_name() {
     let app = TestApp::spawn().await;
     let response = app
-        .post_form("website", &[("name", "Cher"), ("email", "cher@example.com")])
+        .post_form(
+            "website",
+            &[("name", "Cher"), ("email", "cher@example.com")],
+        )
         .await;
     assert_eq!(response.status(), 303);
     let lead = &app.received(1).await[0].payload;
@@ -197,22 +206,36 @@ async fn next_field_is_honoured_only_for_an_allowed_origin() {
     let allowed = app
         .post_form(
             "website",
-            &[("name", "Ana Ruiz"), ("_next", "https://www.example.com/merci?x=1")],
+            &[
+                ("name", "Ana Ruiz"),
+                ("_next", "https://www.example.com/merci?x=1"),
+            ],
         )
         .await;
     assert_eq!(allowed.status(), 303);
-    assert_eq!(allowed.headers()["location"], "https://www.example.com/merci?x=1");
+    assert_eq!(
+        allowed.headers()["location"],
+        "https://www.example.com/merci?x=1"
+    );
     let foreign = app
         .post_form(
             "website",
-            &[("name", "Ana Ruiz"), ("_next", "https://evil.example/phish")],
+            &[
+                ("name", "Ana Ruiz"),
+                ("_next", "https://evil.example/phish"),
+            ],
         )
         .await;
     assert_eq!(foreign.status(), 303);
-    assert_eq!(foreign.headers()["location"], "https://www.example.com/thanks");
+    assert_eq!(
+        foreign.headers()["location"],
+        "https://www.example.com/thanks"
+    );
     let leads = app.received(2).await;
     assert!(
-        leads.iter().all(|l| !l.payload.to_string().contains("_next")),
+        leads
+            .iter()
+            .all(|l| !l.payload.to_string().contains("_next")),
         "control fields are never forwarded"
     );
 }
@@ -247,11 +270,15 @@ async fn partner_leadsin_shaped_body_is_forwarded_with_constants() {
 #[tokio::test]
 async fn partner_flat_body_uses_the_partner_mapping() {
     let app = TestApp::spawn().await;
-    let body = json!({"first_name": "Marta", "last_name": "Gil", "phone": "612345678", "campaign": 2026});
+    let body =
+        json!({"first_name": "Marta", "last_name": "Gil", "phone": "612345678", "campaign": 2026});
     let response = app.post_partner(&body).await;
     assert_eq!(response.status(), 202);
     let lead = &app.received(1).await[0].payload;
-    assert_eq!(lead["Phone"], json!([{"Number": "+34612345678", "Type": "work"}]));
+    assert_eq!(
+        lead["Phone"],
+        json!([{"Number": "+34612345678", "Type": "work"}])
+    );
     assert_eq!(
         lead["Extra"],
         json!([{"ID": "5555555", "Value": "2026"}, {"ID": "6666666", "Value": "Partner ACME"}])

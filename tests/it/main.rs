@@ -10,4 +10,5 @@ mod durability;
 mod egress;
 mod forms;
 mod helpers;
+mod queue_contract;
 mod sim;

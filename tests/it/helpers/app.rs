@@ -265,7 +265,9 @@ fn form_escape(text: &str) -> String {
     let mut out = String::new();
     for byte in text.bytes() {
         match byte {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => out.push(byte as char),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
+                out.push(byte as char)
+            }
             b' ' => out.push('+'),
             _ => out.push_str(&format!("%{byte:02X}")),
         }
@@ -280,11 +282,18 @@ pub async fn wait_received(sim: &Simulator, n: usize, timeout: Duration) -> Vec<
     loop {
         let leads = sim.received();
         if leads.len() >= n {
-            assert_eq!(leads.len(), n, "the simulator received more leads than expected");
+            assert_eq!(
+                leads.len(),
+                n,
+                "the simulator received more leads than expected"
+            );
             return leads;
         }
         if Instant::now() > deadline {
-            panic!("the simulator received {} of {n} leads within {timeout:?}", leads.len());
+            panic!(
+                "the simulator received {} of {n} leads within {timeout:?}",
+                leads.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -350,7 +359,12 @@ impl GatewayProcess {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+            if http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
                 return;
             }
             if Instant::now() > deadline {
@@ -373,7 +387,8 @@ impl GatewayProcess {
         self.kill9();
         change(&mut self.env);
         self.env.retain(|(k, _)| k != "LEADGATE_LISTEN");
-        self.env.push(("LEADGATE_LISTEN".into(), self.listen.to_string()));
+        self.env
+            .push(("LEADGATE_LISTEN".into(), self.listen.to_string()));
         self.spawn().await;
     }
 
