@@ -65,6 +65,27 @@ pub struct ErrorDetail<'a> {
     pub fields: Option<&'a BTreeMap<String, Vec<String>>>,
 }
 
+/// Every code an error document can carry: each [`IngestError::code`], the mapping's
+/// rejection codes, and the router's `not_found`. `openapi.yaml` lists exactly these; a test
+/// there keeps the two equal.
+pub const ALL_CODES: &[&str] = &[
+    "unknown_source",
+    "unauthorized",
+    "origin_not_allowed",
+    "unsupported_media_type",
+    "malformed_body",
+    "payload_too_large",
+    Rejection::VALIDATION_FAILED,
+    Rejection::NAME_REQUIRED,
+    Rejection::FIRST_NAME_REQUIRED,
+    Rejection::LAST_NAME_REQUIRED,
+    "rate_limited",
+    "unavailable",
+    "internal",
+    // Answered by `http::not_found` for routes that do not exist, outside `IngestError`.
+    "not_found",
+];
+
 impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -195,5 +216,78 @@ impl From<crate::sources::body::BodyError> for IngestError {
             BodyError::TooLarge { message } => IngestError::PartTooLarge(message),
             BodyError::Malformed { message } => IngestError::Malformed(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// One error of each variant, and of each rejection code.
+    fn one_of_each() -> Vec<IngestError> {
+        let rejected = |code| {
+            IngestError::Rejected(Rejection {
+                code,
+                message: String::new(),
+                fields: BTreeMap::new(),
+            })
+        };
+        let errors = vec![
+            IngestError::UnknownSource("nope".to_owned()),
+            IngestError::Unauthorized,
+            IngestError::OriginNotAllowed("https://evil.example".to_owned()),
+            IngestError::UnsupportedMediaType(String::new()),
+            IngestError::Malformed(String::new()),
+            IngestError::TooLarge { limit: 1 },
+            IngestError::PartTooLarge(String::new()),
+            rejected(Rejection::VALIDATION_FAILED),
+            rejected(Rejection::NAME_REQUIRED),
+            rejected(Rejection::FIRST_NAME_REQUIRED),
+            rejected(Rejection::LAST_NAME_REQUIRED),
+            IngestError::RateLimited {
+                retry_after: Duration::from_secs(1),
+                scope: "ip",
+            },
+            IngestError::Unavailable {
+                retry_after: Duration::from_secs(1),
+            },
+            IngestError::Internal(anyhow::anyhow!("boom")),
+        ];
+        // No wildcard arm: a new variant fails to compile here until it is added above.
+        for error in &errors {
+            match error {
+                IngestError::UnknownSource(_)
+                | IngestError::Unauthorized
+                | IngestError::OriginNotAllowed(_)
+                | IngestError::UnsupportedMediaType(_)
+                | IngestError::Malformed(_)
+                | IngestError::TooLarge { .. }
+                | IngestError::PartTooLarge(_)
+                | IngestError::Rejected(_)
+                | IngestError::RateLimited { .. }
+                | IngestError::Unavailable { .. }
+                | IngestError::Internal(_) => {}
+            }
+        }
+        errors
+    }
+
+    #[test]
+    fn every_error_code_is_listed_in_all_codes_and_nothing_else_is() {
+        let errors = one_of_each();
+        let produced: BTreeSet<&str> = errors.iter().map(IngestError::code).collect();
+        let listed: BTreeSet<&str> = ALL_CODES.iter().copied().collect();
+        assert_eq!(listed.len(), ALL_CODES.len(), "ALL_CODES has a duplicate");
+        for code in &produced {
+            assert!(listed.contains(code), "{code} is missing from ALL_CODES");
+        }
+        let extra: Vec<_> = listed.difference(&produced).collect();
+        assert_eq!(
+            extra,
+            [&"not_found"],
+            "ALL_CODES lists codes no error produces"
+        );
     }
 }

@@ -10,5 +10,6 @@ mod durability;
 mod egress;
 mod forms;
 mod helpers;
+mod openapi;
 mod queue_contract;
 mod sim;

@@ -1,0 +1,164 @@
+//! `openapi.yaml` stays true to the code: the same routes, resolvable references, and exactly
+//! the error codes the gateway can answer with.
+
+use std::collections::BTreeSet;
+
+use leadgate::error::ALL_CODES;
+use leadgate::http::ROUTES;
+use serde_json::Value;
+
+const SPEC: &str = include_str!("../../openapi.yaml");
+
+/// The keys of a path item that are operations; the rest (`parameters`, `summary`, …) are not.
+const METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+fn spec() -> Value {
+    let yaml: serde_norway::Value = serde_norway::from_str(SPEC).expect("openapi.yaml is YAML");
+    // Through serde_norway's own value so unquoted keys such as `202:` still read as strings.
+    serde_json::to_value(yaml).expect("openapi.yaml maps to JSON")
+}
+
+/// Every `(METHOD, path, operation)` in the spec.
+fn operations(spec: &Value) -> Vec<(String, String, &Value)> {
+    let paths = spec["paths"].as_object().expect("the spec has paths");
+    let mut found = Vec::new();
+    for (path, item) in paths {
+        let item = item.as_object().expect("a path item is a mapping");
+        for (key, operation) in item {
+            if METHODS.contains(&key.as_str()) {
+                found.push((key.to_ascii_uppercase(), path.clone(), operation));
+            }
+        }
+    }
+    found
+}
+
+/// Calls `visit` with the JSON pointer and value of every node.
+fn walk<'v>(value: &'v Value, at: &str, visit: &mut impl FnMut(&str, &'v Value)) {
+    visit(at, value);
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let key = key.replace('~', "~0").replace('/', "~1");
+                walk(child, &format!("{at}/{key}"), visit);
+            }
+        }
+        Value::Array(items) => {
+            for (index, child) in items.iter().enumerate() {
+                walk(child, &format!("{at}/{index}"), visit);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn spec_declares_openapi_3_1() {
+    let spec = spec();
+    let version = spec["openapi"].as_str().expect("`openapi` is a string");
+    assert!(version.starts_with("3.1"), "openapi is {version:?}");
+}
+
+#[test]
+fn spec_documents_exactly_the_routes_the_gateway_serves() {
+    let spec = spec();
+    let documented: BTreeSet<(String, String)> = operations(&spec)
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect();
+    let served: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(method, path)| (method.to_ascii_uppercase(), (*path).to_owned()))
+        .collect();
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let not_served: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from openapi.yaml: {undocumented:?}"
+    );
+    assert!(
+        not_served.is_empty(),
+        "openapi.yaml documents routes the gateway does not serve: {not_served:?}"
+    );
+}
+
+#[test]
+fn every_operation_has_a_response() {
+    let spec = spec();
+    let operations = operations(&spec);
+    assert!(!operations.is_empty(), "the spec has no operations");
+    for (method, path, operation) in operations {
+        let responses = operation["responses"].as_object();
+        assert!(
+            responses.is_some_and(|r| !r.is_empty()),
+            "{method} {path} has no responses"
+        );
+    }
+}
+
+#[test]
+fn every_reference_resolves_to_an_existing_component() {
+    let spec = spec();
+    let mut references = Vec::new();
+    walk(&spec, "", &mut |at, value| {
+        if let Some(Value::String(target)) = value.get("$ref") {
+            references.push((at.to_owned(), target.clone()));
+        }
+        // A discriminator's mapping values are references too.
+        if let Some(Value::Object(mapping)) = value.get("discriminator").map(|d| &d["mapping"]) {
+            for target in mapping.values().filter_map(Value::as_str) {
+                references.push((format!("{at}/discriminator"), target.to_owned()));
+            }
+        }
+    });
+    assert!(!references.is_empty(), "the spec has no references");
+    for (at, target) in references {
+        let pointer = target.strip_prefix('#').unwrap_or("");
+        assert!(
+            pointer.starts_with("/components/"),
+            "{at}: {target:?} is not a local component reference"
+        );
+        assert!(
+            spec.pointer(pointer).is_some(),
+            "{at}: {target:?} does not resolve"
+        );
+    }
+}
+
+#[test]
+fn error_code_enum_lists_exactly_the_codes_the_gateway_produces() {
+    let spec = spec();
+    let listed: Vec<&str> = spec
+        .pointer("/components/schemas/ErrorCode/enum")
+        .and_then(Value::as_array)
+        .expect("components.schemas.ErrorCode.enum is a list")
+        .iter()
+        .map(|code| code.as_str().expect("error codes are strings"))
+        .collect();
+    let documented: BTreeSet<&str> = listed.iter().copied().collect();
+    assert_eq!(
+        documented.len(),
+        listed.len(),
+        "ErrorCode lists a code twice"
+    );
+    let produced: BTreeSet<&str> = ALL_CODES.iter().copied().collect();
+    assert_eq!(documented, produced);
+}
+
+#[test]
+fn error_examples_use_only_documented_codes() {
+    let spec = spec();
+    let mut seen = 0;
+    walk(&spec, "", &mut |at, value| {
+        if let Some(Value::String(code)) = value.get("error").and_then(|e| e.get("code")) {
+            seen += 1;
+            assert!(
+                ALL_CODES.contains(&code.as_str()),
+                "{at}: example code {code:?} is not one the gateway produces"
+            );
+        }
+    });
+    assert!(seen > 0, "the spec has no error examples");
+}
