@@ -7,26 +7,17 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::app::{GatewayEnv, TestApp, client, default_sources, start_sim, wait_received};
+use crate::helpers::app::{TestApp, default_sources, start_sim, wait_received};
 use crate::helpers::eventually;
 
 async fn app_behind_whitelist(egress: Option<&str>) -> TestApp {
     let sim = Arc::new(start_sim(vec!["127.0.0.2".parse().unwrap()]).await);
-    let dir = tempfile::tempdir().unwrap();
-    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
-    if let Some(ip) = egress {
-        env.set("LEADGATE_EGRESS_IP", ip);
-    }
-    let mut app = TestApp {
-        gateway: None,
-        sim,
-        base: String::new(),
-        http: client(),
-        env,
-        _dir: Some(dir),
-    };
-    app.start().await;
-    app
+    TestApp::spawn_against(sim, &default_sources(), |env| {
+        if let Some(ip) = egress {
+            env.set("LEADGATE_EGRESS_IP", ip);
+        }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -164,6 +164,15 @@ impl TestApp {
 
     pub async fn spawn_with(sources: &str, configure: impl FnOnce(&mut GatewayEnv)) -> Self {
         let sim = Arc::new(start_sim(Vec::new()).await);
+        Self::spawn_against(sim, sources, configure).await
+    }
+
+    /// A gateway delivering to the given simulator.
+    pub async fn spawn_against(
+        sim: Arc<Simulator>,
+        sources: &str,
+        configure: impl FnOnce(&mut GatewayEnv),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut env = GatewayEnv::new(dir.path(), &sim, sources);
         configure(&mut env);
