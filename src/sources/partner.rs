@@ -38,23 +38,14 @@ pub async fn parse(
     source: &Source,
     submission: Submission<Verified>,
 ) -> Result<Parsed, IngestError> {
-    let is_json = submission
-        .content_type()
-        .and_then(|ct| ct.parse::<mime::Mime>().ok())
-        .is_some_and(|m| m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON));
-    if !is_json {
-        return Err(IngestError::UnsupportedMediaType(
-            "partner sources accept application/json only".to_owned(),
-        ));
-    }
-    match body::decode(
+    let decoded = body::decode(
         submission.content_type(),
         submission.body.clone(),
         &body_limits(source),
     )
     .await
-    .map_err(|e| body_error(source, e))?
-    {
+    .map_err(|e| body_error(source, e))?;
+    match decoded {
         body::Decoded::Json(value) if mapping::looks_like_leadsin(&value) => {
             Ok(Parsed::Leadsin(value))
         }
@@ -62,6 +53,8 @@ pub async fn parse(
             body::json_to_fields(&value, &body_limits(source))
                 .map_err(|e| body_error(source, e))?,
         )),
-        body::Decoded::Fields(fields) => Ok(Parsed::Fields(fields)),
+        body::Decoded::Fields(_) => Err(IngestError::UnsupportedMediaType(
+            "partner sources accept application/json only".to_owned(),
+        )),
     }
 }

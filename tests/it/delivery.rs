@@ -210,3 +210,80 @@ async fn many_leads_through_mixed_failures_arrive_exactly_once() {
     names.dedup();
     assert_eq!(names.len(), 40, "every lead exactly once");
 }
+
+#[tokio::test]
+async fn an_error_object_in_a_2xx_answer_is_not_taken_for_a_delivery() {
+    let app = TestApp::spawn().await;
+    let body = json!({"Error": {"Code": "406", "Message": "Not acceptable - FirstName", "Time": "2026-12-03 10:00:00", "IP": "127.0.0.1"}});
+    app.sim.push_faults([Fault::Raw {
+        status: 200,
+        content_type: Some("application/json".into()),
+        body: body.to_string(),
+        retry_after: None,
+    }]);
+    let id = post_one(&app, "Tricky Answer").await;
+    let dead = eventually(Duration::from_secs(10), "a dead letter", || async {
+        let dead = app.gateway().queue().dead_letters(10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead[0].lead.id.to_string(), id);
+    assert!(dead[0].reason.contains("406"), "{}", dead[0].reason);
+    let record = app
+        .gateway()
+        .queue()
+        .delivery_of(id.parse().unwrap())
+        .await
+        .unwrap();
+    assert!(record.is_none(), "not recorded as delivered");
+}
+
+#[tokio::test]
+async fn a_lead_onpipeline_took_before_the_answer_was_lost_is_not_created_twice() {
+    let app = TestApp::spawn().await;
+    app.sim.set_detect_duplicates(true);
+    // Onpipeline stores the lead, then the connection drops before its answer: the retry is
+    // answered 409, which counts as delivered.
+    app.sim.push_faults([Fault::DropAfterAccept]);
+    let id = post_one(&app, "Stored Once").await;
+    let delivery = eventually(Duration::from_secs(10), "the delivery record", || async {
+        app.gateway()
+            .queue()
+            .delivery_of(id.parse().unwrap())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(delivery.duplicate, "{delivery:?}");
+    assert_eq!(app.sim.received().len(), 1);
+    assert_eq!(statuses(&app), [None, Some(409)]);
+}
+
+#[tokio::test]
+async fn connection_refused_is_retried_and_delivered_once_onpipeline_is_reachable() {
+    let sim = std::sync::Arc::new(crate::helpers::app::start_sim(Vec::new()).await);
+    let closed = crate::helpers::app::free_port();
+    let mut app = TestApp::spawn_against(sim, &crate::helpers::app::default_sources(), |env| {
+        env.set("LEADGATE_ONPIPELINE_URL", format!("https://{closed}"))
+            .set("LEADGATE_RETRY_BASE", "2s")
+            .set("LEADGATE_RETRY_MAX_DELAY", "2s");
+    })
+    .await;
+    post_one(&app, "Patient Lead").await;
+    let stats = eventually(
+        Duration::from_secs(10),
+        "a retry to be scheduled",
+        || async {
+            let stats = app.stats().await;
+            (stats.delayed == 1).then_some(stats)
+        },
+    )
+    .await;
+    assert_eq!(stats.dead, 0);
+    app.stop().await;
+    let url = app.sim.base_url();
+    app.env.set("LEADGATE_ONPIPELINE_URL", url);
+    app.start().await;
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Lead");
+}

@@ -81,3 +81,22 @@ async fn a_wrong_egress_pauses_delivery_and_a_fixed_restart_delivers_each_lead_o
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.sim.received().len(), 5, "no lead twice");
 }
+
+#[tokio::test]
+async fn leads_can_leave_through_a_static_ip_connect_proxy() {
+    // The proxy leaves from 127.0.0.3, the only address the simulator allows.
+    let proxy = crate::helpers::proxy::ConnectProxy::start("127.0.0.3".parse().unwrap()).await;
+    let sim = Arc::new(start_sim(vec!["127.0.0.3".parse().unwrap()]).await);
+    let app = TestApp::spawn_against(sim, &default_sources(), |env| {
+        env.set("LEADGATE_EGRESS_PROXY", proxy.url());
+    })
+    .await;
+    let response = app
+        .post_json("website", &json!({"name": "Via Proxy"}))
+        .await;
+    assert_eq!(response.status(), 202);
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].peer_ip.to_string(), "127.0.0.3");
+    let targets = proxy.targets.lock().unwrap().clone();
+    assert_eq!(targets, [app.sim.addr().to_string()]);
+}
