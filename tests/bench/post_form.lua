@@ -1,0 +1,10 @@
+-- wrk script: POST a ~500-byte urlencoded form, as a browser would.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+wrk.headers["Accept"] = "application/json"
+wrk.body = "first_name=Ana+Mar%C3%ADa&last_name=L%C3%B3pez+Garc%C3%ADa&email=ana.maria.lopez%40example.com"
+  .. "&phone=020+7946+0018&company=Acme+Widgets+Ltd&street=1+High+Street&zip=SW1A+1AA&city=London"
+  .. "&state=Greater+London&country=United+Kingdom&budget=10k-50k&utm_campaign=spring-2026-search"
+  .. "&utm_source=google&utm_medium=cpc&message=Hello%2C+we+would+like+a+demo+of+your+product+for+"
+  .. "our+sales+team+of+twelve+people.+Please+call+in+the+afternoon.&consent=yes&page=%2Fpricing"
+  .. "&referrer=https%3A%2F%2Fwww.example.com%2Fblog%2Fpost"
