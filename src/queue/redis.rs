@@ -31,7 +31,15 @@
 //! command on a multiplexed connection, so waiting leases use a small pool of dedicated
 //! connections.
 //!
-//! Requires Redis 7.0 or newer (`XAUTOCLAIM` reporting deleted entries, `TIME` in scripts).
+//! # Limits
+//!
+//! * Needs Redis 6.2 or newer (`XAUTOCLAIM`); tested against 7.0.
+//! * Durability is Redis's: an acknowledged enqueue survives a Redis crash only with
+//!   `appendonly yes` and `appendfsync always` (`everysec` may lose the last second).
+//! * The keys are Cluster-ready (one slot per queue), but the client is a single-node
+//!   [`ConnectionManager`]; a cluster client is not wired in.
+//! * Consumers stay registered in the group after their process is gone (harmless: their
+//!   pending entries are claimed by others); name consumers stably per replica.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -50,6 +50,7 @@ contract!(
     stats_count_entries_by_state,
     waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
     a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it,
+    idempotency_keys_and_delivered_records_expire_after_their_ttl,
 );
 
 #[derive(Clone, Copy, Debug)]
@@ -572,6 +573,55 @@ async fn a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it(kind
         .map(|l| l.lead.id)
         .collect();
     assert_eq!(leased, leads.iter().map(|l| l.id).collect());
+}
+
+async fn idempotency_keys_and_delivered_records_expire_after_their_ttl(kind: Kind) {
+    let ttl = Duration::from_secs(1);
+    let settings = QueueSettings {
+        idempotency_ttl: ttl,
+        delivered_ttl: ttl,
+        ..fast()
+    };
+    let harness = Harness::with(kind, settings, false);
+    let queue = harness.open("a").await;
+    let order = key("acme", "order-9");
+    let first = lead("acme");
+    // Both records are written after this instant, so neither may expire before `ttl` from it.
+    let before_writes = Instant::now();
+    queue.enqueue(&first, Some(&order)).await.unwrap();
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    queue
+        .settle(lease, Settle::Delivered(delivery("OP-9")))
+        .await
+        .unwrap();
+    let replay = queue.enqueue(&lead("acme"), Some(&order)).await.unwrap();
+    let recorded = queue.delivery_of(first.id).await.unwrap();
+    // On a machine too slow to get here within the TTL, these say nothing.
+    if before_writes.elapsed() < ttl {
+        assert_eq!(replay, Enqueued::Replayed { first: first.id });
+        assert!(recorded.is_some());
+    }
+
+    let later = lead("acme");
+    eventually(Duration::from_secs(5), "the key to expire", || async {
+        let answer = queue.enqueue(&later, Some(&order)).await.unwrap();
+        (answer == Enqueued::Queued).then_some(())
+    })
+    .await;
+    assert!(before_writes.elapsed() + Duration::from_millis(20) >= ttl);
+    eventually(
+        Duration::from_secs(5),
+        "the delivered record to expire",
+        || async {
+            queue
+                .delivery_of(first.id)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 mod redis_only {
