@@ -649,36 +649,36 @@ fn enqueue(
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<Enqueued> {
     if let Some(key) = idempotency {
-        let first: Option<String> = conn
+        // Claims the key unless a live claim exists: one statement in the common (new key)
+        // case; an expired claim is taken over.
+        let claimed = conn
             .prepare_cached(
-                "SELECT first_lead FROM idempotency
-                 WHERE source = ?1 AND key = ?2 AND expires_at > ?3",
+                "INSERT INTO idempotency (source, key, first_lead, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source, key) DO UPDATE
+                 SET first_lead = excluded.first_lead, expires_at = excluded.expires_at
+                 WHERE idempotency.expires_at <= ?5",
             )
             .and_then(|mut s| {
-                s.query_row(params![key.source, key.key, now], |row| row.get(0))
-                    .optional()
+                s.execute(params![
+                    key.source,
+                    key.key,
+                    lead_id,
+                    now.saturating_add(idempotency_ms),
+                    now
+                ])
             })
             .map_err(map_sqlite)?;
-        if let Some(first) = first {
+        if claimed == 0 {
+            let first: String = conn
+                .prepare_cached("SELECT first_lead FROM idempotency WHERE source = ?1 AND key = ?2")
+                .and_then(|mut s| s.query_row(params![key.source, key.key], |row| row.get(0)))
+                .map_err(map_sqlite)?;
             let first = first.parse().map_err(|e| {
                 Error::Other(anyhow::Error::new(e).context("corrupt idempotency record"))
             })?;
             return Ok(Enqueued::Replayed { first });
         }
-        conn.prepare_cached(
-            "INSERT INTO idempotency (source, key, first_lead, expires_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (source, key) DO UPDATE
-             SET first_lead = excluded.first_lead, expires_at = excluded.expires_at",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                key.source,
-                key.key,
-                lead_id,
-                now.saturating_add(idempotency_ms)
-            ])
-        })
-        .map_err(map_sqlite)?;
     }
     conn.prepare_cached(
         "INSERT INTO entries (lead_id, lead, attempt, available_at) VALUES (?1, ?2, 1, ?3)",
