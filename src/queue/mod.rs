@@ -111,8 +111,8 @@ pub struct Lease {
 /// Backend-specific identity of a leased entry.
 #[derive(Clone, Debug)]
 pub(crate) enum LeaseHandle {
-    /// `deliveries` is the entry's delivery count when it was leased: a later claim by another
-    /// consumer raises it, which makes this lease's settle stale.
+    /// `deliveries` is the entry's delivery count when it was leased: any later claim raises
+    /// it, which makes this lease's settle stale.
     Redis { stream_id: String, deliveries: i64 },
     /// `lease_token` is drawn afresh by every lease, so a settle of an expired lease that was
     /// leased again is recognised as stale.
@@ -221,6 +221,7 @@ impl Queue {
         dispatch!(self, q => q.delivery_of(id).await)
     }
 
+    /// The newest `limit` dead letters, newest first.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         dispatch!(self, q => q.dead_letters(limit).await)
     }

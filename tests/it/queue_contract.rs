@@ -49,6 +49,8 @@ contract!(
     acknowledged_enqueue_survives_reopening_the_queue,
     stats_count_entries_by_state,
     waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
+    a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it,
+    idempotency_keys_and_delivered_records_expire_after_their_ttl,
 );
 
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +127,40 @@ impl Harness {
 
     fn redis(&mut self) -> &mut RedisServer {
         self.redis.as_mut().expect("a redis harness")
+    }
+
+    /// Stores a first-lead id that is not a ULID under an idempotency key, behind the queue's
+    /// back (using the documented key layout / schema), so enqueues with that key fail.
+    async fn corrupt_idempotency_key(&self, key: &IdempotencyKey) {
+        match &self.backend {
+            Backend::Redis { prefix, .. } => {
+                let url = self.redis.as_ref().unwrap().url();
+                let client = ::redis::Client::open(url).unwrap();
+                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                let name = format!(
+                    "{{{prefix}}}:idem:{}:{}:{}",
+                    key.source.len(),
+                    key.source,
+                    key.key
+                );
+                ::redis::cmd("SET")
+                    .arg(name)
+                    .arg("not-a-lead-id")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            Backend::Embedded { dir } => {
+                let conn = rusqlite::Connection::open(dir.join("queue.sqlite3")).unwrap();
+                conn.busy_timeout(Duration::from_secs(5)).unwrap();
+                conn.execute(
+                    "INSERT INTO idempotency (source, key, first_lead, expires_at)
+                     VALUES (?1, ?2, 'not-a-lead-id', 9000000000000)",
+                    [&key.source, &key.key],
+                )
+                .unwrap();
+            }
+        }
     }
 }
 
@@ -513,6 +549,81 @@ async fn waiting_lease_returns_as_soon_as_a_lead_is_enqueued(kind: Kind) {
     assert!(waited < Duration::from_secs(5), "waited {waited:?}");
 }
 
+async fn a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let poisoned = key("acme", "corrupt");
+    harness.corrupt_idempotency_key(&poisoned).await;
+
+    // Sent together, so the backends batch them with the failing one.
+    let leads: Vec<_> = (0..50).map(|_| lead("acme")).collect();
+    let bad = lead("acme");
+    let (answers, failed) = tokio::join!(
+        join_all(leads.iter().map(|l| queue.enqueue(l, None))),
+        queue.enqueue(&bad, Some(&poisoned)),
+    );
+
+    assert!(matches!(failed, Err(Error::Other(_))), "got {failed:?}");
+    assert!(answers.iter().all(|a| matches!(a, Ok(Enqueued::Queued))));
+    let leased: HashSet<_> = queue
+        .lease(100, NO_WAIT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.lead.id)
+        .collect();
+    assert_eq!(leased, leads.iter().map(|l| l.id).collect());
+}
+
+async fn idempotency_keys_and_delivered_records_expire_after_their_ttl(kind: Kind) {
+    let ttl = Duration::from_secs(1);
+    let settings = QueueSettings {
+        idempotency_ttl: ttl,
+        delivered_ttl: ttl,
+        ..fast()
+    };
+    let harness = Harness::with(kind, settings, false);
+    let queue = harness.open("a").await;
+    let order = key("acme", "order-9");
+    let first = lead("acme");
+    // Both records are written after this instant, so neither may expire before `ttl` from it.
+    let before_writes = Instant::now();
+    queue.enqueue(&first, Some(&order)).await.unwrap();
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    queue
+        .settle(lease, Settle::Delivered(delivery("OP-9")))
+        .await
+        .unwrap();
+    let replay = queue.enqueue(&lead("acme"), Some(&order)).await.unwrap();
+    let recorded = queue.delivery_of(first.id).await.unwrap();
+    // On a machine too slow to get here within the TTL, these say nothing.
+    if before_writes.elapsed() < ttl {
+        assert_eq!(replay, Enqueued::Replayed { first: first.id });
+        assert!(recorded.is_some());
+    }
+
+    let later = lead("acme");
+    eventually(Duration::from_secs(5), "the key to expire", || async {
+        let answer = queue.enqueue(&later, Some(&order)).await.unwrap();
+        (answer == Enqueued::Queued).then_some(())
+    })
+    .await;
+    assert!(before_writes.elapsed() + Duration::from_millis(20) >= ttl);
+    eventually(
+        Duration::from_secs(5),
+        "the delivered record to expire",
+        || async {
+            queue
+                .delivery_of(first.id)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 mod redis_only {
     use super::*;
 
@@ -556,6 +667,32 @@ mod redis_only {
             .map(|l| l.lead.id)
             .collect();
         assert_eq!(leased, HashSet::from([before.id, after.id]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn enqueue_to_a_redis_that_does_not_answer_fails_within_the_timeout() {
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        let redis = harness.redis.as_ref().unwrap();
+
+        redis.freeze();
+        let started = Instant::now();
+        let refused = queue.enqueue(&lead("website"), None).await;
+        let took = started.elapsed();
+        redis.thaw();
+
+        assert!(
+            matches!(refused, Err(Error::Unavailable(_))),
+            "got {refused:?}"
+        );
+        assert!(took < Duration::from_secs(6), "took {took:?}");
+        let after = lead("website");
+        eventually(Duration::from_secs(10), "an enqueue to succeed", || async {
+            queue.enqueue(&after, None).await.ok()
+        })
+        .await;
+        let leased: Vec<_> = queue.lease(10, NO_WAIT).await.unwrap();
+        assert!(leased.iter().any(|l| l.lead.id == after.id));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
