@@ -123,17 +123,21 @@ impl fmt::Debug for EmailAddress {
 #[derive(Clone, PartialEq, Eq)]
 pub struct PhoneNumber(String);
 
+/// A region (ISO 3166 alpha-2, e.g. `GB`) for reading national-format phone numbers.
+pub type PhoneRegion = rlibphonenumber::Region;
+
 impl PhoneNumber {
     /// Fails only on blank input.
-    pub fn parse(raw: &str, region: Option<phonenumber::country::Id>) -> Option<Self> {
+    pub fn parse(raw: &str, region: Option<PhoneRegion>) -> Option<Self> {
+        use rlibphonenumber::{PHONE_NUMBER_UTIL, PhoneNumberFormat};
         let trimmed = raw.trim();
         if trimmed.is_empty() {
             return None;
         }
-        match phonenumber::parse(region, trimmed) {
-            Ok(number) if phonenumber::is_valid(&number) => Some(Self(
-                number.format().mode(phonenumber::Mode::E164).to_string(),
-            )),
+        match PHONE_NUMBER_UTIL.parse(trimmed, region) {
+            Ok(number) if number.is_valid() => {
+                Some(Self(number.format_as(PhoneNumberFormat::E164).to_string()))
+            }
             _ => Some(Self(trimmed.to_owned())),
         }
     }

@@ -117,7 +117,7 @@ pub struct MappingRules {
     /// `key: value` lines; when unset they are dropped.
     pub unmapped_extra: Option<ExtraId>,
     /// Region used to read national-format phone numbers.
-    pub phone_region: Option<phonenumber::country::Id>,
+    pub phone_region: Option<crate::lead::PhoneRegion>,
     /// Used for whichever of first and last name is missing when only one is known;
     /// empty means such a lead is rejected with `last_name_required` / `first_name_required`.
     pub last_name_fallback: String,

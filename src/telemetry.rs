@@ -11,15 +11,34 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber once; later calls (tests) are ignored.
-/// The level comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber once; later calls (tests) are ignored. The level comes from
+/// `RUST_LOG` (default `info`). Lines are written to stdout by a background thread, so a
+/// request never waits on the terminal or a pipe; it blocks rather than drop lines when that
+/// thread falls behind. Keep the returned guard alive: dropping it flushes what is pending.
+pub fn init(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match format {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_writer(writer);
+    let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    installed.ok().map(|()| guard)
+}
+
+/// For tests: logs go through the test harness's capture, written synchronously.
+pub fn init_for_tests() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// `ana.lopez@example.com` → `a***@example.com`. Anything without an `@` is fully masked.

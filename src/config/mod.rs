@@ -33,6 +33,8 @@ pub struct Settings {
     pub redis_prefix: String,
     #[serde(default = "defaults::data_dir")]
     pub data_dir: PathBuf,
+    #[serde(default)]
+    pub embedded_fsync: crate::queue::Fsync,
     #[serde(default = "defaults::onpipeline_url")]
     pub onpipeline_url: String,
     pub onpipeline_token: Option<SecretString>,
@@ -228,6 +230,7 @@ impl Settings {
             },
             None => Backend::Embedded {
                 dir: self.data_dir.clone(),
+                fsync: self.embedded_fsync,
             },
         }
     }

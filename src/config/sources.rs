@@ -366,8 +366,14 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
             region
                 .get_ref()
                 .to_ascii_uppercase()
-                .parse::<phonenumber::country::Id>()
-                .map_err(|_| {
+                .parse::<crate::lead::PhoneRegion>()
+                .ok()
+                .filter(|r| {
+                    rlibphonenumber::PHONE_NUMBER_UTIL
+                        .get_country_code_for_region(*r)
+                        .is_some()
+                })
+                .ok_or_else(|| {
                     at(
                         region.span(),
                         "phone_region",

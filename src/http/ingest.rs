@@ -86,7 +86,7 @@ async fn accept(
 
     let idempotency = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body).await?;
-    let submission = Submission::new(req.headers().clone(), body, own_origin(req));
+    let submission = Submission::new(req.headers().clone(), body, own_host(req));
     let verified = sources::verify(source, submission)?;
     let parsed = sources::parse(source, verified).await?;
     let leadsin = sources::map(source, &parsed)?;
@@ -148,7 +148,7 @@ fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) 
 /// Where a browser goes after a successful post: `_next` when its origin is allowed (checked
 /// here, never an open redirect), else the source's thank-you URL, else the built-in page.
 fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> String {
-    let own = own_origin(req);
+    let own = own_host(req);
     if let Some(url) = next.and_then(|n| Url::parse(n).ok()) {
         let origin = url.origin().ascii_serialization();
         if matches!(url.scheme(), "http" | "https")
@@ -201,10 +201,13 @@ fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
     limits::client_ip(peer, forwarded, &state.trusted_proxies)
 }
 
-/// The gateway's own origin as the browser saw it, to recognise same-origin posts.
-fn own_origin(req: &HttpRequest) -> Option<String> {
-    let info = req.connection_info();
-    Some(format!("{}://{}", info.scheme(), info.host()).to_ascii_lowercase())
+/// The gateway's own host as the browser addressed it (the `Host` header), to recognise
+/// same-origin posts. `X-Forwarded-Host` is not consulted: it is not ours to believe.
+fn own_host(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_ascii_lowercase)
 }
 
 fn idempotency_key(
@@ -277,8 +280,7 @@ pub async fn preflight(
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
         .and_then(|v| v.to_str().ok());
     let granted = matches!(source.kind, SourceKind::Form)
-        && origin
-            .is_some_and(|o| sources::form::is_allowed(&source, o, own_origin(&req).as_deref()))
+        && origin.is_some_and(|o| sources::form::is_allowed(&source, o, own_host(&req).as_deref()))
         && requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
     let mut response = if granted {
         let mut r = HttpResponse::NoContent();

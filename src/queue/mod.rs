@@ -78,8 +78,22 @@ pub enum Backend {
         url: secrecy::SecretString,
         prefix: String,
     },
-    /// Directory holding the SQLite database.
-    Embedded { dir: PathBuf },
+    /// Directory holding the SQLite database, and when commits reach the disk.
+    Embedded { dir: PathBuf, fsync: Fsync },
+}
+
+/// When the embedded queue's commits are forced to disk (`LEADGATE_EMBEDDED_FSYNC`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Every commit is fsynced before the enqueue returns: an acknowledged lead survives a
+    /// power loss. Concurrent enqueues share each fsync (group commit).
+    #[default]
+    Always,
+    /// Commits reach the operating system at once (they survive `kill -9` and crashes of the
+    /// process) and the disk within a second: a power loss of the host may lose up to the last
+    /// second of leads — the same window as Redis with `appendfsync everysec`.
+    Everysec,
 }
 
 /// A sender-chosen key that makes a repeated submission a no-op: scoped per source.
@@ -186,8 +200,8 @@ impl Queue {
             Backend::Redis { url, prefix } => {
                 Queue::Redis(redis::RedisQueue::open(url, prefix, settings, consumer).await?)
             }
-            Backend::Embedded { dir } => {
-                Queue::Embedded(embedded::EmbeddedQueue::open(dir, settings).await?)
+            Backend::Embedded { dir, fsync } => {
+                Queue::Embedded(embedded::EmbeddedQueue::open(dir, *fsync, settings).await?)
             }
         })
     }

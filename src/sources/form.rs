@@ -11,14 +11,26 @@ use crate::error::IngestError;
 pub fn verify(source: &Source, submission: &Submission<Unverified>) -> Result<(), IngestError> {
     match submission.header("origin") {
         None => Ok(()),
-        Some(origin) if is_allowed(source, origin, submission.own_origin.as_deref()) => Ok(()),
+        Some(origin) if is_allowed(source, origin, submission.own_host.as_deref()) => Ok(()),
         Some(origin) => Err(IngestError::OriginNotAllowed(origin.to_owned())),
     }
 }
 
-/// Whether a page at `origin` may post to `source`: allow-listed, or the gateway's own origin.
-pub fn is_allowed(source: &Source, origin: &str, own_origin: Option<&str>) -> bool {
-    source.allows_origin(origin) || own_origin.is_some_and(|own| own.eq_ignore_ascii_case(origin))
+/// Whether a page at `origin` may post to `source`: allow-listed, or on the gateway's own host
+/// (the demo page, a form served by the same host).
+pub fn is_allowed(source: &Source, origin: &str, own_host: Option<&str>) -> bool {
+    source.allows_origin(origin)
+        || own_host.is_some_and(|own| origin_host(origin).as_deref() == Some(own))
+}
+
+/// `https://Example.com:8443` → `example.com:8443`; default ports are left out, as in `Host`.
+fn origin_host(origin: &str) -> Option<String> {
+    let url = reqwest::Url::parse(origin).ok()?;
+    let host = url.host_str()?.to_ascii_lowercase();
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    })
 }
 
 pub async fn parse(
@@ -38,5 +50,48 @@ pub async fn parse(
             body::json_to_fields(&value, &body_limits(source))
                 .map_err(|e| body_error(source, e))?,
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source() -> std::sync::Arc<Source> {
+        let text = "[[source]]\nid = \"w\"\nkind = \"form\"\nallowed_origins = [\"https://www.example.com\"]\n";
+        let sources = crate::config::Sources::parse("t.toml", text, |_| None).unwrap();
+        sources.get("w").unwrap().clone()
+    }
+
+    #[test]
+    fn allow_listed_and_same_host_origins_may_post() {
+        let source = source();
+        assert!(is_allowed(&source, "https://www.example.com", None));
+        assert!(is_allowed(
+            &source,
+            "http://127.0.0.1:8080",
+            Some("127.0.0.1:8080")
+        ));
+        assert!(is_allowed(
+            &source,
+            "https://leads.example.com",
+            Some("leads.example.com")
+        ));
+    }
+
+    #[test]
+    fn other_origins_and_ports_may_not() {
+        let source = source();
+        assert!(!is_allowed(
+            &source,
+            "https://evil.example",
+            Some("127.0.0.1:8080")
+        ));
+        assert!(!is_allowed(
+            &source,
+            "http://127.0.0.1:9999",
+            Some("127.0.0.1:8080")
+        ));
+        assert!(!is_allowed(&source, "null", Some("127.0.0.1:8080")));
     }
 }

@@ -26,17 +26,17 @@ pub struct Verified;
 pub struct Submission<State> {
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// The request's own origin (`scheme://host[:port]`), to recognise same-origin posts.
-    pub own_origin: Option<String>,
+    /// The request's `Host` (`host[:port]`), to recognise same-origin posts.
+    pub own_host: Option<String>,
     state: PhantomData<State>,
 }
 
 impl Submission<Unverified> {
-    pub fn new(headers: HeaderMap, body: Bytes, own_origin: Option<String>) -> Self {
+    pub fn new(headers: HeaderMap, body: Bytes, own_host: Option<String>) -> Self {
         Self {
             headers,
             body,
-            own_origin,
+            own_host,
             state: PhantomData,
         }
     }
@@ -45,7 +45,7 @@ impl Submission<Unverified> {
         Submission {
             headers: self.headers,
             body: self.body,
-            own_origin: self.own_origin,
+            own_host: self.own_host,
             state: PhantomData,
         }
     }

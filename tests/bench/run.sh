@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ingest benchmark (run by hand, not by CI): wrk on loopback against
 #   (a) a bare actix-web route that only reads the body — the machine's ceiling,
-#   (b) POST /in/website on the embedded queue,
+#   (b) POST /in/website on the embedded queue (LEADGATE_EMBEDDED_FSYNC always, then everysec),
 #   (c) POST /in/website on Redis (AOF on, appendfsync everysec),
 # at 16, 64 and 256 connections; reports requests/s, p50 and p99, and the gateway's peak RSS.
 # Delivery is held (no token), so only ingest — parse, map, durable enqueue, answer — is
@@ -43,13 +43,15 @@ wait_port 18080
 run_wrk "(a) bare actix route" 18080 $bare
 kill $bare; wait $bare 2>/dev/null || true
 
-# (b) embedded queue
-LEADGATE_LISTEN=127.0.0.1:18081 LEADGATE_SOURCES=tests/bench/sources.toml \
-  LEADGATE_DATA_DIR="$work/data" RUST_LOG=${RUST_LOG:-info} \
-  target/release/leadgate serve > "$work/embedded.log" 2>&1 & gw=$!
-wait_port 18081
-run_wrk "(b) leadgate, embedded queue" 18081 $gw
-kill $gw; wait $gw 2>/dev/null || true
+# (b) embedded queue, with each fsync policy
+for fsync in always everysec; do
+  LEADGATE_LISTEN=127.0.0.1:18081 LEADGATE_SOURCES=tests/bench/sources.toml \
+    LEADGATE_DATA_DIR="$work/data-$fsync" LEADGATE_EMBEDDED_FSYNC=$fsync RUST_LOG=${RUST_LOG:-info} \
+    target/release/leadgate serve > "$work/embedded-$fsync.log" 2>&1 & gw=$!
+  wait_port 18081
+  run_wrk "(b) leadgate, embedded queue, fsync $fsync" 18081 $gw
+  kill $gw; wait $gw 2>/dev/null || true
+done
 
 # (c) Redis, with AOF as the README recommends
 redis-server --port 18379 --bind 127.0.0.1 --dir "$work" --appendonly yes --appendfsync everysec \

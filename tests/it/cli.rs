@@ -150,3 +150,58 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `leadgate sim` as a standalone server: its CA file lets a client verify it, and it takes a
+/// lead with the token given on the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_command_serves_leadsin_over_https_with_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let ca = dir.path().join("ca.pem");
+    let mut child = leadgate()
+        .arg("sim")
+        .args(["--listen", &listen.to_string()])
+        .args(["--token", "cli-token-1:leadsin", "--ca-out"])
+        .arg(&ca)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pem = crate::helpers::eventually(Duration::from_secs(20), "the CA file", || async {
+        std::fs::read(&ca).ok().filter(|pem| !pem.is_empty())
+    })
+    .await;
+    let tls = leadgate::tls::client_config(&[&pem]).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap();
+    let url = format!("https://{listen}/Leadsin");
+    let answer: Value = crate::helpers::eventually(Duration::from_secs(20), "a 201", || async {
+        let response = http
+            .post(&url)
+            .header("authorization", "cli-token-1")
+            .json(&serde_json::json!({"FirstName": "Cli", "LastName": "Sim"}))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 201).then_some(response.json().await.ok()?)
+    })
+    .await;
+    assert_eq!(answer["Header"]["Endpoint"], "Leadsin", "{answer}");
+    assert!(
+        answer["Data"]["LeadID"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+    let refused = http
+        .post(&url)
+        .header("authorization", "someone-else")
+        .json(&serde_json::json!({"FirstName": "Cli", "LastName": "Sim"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

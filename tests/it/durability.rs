@@ -40,7 +40,7 @@ async fn post_many(base: &str, n: usize) -> BTreeSet<String> {
     ids
 }
 
-async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>) {
+async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>, fsync: &str) {
     let sim = Arc::new(start_sim(Vec::new()).await);
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
@@ -49,6 +49,7 @@ async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>) {
     if let Some(redis) = redis {
         env.set("LEADGATE_REDIS_URL", redis.url());
     }
+    env.set("LEADGATE_EMBEDDED_FSYNC", fsync);
     let mut gateway = GatewayProcess::start(&env, &[]).await;
     let readyz: Value = client()
         .get(format!("{}/readyz", gateway.base))
@@ -84,13 +85,20 @@ async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_leads_survive_kill_9_on_the_embedded_queue() {
-    accepted_leads_survive_kill_9(None).await;
+    accepted_leads_survive_kill_9(None, "always").await;
+}
+
+/// `everysec` leaves commits to the operating system for up to a second: a killed process
+/// loses nothing (only a power loss of the host could).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_leads_survive_kill_9_on_the_embedded_queue_with_fsync_everysec() {
+    accepted_leads_survive_kill_9(None, "everysec").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_leads_survive_kill_9_on_redis_with_aof() {
     let redis = RedisServer::start_with(RedisOptions { append_only: true });
-    accepted_leads_survive_kill_9(Some(&redis)).await;
+    accepted_leads_survive_kill_9(Some(&redis), "always").await;
 }
 
 /// kill -9 in the middle of delivering: leads in flight are redelivered after their lease

@@ -100,6 +100,7 @@ impl Harness {
                 let dir = tempfile::tempdir().expect("a temp dir");
                 Self {
                     backend: Backend::Embedded {
+                        fsync: leadgate::queue::Fsync::Always,
                         dir: dir.path().join("queue"),
                     },
                     settings,
@@ -150,7 +151,7 @@ impl Harness {
                     .await
                     .unwrap();
             }
-            Backend::Embedded { dir } => {
+            Backend::Embedded { dir, .. } => {
                 let conn = rusqlite::Connection::open(dir.join("queue.sqlite3")).unwrap();
                 conn.busy_timeout(Duration::from_secs(5)).unwrap();
                 conn.execute(

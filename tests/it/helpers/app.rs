@@ -76,7 +76,7 @@ total = "off"
 /// Makes sure rustls has its provider and logs go to the test output (once).
 pub fn init() {
     leadgate::tls::install_default_provider();
-    leadgate::telemetry::init(leadgate::telemetry::LogFormat::Text);
+    leadgate::telemetry::init_for_tests();
 }
 
 /// Starts a simulator that accepts [`TOKEN`] (and a read-only token `read-only-token`).
