@@ -91,8 +91,9 @@ pub enum Fsync {
     #[default]
     Always,
     /// Commits reach the operating system at once (they survive `kill -9` and crashes of the
-    /// process) and the disk within a second: a power loss of the host may lose up to the last
-    /// second of leads — the same window as Redis with `appendfsync everysec`.
+    /// process) and the disk when the checkpointer next syncs, within about 50 ms: a power loss
+    /// of the host may lose that last moment of leads — the kind of window Redis has with
+    /// `appendfsync everysec`.
     Everysec,
 }
 
