@@ -22,8 +22,9 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::config::TokenSource;
+use crate::lead::Work;
 use crate::onpipeline::{LeadsinClient, Outcome};
-use crate::queue::{Delivery, Lease, Queue, Settle};
+use crate::queue::{Attempt, AttemptOutcome, Delivery, Lease, Queue, Settle};
 use crate::retry::{Decision, RetryPolicy};
 
 /// Whether delivery runs, as `/readyz` reports it.
@@ -219,22 +220,41 @@ impl Forwarder {
         match self.queue.delivery_of(lease.lead.id).await {
             Ok(Some(delivery)) => {
                 info!("Lead was already delivered; acknowledging without sending it again.");
-                self.settle(lease, Settle::Delivered(delivery)).await;
+                let settle = Settle::Delivered {
+                    delivery,
+                    attempt: None,
+                };
+                self.settle(lease, settle).await;
                 return;
             }
             Ok(None) => {}
             Err(e) => {
                 // Without knowing, sending could duplicate: put it back for later.
                 warn!(error = %e, "Could not read the delivery record; will retry.");
-                let retry = Settle::RetryLater {
-                    delay: Duration::from_secs(1),
-                    reason: format!("queue error: {e}"),
-                    count_attempt: false,
-                };
-                self.settle(lease, retry).await;
+                self.put_back(lease, Duration::from_secs(1), format!("queue error: {e}"))
+                    .await;
                 return;
             }
         }
+
+        let payload = match &lease.lead.work {
+            Work::Deliver { payload, .. } => payload.clone(),
+            Work::FetchMeta { .. } => {
+                // Meta leads are read from the Graph API first; no source produces them yet.
+                let reason =
+                    "a Meta lead reached a forwarder without a Graph API client".to_owned();
+                error!(reason, "Dead-lettered.");
+                self.settle(
+                    lease,
+                    Settle::Dead {
+                        reason,
+                        attempt: None,
+                    },
+                )
+                .await;
+                return;
+            }
+        };
 
         let token = match self.token.load() {
             Ok(token) => token,
@@ -243,43 +263,61 @@ impl Forwarder {
                 if self.state.pause(&reason) {
                     error!(reason, "ALERT: delivery paused.");
                 }
-                let retry = Settle::RetryLater {
-                    delay: Duration::ZERO,
-                    reason,
-                    count_attempt: false,
-                };
-                self.settle(lease, retry).await;
+                self.put_back(lease, Duration::ZERO, reason).await;
                 return;
             }
         };
 
-        let outcome = self.client.send(&token, &lease.lead.payload).await;
-        let was_paused = self.state.is_paused();
-        if was_paused && !matches!(outcome, Outcome::Paused { .. }) {
+        let at = Utc::now();
+        let started = std::time::Instant::now();
+        let outcome = self.client.send(&token, &payload).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let record = |outcome: AttemptOutcome, status: Option<u16>, reason: Option<&str>| {
+            Some(Attempt {
+                number: lease.attempt,
+                at,
+                duration_ms,
+                status,
+                outcome,
+                reason: reason.map(str::to_owned),
+            })
+        };
+        if self.state.is_paused() && !matches!(outcome, Outcome::Paused { .. }) {
             info!("Onpipeline accepts our requests again; delivery resumes.");
             self.state.resume();
         }
         let settle = match outcome {
-            Outcome::Delivered { lead_id } => {
+            Outcome::Delivered { lead_id, status } => {
                 info!(
                     onpipeline_lead_id = lead_id.as_deref().unwrap_or(""),
                     "Lead delivered."
                 );
-                Settle::Delivered(Delivery {
-                    onpipeline_lead_id: lead_id,
-                    duplicate: false,
-                    at: Utc::now(),
-                })
+                Settle::Delivered {
+                    delivery: Delivery {
+                        onpipeline_lead_id: lead_id,
+                        duplicate: false,
+                        at: Utc::now(),
+                    },
+                    attempt: record(AttemptOutcome::Delivered, Some(status), None),
+                }
             }
             Outcome::Duplicate => {
                 info!("Onpipeline already had this lead (409); counted as delivered.");
-                Settle::Delivered(Delivery {
-                    onpipeline_lead_id: None,
-                    duplicate: true,
-                    at: Utc::now(),
-                })
+                Settle::Delivered {
+                    delivery: Delivery {
+                        onpipeline_lead_id: None,
+                        duplicate: true,
+                        at: Utc::now(),
+                    },
+                    attempt: record(AttemptOutcome::Duplicate, Some(409), None),
+                }
             }
-            Outcome::RetryLater { reason, after, .. } => {
+            Outcome::RetryLater {
+                reason,
+                status,
+                after,
+            } => {
+                let attempt = record(AttemptOutcome::Retry, status, Some(&reason));
                 let age = (Utc::now() - lease.lead.received_at)
                     .to_std()
                     .unwrap_or_default();
@@ -297,6 +335,8 @@ impl Forwarder {
                             delay,
                             reason,
                             count_attempt: true,
+                            attempt,
+                            work: None,
                         }
                     }
                     Decision::GiveUp => {
@@ -310,27 +350,44 @@ impl Forwarder {
                                 lease.attempt,
                                 humantime::format_duration(Duration::from_secs(age.as_secs()))
                             ),
+                            attempt,
                         }
                     }
                 }
             }
-            Outcome::Rejected { reason, .. } => {
+            Outcome::Rejected { reason, status } => {
                 error!(reason, "Onpipeline rejected the lead; dead-lettered.");
-                Settle::Dead { reason }
+                let attempt = record(AttemptOutcome::Rejected, Some(status), Some(&reason));
+                Settle::Dead { reason, attempt }
             }
-            Outcome::Paused { reason, .. } => {
+            Outcome::Paused { reason, status } => {
                 if self.state.pause(&reason) {
                     error!(
                         reason,
                         "ALERT: Onpipeline refused our token or address; delivery paused until it accepts again."
                     );
                 }
+                let attempt = record(AttemptOutcome::Paused, Some(status), Some(&reason));
                 Settle::RetryLater {
                     delay: Duration::ZERO,
                     reason,
                     count_attempt: false,
+                    attempt,
+                    work: None,
                 }
             }
+        };
+        self.settle(lease, settle).await;
+    }
+
+    /// Returns a lead to the queue without counting an attempt (no request was made).
+    async fn put_back(&self, lease: Lease, delay: Duration, reason: String) {
+        let settle = Settle::RetryLater {
+            delay,
+            reason,
+            count_attempt: false,
+            attempt: None,
+            work: None,
         };
         self.settle(lease, settle).await;
     }

@@ -311,6 +311,72 @@ impl fmt::Debug for LeadsinPayload {
     }
 }
 
+/// What the sender gave us, kept with a queued lead so a dead-lettered lead can be mapped
+/// again after its source's mapping is fixed, then replayed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Input {
+    /// Flat fields (forms, flat partner JSON, platform fields), in arrival order.
+    Fields { fields: Vec<(String, Vec<String>)> },
+    /// A body already in Leadsin's shape (partners).
+    Leadsin { body: serde_json::Value },
+}
+
+impl Input {
+    pub fn from_inbound(inbound: &Inbound) -> Self {
+        Input::Fields {
+            fields: inbound
+                .iter()
+                .map(|(name, values)| (name.to_owned(), values.to_vec()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for Input {
+    /// Field names only: values are personal data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Input::Fields { fields } => f
+                .debug_tuple("Input::Fields")
+                .field(&fields.iter().map(|(n, _)| n).collect::<Vec<_>>())
+                .finish(),
+            Input::Leadsin { .. } => f.write_str("Input::Leadsin(..)"),
+        }
+    }
+}
+
+/// A Meta (Facebook/Instagram) lead known only by the ids of its webhook notification; the
+/// forwarder reads it from the Graph API before mapping and delivering it. Ids are strings:
+/// they can exceed 2^53.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaLeadRef {
+    pub leadgen_id: String,
+    pub page_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub form_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ad_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adgroup_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_time: Option<String>,
+}
+
+/// What the forwarder has to do with a queued lead.
+#[allow(clippy::large_enum_variant, reason = "one per lead, moved rather than copied")]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Work {
+    /// Send this payload to Leadsin. `input` is what it was mapped from.
+    Deliver {
+        payload: LeadsinPayload,
+        input: Input,
+    },
+    /// Read the lead from Meta's Graph API, map it with the source's rules, then deliver it.
+    FetchMeta { lead: MetaLeadRef },
+}
+
 /// A lead as it sits in the queue: everything the forwarder needs to deliver it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueuedLead {
@@ -318,7 +384,7 @@ pub struct QueuedLead {
     /// The source id from the sources file (`website`, `acme`, …).
     pub source: String,
     pub received_at: DateTime<Utc>,
-    pub payload: LeadsinPayload,
+    pub work: Work,
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ use crate::retry::parse_retry_after;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Onpipeline created the lead (200/201/202 with a `Header`).
-    Delivered { lead_id: Option<String> },
+    Delivered {
+        lead_id: Option<String>,
+        status: u16,
+    },
     /// Onpipeline already has this lead (409): counts as delivered.
     Duplicate,
     /// A temporary failure: try again later, not before `after` when Onpipeline said so.
@@ -185,7 +188,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
                         Value::Number(n) => Some(n.to_string()),
                         _ => None,
                     });
-                Outcome::Delivered { lead_id }
+                Outcome::Delivered { lead_id, status }
             } else {
                 // A 2xx that is not Onpipeline's JSON (a proxy page, an empty body): we cannot
                 // tell whether the lead was created, so try again; a repeat is answered 409.
@@ -258,7 +261,8 @@ mod tests {
         assert_eq!(
             classify(201, None, CREATED, now()),
             Outcome::Delivered {
-                lead_id: Some("123456789HSY7584306".into())
+                lead_id: Some("123456789HSY7584306".into()),
+                status: 201
             }
         );
         assert!(matches!(

@@ -17,7 +17,7 @@ use tracing::info;
 use super::{AppState, limits};
 use crate::config::{Source, SourceKind};
 use crate::error::IngestError;
-use crate::lead::{LeadId, QueuedLead};
+use crate::lead::{Input, LeadId, QueuedLead, Work};
 use crate::queue::{Enqueued, IdempotencyKey};
 use crate::sources::{self, Submission};
 
@@ -102,7 +102,13 @@ async fn accept(
         id: LeadId::new(),
         source: source.id.clone(),
         received_at: Utc::now(),
-        payload: leadsin,
+        work: Work::Deliver {
+            payload: leadsin,
+            input: match &parsed {
+                sources::Parsed::Fields(fields) => Input::from_inbound(fields),
+                sources::Parsed::Leadsin(body) => Input::Leadsin { body: body.clone() },
+            },
+        },
     };
     match state.queue.enqueue(&lead, idempotency.as_ref()).await? {
         Enqueued::Queued => {

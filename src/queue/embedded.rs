@@ -289,19 +289,20 @@ impl EmbeddedQueue {
             )));
         };
         let how = match how {
-            Settle::Delivered(delivery) => SettleRow::Delivered {
+            Settle::Delivered { delivery, .. } => SettleRow::Delivered {
                 record: serde_json::to_string(&delivery).map_err(anyhow::Error::from)?,
             },
             Settle::RetryLater {
                 delay,
                 reason,
                 count_attempt,
+                ..
             } => SettleRow::Retry {
                 delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
                 reason,
                 count_attempt,
             },
-            Settle::Dead { reason } => SettleRow::Dead { reason },
+            Settle::Dead { reason, .. } => SettleRow::Dead { reason },
         };
         self.call(|answer| Command::Settle {
             entry_id,
@@ -345,6 +346,7 @@ impl EmbeddedQueue {
         rows.into_iter()
             .map(|(lead, attempts, reason, at)| {
                 Ok(DeadLetter {
+                    history: Vec::new(),
                     lead: serde_json::from_str(&lead).map_err(|e| {
                         Error::Other(anyhow::Error::new(e).context("corrupt dead letter"))
                     })?,
@@ -373,6 +375,8 @@ impl EmbeddedQueue {
                 .query_row([], |row| row.get(0))?;
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
             Ok(Stats {
+                delivered: 0,
+                oldest_ready_ms: 0,
                 ready: count(ready),
                 leased: count(leased),
                 delayed: count(delayed),
@@ -383,6 +387,35 @@ impl EmbeddedQueue {
     }
 
     /// Goes through the writer, so it also proves the writer thread is alive.
+    pub async fn lead(&self, id: LeadId) -> Result<Option<super::LeadRecord>> {
+        let _ = id;
+        unimplemented!("issue 4: lead records")
+    }
+
+    pub async fn dead_letter(&self, id: LeadId) -> Result<Option<DeadLetter>> {
+        let _ = id;
+        unimplemented!("issue 4: dead_letter")
+    }
+
+    pub async fn revive(&self, id: LeadId, work: crate::lead::Work) -> Result<bool> {
+        let _ = (id, work);
+        unimplemented!("issue 4: revive")
+    }
+
+    pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
+        let _ = id;
+        unimplemented!("issue 4: delete_dead")
+    }
+
+    pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
+        let _ = per_second;
+        unimplemented!("issue 4: shared upstream rate limit")
+    }
+
+    pub async fn durability_warning(&self) -> Result<Option<String>> {
+        unimplemented!("issue 4: durability warning")
+    }
+
     pub async fn ping(&self) -> Result<()> {
         self.call(|answer| Command::Ping { answer }).await
     }
@@ -616,7 +649,7 @@ fn run_batch(
                 how,
                 ..
             } => Outcome::Done(guarded(&tx, savepoints, |conn| {
-                let ttl = ms(settings.delivered_ttl);
+                let ttl = ms(settings.record_ttl);
                 settle(conn, now, ttl, *entry_id, *lease_token, lead_id, how).map(drop)
             })),
             Command::Ping { .. } => Outcome::Done(Ok(())),
@@ -889,6 +922,7 @@ fn purge(conn: &mut Connection) {
 fn decode_lease(row: LeasedRow, lease_token: i64) -> Option<Lease> {
     match serde_json::from_str(&row.lead) {
         Ok(lead) => Some(Lease {
+            history: Vec::new(),
             lead,
             attempt: row.attempt,
             last_error: row.last_error,

@@ -35,7 +35,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::lead::{LeadId, QueuedLead};
+use crate::lead::{LeadId, QueuedLead, Work};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -56,8 +56,12 @@ pub struct QueueSettings {
     pub lease_timeout: Duration,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
-    /// How long a delivered lead's record (its Onpipeline LeadID) is kept.
-    pub delivered_ttl: Duration,
+    /// How long after delivery a lead's personal data (its [`Work`]) is kept for inspection;
+    /// then it is purged and only the [`LeadRecord`] without data remains.
+    pub pii_ttl: Duration,
+    /// How long a lead's record (id, timestamps, attempts, outcome, Onpipeline LeadID) is kept
+    /// after delivery. The delivered record that prevents a second delivery lives this long.
+    pub record_ttl: Duration,
 }
 
 impl Default for QueueSettings {
@@ -65,7 +69,8 @@ impl Default for QueueSettings {
         Self {
             lease_timeout: Duration::from_secs(60),
             idempotency_ttl: Duration::from_secs(24 * 3600),
-            delivered_ttl: Duration::from_secs(7 * 24 * 3600),
+            pii_ttl: Duration::from_secs(7 * 24 * 3600),
+            record_ttl: Duration::from_secs(90 * 24 * 3600),
         }
     }
 }
@@ -120,7 +125,39 @@ pub struct Lease {
     pub attempt: u32,
     /// The reason of the previous attempt, if any.
     pub last_error: Option<String>,
+    /// Every attempt made so far, oldest first (carried from copy to copy).
+    pub history: Vec<Attempt>,
     pub(crate) handle: LeaseHandle,
+}
+
+/// One delivery attempt, as kept in a lead's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The attempt number it was made as (an uncounted attempt repeats the number).
+    pub number: u32,
+    pub at: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// Onpipeline's HTTP status, when an answer came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub outcome: AttemptOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Delivered,
+    Duplicate,
+    /// A temporary failure; tried again later.
+    Retry,
+    /// Onpipeline refused the data; dead-lettered.
+    Rejected,
+    /// Onpipeline refused our credentials or address; delivery paused, attempt not counted.
+    Paused,
+    /// Reading the lead from the platform failed (Meta Graph API).
+    FetchFailed,
 }
 
 /// Backend-specific identity of a leased entry.
@@ -144,18 +181,28 @@ pub struct Delivery {
     pub at: DateTime<Utc>,
 }
 
-/// How a lease ends.
+/// How a lease ends. `attempt` is the attempt just made, appended to the lead's history; it is
+/// `None` when no request was made (shutdown release, a lead already delivered).
+#[allow(clippy::large_enum_variant, reason = "one per settle, moved rather than copied")]
 #[derive(Clone, Debug)]
 pub enum Settle {
-    Delivered(Delivery),
+    Delivered {
+        delivery: Delivery,
+        attempt: Option<Attempt>,
+    },
     RetryLater {
         delay: Duration,
         reason: String,
         /// false when the attempt must not count (delivery paused, shutdown release).
         count_attempt: bool,
+        attempt: Option<Attempt>,
+        /// Replaces the lead's work in the new copy (a Meta lead once read from the Graph API
+        /// becomes a payload to deliver, so a retry does not read it again).
+        work: Option<Work>,
     },
     Dead {
         reason: String,
+        attempt: Option<Attempt>,
     },
 }
 
@@ -166,6 +213,36 @@ pub struct DeadLetter {
     pub attempts: u32,
     pub reason: String,
     pub at: DateTime<Utc>,
+    /// Every attempt, oldest first.
+    #[serde(default)]
+    pub history: Vec<Attempt>,
+}
+
+/// Where a lead is on its road.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeadState {
+    /// Waiting, leased, or waiting for a retry.
+    Queued,
+    Delivered,
+    Dead,
+}
+
+/// Everything known about one lead (`GET /admin/leads/{id}`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LeadRecord {
+    pub id: LeadId,
+    pub source: String,
+    pub received_at: DateTime<Utc>,
+    pub state: LeadState,
+    pub attempts: Vec<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_reason: Option<String>,
+    /// The lead's data; `None` once purged (`pii_ttl` after delivery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<Work>,
 }
 
 /// Counts by state.
@@ -175,6 +252,10 @@ pub struct Stats {
     pub leased: u64,
     pub delayed: u64,
     pub dead: u64,
+    /// Delivered leads whose record is still kept (`record_ttl`).
+    pub delivered: u64,
+    /// Age of the oldest lead that is ready now, in milliseconds (0 when none is).
+    pub oldest_ready_ms: u64,
 }
 
 /// The queue, whichever backend holds it. The rest of the code never knows which.
@@ -248,5 +329,40 @@ impl Queue {
     /// Cheap reachability check for `/readyz`.
     pub async fn ping(&self) -> Result<()> {
         dispatch!(self, q => q.ping().await)
+    }
+
+    /// Everything known about one lead, whatever its state.
+    pub async fn lead(&self, id: LeadId) -> Result<Option<LeadRecord>> {
+        dispatch!(self, q => q.lead(id).await)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: LeadId) -> Result<Option<DeadLetter>> {
+        dispatch!(self, q => q.dead_letter(id).await)
+    }
+
+    /// Moves a dead letter back to the ready queue with `work` (mapped again by the caller with
+    /// the source's current rules), as attempt 1 of a fresh schedule; its history is kept.
+    /// Atomic; false when there is no such dead letter.
+    pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
+        dispatch!(self, q => q.revive(id, work).await)
+    }
+
+    /// Deletes a dead letter for good; false when there is none.
+    pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
+        dispatch!(self, q => q.delete_dead(id).await)
+    }
+
+    /// Takes one slot of the upstream rate limit, shared by every process on this queue
+    /// (GCRA: at most `per_second` requests in any second, no burst beyond one). Returns zero
+    /// when the slot is taken, or how long to wait before asking again.
+    pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
+        dispatch!(self, q => q.acquire_upstream(per_second).await)
+    }
+
+    /// A warning when the store's own settings put accepted leads at risk (Redis without AOF,
+    /// or with an evicting `maxmemory-policy`), to log at start-up.
+    pub async fn durability_warning(&self) -> Result<Option<String>> {
+        dispatch!(self, q => q.durability_warning().await)
     }
 }

@@ -12,7 +12,7 @@
 //! | `{P}:ready` | stream, consumer group `forwarders` | one entry per queued lead, field `e` = entry JSON `{"lead": QueuedLead, "attempt": n, "last_error": …}`; the group's pending list holds the leased entries, each entry's delivery count is its lease token | enqueue (`XADD`), lease (promotion, `XAUTOCLAIM`, `XREADGROUP`), settle (`XACK` + `XDEL`) | none |
 //! | `{P}:delayed` | sorted set | member = entry JSON (as above) of a retry copy, score = due time in ms (Redis server clock) | settle `RetryLater` (`ZADD`); lease moves due members into `{P}:ready` | none |
 //! | `{P}:dead` | stream | field `d` = [`DeadLetter`] JSON | settle `Dead` (`XADD`) | none (kept until an operator trims it) |
-//! | `{P}:delivered:<lead id>` | string | [`Delivery`] JSON | settle `Delivered` | `delivered_ttl` |
+//! | `{P}:delivered:<lead id>` | string | [`Delivery`] JSON | settle `Delivered` | `record_ttl` |
 //! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
 //!
 //! A settle only acts when the entry is still pending with the delivery count its lease saw;
@@ -436,7 +436,7 @@ impl RedisQueue {
         let scripts = &self.inner.scripts;
         let mut conn = self.inner.conn.clone();
         let applied: i64 = match how {
-            Settle::Delivered(delivery) => {
+            Settle::Delivered { delivery, .. } => {
                 let record = serde_json::to_string(&delivery).map_err(anyhow::Error::from)?;
                 timed(
                     scripts
@@ -447,7 +447,7 @@ impl RedisQueue {
                         .arg(stream_id)
                         .arg(deliveries)
                         .arg(record)
-                        .arg(ttl_ms(self.inner.settings.delivered_ttl))
+                        .arg(ttl_ms(self.inner.settings.record_ttl))
                         .invoke_async(&mut conn),
                 )
                 .await?
@@ -456,6 +456,7 @@ impl RedisQueue {
                 delay,
                 reason,
                 count_attempt,
+                ..
             } => {
                 let attempt = if count_attempt {
                     lease.attempt.saturating_add(1)
@@ -477,8 +478,9 @@ impl RedisQueue {
                 )
                 .await?
             }
-            Settle::Dead { reason } => {
+            Settle::Dead { reason, .. } => {
                 let letter = DeadLetter {
+                    history: Vec::new(),
                     lead: lease.lead.clone(),
                     attempts: lease.attempt,
                     reason,
@@ -550,11 +552,42 @@ impl RedisQueue {
         )
         .await?;
         Ok(Stats {
+            delivered: 0,
+            oldest_ready_ms: 0,
             ready,
             leased,
             delayed,
             dead,
         })
+    }
+
+    pub async fn lead(&self, id: LeadId) -> Result<Option<super::LeadRecord>> {
+        let _ = id;
+        unimplemented!("issue 4: lead records")
+    }
+
+    pub async fn dead_letter(&self, id: LeadId) -> Result<Option<DeadLetter>> {
+        let _ = id;
+        unimplemented!("issue 4: dead_letter")
+    }
+
+    pub async fn revive(&self, id: LeadId, work: crate::lead::Work) -> Result<bool> {
+        let _ = (id, work);
+        unimplemented!("issue 4: revive")
+    }
+
+    pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
+        let _ = id;
+        unimplemented!("issue 4: delete_dead")
+    }
+
+    pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
+        let _ = per_second;
+        unimplemented!("issue 4: shared upstream rate limit")
+    }
+
+    pub async fn durability_warning(&self) -> Result<Option<String>> {
+        unimplemented!("issue 4: durability warning")
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -758,6 +791,7 @@ fn encode_entry(lead: &QueuedLead, attempt: u32, last_error: Option<&str>) -> Re
 fn decode_lease(stream_id: String, deliveries: i64, entry: &str) -> Option<Lease> {
     match serde_json::from_str::<Entry>(entry) {
         Ok(entry) => Some(Lease {
+            history: Vec::new(),
             lead: entry.lead.into_owned(),
             attempt: entry.attempt,
             last_error: entry.last_error.map(|e| e.into_owned()),

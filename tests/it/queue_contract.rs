@@ -170,7 +170,8 @@ fn fast() -> QueueSettings {
     QueueSettings {
         lease_timeout: Duration::from_millis(300),
         idempotency_ttl: Duration::from_secs(3600),
-        delivered_ttl: Duration::from_secs(3600),
+        record_ttl: Duration::from_secs(3600),
+        pii_ttl: Duration::from_secs(3600),
     }
 }
 
@@ -250,7 +251,13 @@ async fn delivered_lease_leaves_the_queue_and_records_the_delivery(kind: Kind) {
 
     let delivered = delivery("OP-981");
     queue
-        .settle(lease, Settle::Delivered(delivered.clone()))
+        .settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivered.clone(),
+                attempt: None,
+            },
+        )
         .await
         .unwrap();
 
@@ -274,6 +281,8 @@ async fn retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt(kind
         .settle(
             lease,
             Settle::RetryLater {
+                attempt: None,
+                work: None,
                 delay,
                 reason: "Onpipeline answered 503".into(),
                 count_attempt: true,
@@ -315,6 +324,8 @@ async fn retry_later_that_does_not_count_keeps_the_attempt(kind: Kind) {
         .settle(
             lease,
             Settle::RetryLater {
+                attempt: None,
+                work: None,
                 delay: Duration::from_millis(100),
                 reason: "delivery paused".into(),
                 count_attempt: false,
@@ -345,6 +356,7 @@ async fn dead_lease_moves_to_the_dead_letters_with_its_reason(kind: Kind) {
         .settle(
             lease,
             Settle::Dead {
+                attempt: None,
                 reason: "Onpipeline answered 400: FirstName is required".into(),
             },
         )
@@ -396,6 +408,7 @@ async fn unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_set
         .settle(
             stale,
             Settle::Dead {
+                attempt: None,
                 reason: "late".into(),
             },
         )
@@ -405,7 +418,13 @@ async fn unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_set
     assert_eq!(survivor.stats().await.unwrap().leased, 1);
 
     survivor
-        .settle(redelivered, Settle::Delivered(delivery("OP-5")))
+        .settle(
+            redelivered,
+            Settle::Delivered {
+                delivery: delivery("OP-5"),
+                attempt: None,
+            },
+        )
         .await
         .unwrap();
     assert_eq!(survivor.stats().await.unwrap(), Stats::default());
@@ -435,7 +454,13 @@ async fn concurrent_consumers_never_lease_the_same_entry(kind: Kind) {
                 for lease in queue.lease(7, Duration::from_millis(100)).await.unwrap() {
                     leased.lock().unwrap().push(lease.lead.id);
                     queue
-                        .settle(lease, Settle::Delivered(delivery("OP")))
+                        .settle(
+                            lease,
+                            Settle::Delivered {
+                                delivery: delivery("OP"),
+                                attempt: None,
+                            },
+                        )
                         .await
                         .unwrap();
                 }
@@ -503,6 +528,8 @@ async fn stats_count_entries_by_state(kind: Kind) {
     );
 
     let retry = Settle::RetryLater {
+        attempt: None,
+        work: None,
         delay: Duration::from_secs(600),
         reason: "timeout".into(),
         count_attempt: true,
@@ -513,6 +540,7 @@ async fn stats_count_entries_by_state(kind: Kind) {
         .settle(
             second,
             Settle::Dead {
+                attempt: None,
                 reason: "rejected".into(),
             },
         )
@@ -525,7 +553,8 @@ async fn stats_count_entries_by_state(kind: Kind) {
             ready: 1,
             leased: 0,
             delayed: 1,
-            dead: 1
+            dead: 1,
+            ..queue.stats().await.unwrap()
         }
     );
 }
@@ -580,7 +609,8 @@ async fn idempotency_keys_and_delivered_records_expire_after_their_ttl(kind: Kin
     let ttl = Duration::from_secs(1);
     let settings = QueueSettings {
         idempotency_ttl: ttl,
-        delivered_ttl: ttl,
+        record_ttl: ttl,
+        pii_ttl: ttl,
         ..fast()
     };
     let harness = Harness::with(kind, settings, false);
@@ -592,7 +622,13 @@ async fn idempotency_keys_and_delivered_records_expire_after_their_ttl(kind: Kin
     queue.enqueue(&first, Some(&order)).await.unwrap();
     let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
     queue
-        .settle(lease, Settle::Delivered(delivery("OP-9")))
+        .settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivery("OP-9"),
+                attempt: None,
+            },
+        )
         .await
         .unwrap();
     let replay = queue.enqueue(&lead("acme"), Some(&order)).await.unwrap();
@@ -713,19 +749,28 @@ mod redis_only {
             leases.next().unwrap(),
         );
         queue
-            .settle(a, Settle::Delivered(delivery("OP")))
+            .settle(
+                a,
+                Settle::Delivered {
+                    delivery: delivery("OP"),
+                    attempt: None,
+                },
+            )
             .await
             .unwrap();
         queue
             .settle(
                 b,
                 Settle::Dead {
+                    attempt: None,
                     reason: "no".into(),
                 },
             )
             .await
             .unwrap();
         let retry = Settle::RetryLater {
+            attempt: None,
+            work: None,
             delay: Duration::from_secs(60),
             reason: "later".into(),
             count_attempt: true,

@@ -7,7 +7,7 @@ pub mod redis;
 use std::time::Duration;
 
 use chrono::Utc;
-use leadgate::lead::{EmailEntry, EmailType, LeadId, LeadsinPayload, QueuedLead};
+use leadgate::lead::{EmailEntry, EmailType, Input, LeadId, LeadsinPayload, QueuedLead, Work};
 use tokio::time::Instant;
 
 /// A small, valid lead from `source`.
@@ -16,14 +16,22 @@ pub fn lead(source: &str) -> QueuedLead {
         id: LeadId::new(),
         source: source.to_owned(),
         received_at: Utc::now(),
-        payload: LeadsinPayload {
-            first_name: "Ana".into(),
-            last_name: "Lopez".into(),
-            email: vec![EmailEntry {
-                address: "ana.lopez@example.com".into(),
-                kind: EmailType::Work,
-            }],
-            ..Default::default()
+        work: Work::Deliver {
+            payload: LeadsinPayload {
+                first_name: "Ana".into(),
+                last_name: "Lopez".into(),
+                email: vec![EmailEntry {
+                    address: "ana.lopez@example.com".into(),
+                    kind: EmailType::Work,
+                }],
+                ..Default::default()
+            },
+            input: Input::Fields {
+                fields: vec![
+                    ("name".into(), vec!["Ana Lopez".into()]),
+                    ("email".into(), vec!["ana.lopez@example.com".into()]),
+                ],
+            },
         },
     }
 }
