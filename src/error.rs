@@ -18,6 +18,8 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 pub enum IngestError {
     #[error("there is no source {0:?}")]
     UnknownSource(String),
+    #[error("this source does not take that method; leads are POSTed")]
+    MethodNotAllowed,
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
     #[error("posts from {0} are not allowed for this source")]
@@ -70,6 +72,7 @@ pub struct ErrorDetail<'a> {
 /// there keeps the two equal.
 pub const ALL_CODES: &[&str] = &[
     "unknown_source",
+    "method_not_allowed",
     "unauthorized",
     "origin_not_allowed",
     "unsupported_media_type",
@@ -90,6 +93,7 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
+            IngestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -108,6 +112,7 @@ impl IngestError {
     pub fn code(&self) -> &str {
         match self {
             IngestError::UnknownSource(_) => "unknown_source",
+            IngestError::MethodNotAllowed => "method_not_allowed",
             IngestError::Unauthorized => "unauthorized",
             IngestError::OriginNotAllowed(_) => "origin_not_allowed",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -254,11 +259,13 @@ mod tests {
                 retry_after: Duration::from_secs(1),
             },
             IngestError::Internal(anyhow::anyhow!("boom")),
+            IngestError::MethodNotAllowed,
         ];
         // No wildcard arm: a new variant fails to compile here until it is added above.
         for error in &errors {
             match error {
                 IngestError::UnknownSource(_)
+                | IngestError::MethodNotAllowed
                 | IngestError::Unauthorized
                 | IngestError::OriginNotAllowed(_)
                 | IngestError::UnsupportedMediaType(_)

@@ -364,7 +364,10 @@ pub struct MetaLeadRef {
 }
 
 /// What the forwarder has to do with a queued lead.
-#[allow(clippy::large_enum_variant, reason = "one per lead, moved rather than copied")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per lead, moved rather than copied"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Work {

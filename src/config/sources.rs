@@ -36,6 +36,14 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
+    /// Senders that treat anything but a plain `200` as failure (ad platforms, some form
+    /// tools) get exactly that.
+    pub fn wants_plain_200(&self) -> bool {
+        match self {
+            SourceKind::Form | SourceKind::Partner { .. } => false,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             SourceKind::Form => "form",
@@ -111,6 +119,11 @@ pub struct Source {
 }
 
 impl Source {
+    /// Whether a platform's test leads are forwarded to Onpipeline (otherwise only logged).
+    pub fn forwards_test_leads(&self) -> bool {
+        false
+    }
+
     /// Whether a browser page at `origin` may post to this source.
     pub fn allows_origin(&self, origin: &str) -> bool {
         self.allowed_origins.iter().any(|o| o.allows(origin))

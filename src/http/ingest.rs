@@ -17,7 +17,7 @@ use tracing::info;
 use super::{AppState, limits};
 use crate::config::{Source, SourceKind};
 use crate::error::IngestError;
-use crate::lead::{Input, LeadId, QueuedLead, Work};
+use crate::lead::{LeadId, QueuedLead};
 use crate::queue::{Enqueued, IdempotencyKey};
 use crate::sources::{self, Submission};
 
@@ -62,14 +62,15 @@ pub async fn ingest(
 
 /// What the road produced for the answer.
 struct Outcome {
-    id: LeadId,
-    /// The idempotency key was seen before: `id` is the first lead's.
+    /// The ids of the leads queued (or, for a replay or redelivery, queued before).
+    ids: Vec<LeadId>,
+    /// The request's idempotency key was seen before: `ids` are the first request's.
     replayed: bool,
     /// The form's `_next` field, if any (checked before use).
     next: Option<String>,
 }
 
-/// Runs the road up to the durable enqueue.
+/// Runs the road up to the durable enqueue of every lead the request carries.
 async fn accept(
     req: &HttpRequest,
     payload: web::Payload,
@@ -84,61 +85,89 @@ async fn accept(
     let client = client_ip(req, state);
     state.limiters.check(&source.id, client)?;
 
-    let idempotency = idempotency_key(req, source)?;
+    let header_key = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body).await?;
     let submission = Submission::new(req.headers().clone(), body, own_host(req));
     let verified = sources::verify(source, submission)?;
-    let parsed = sources::parse(source, verified).await?;
-    let leadsin = sources::map(source, &parsed)?;
-    let next = match &parsed {
-        sources::Parsed::Fields(fields) => fields
-            .get("_next")
-            .and_then(|values| values.first())
-            .map(|v| v.trim().to_owned()),
-        sources::Parsed::Leadsin(_) => None,
-    };
+    let items = sources::parse(source, verified).await?;
 
-    let lead = QueuedLead {
-        id: LeadId::new(),
-        source: source.id.clone(),
-        received_at: Utc::now(),
-        work: Work::Deliver {
-            payload: leadsin,
-            input: match &parsed {
-                sources::Parsed::Fields(fields) => Input::from_inbound(fields),
-                sources::Parsed::Leadsin(body) => Input::Leadsin { body: body.clone() },
-            },
-        },
-    };
-    match state.queue.enqueue(&lead, idempotency.as_ref()).await? {
-        Enqueued::Queued => {
-            info!(source = %source.id, lead_id = %lead.id, "Lead queued.");
-            Ok(Outcome {
-                id: lead.id,
-                replayed: false,
-                next,
-            })
+    // Map everything first: a request is accepted whole or refused whole.
+    let mut leads = Vec::with_capacity(items.len());
+    let mut next = None;
+    for item in &items {
+        if let sources::Content::Fields(fields) = &item.content {
+            next = next.or_else(|| {
+                fields
+                    .get("_next")
+                    .and_then(|v| v.first())
+                    .map(|v| v.trim().to_owned())
+            });
         }
-        Enqueued::Replayed { first } => {
-            info!(source = %source.id, lead_id = %first, "Idempotent replay; nothing new queued.");
-            Ok(Outcome {
-                id: first,
-                replayed: true,
-                next,
-            })
+        let work = sources::to_work(source, &item.content)?;
+        if item.test && !source.forwards_test_leads() {
+            info!(source = %source.id, platform_id = item.platform_id.as_deref().unwrap_or(""), "Test lead received; not forwarded.");
+            continue;
+        }
+        // The platform's own lead id dedupes redeliveries; otherwise the request's key does.
+        let key = match &item.platform_id {
+            Some(id) => Some(IdempotencyKey {
+                source: source.id.clone(),
+                key: format!("platform:{id}"),
+            }),
+            None => header_key.clone(),
+        };
+        let lead = QueuedLead {
+            id: LeadId::new(),
+            source: source.id.clone(),
+            received_at: Utc::now(),
+            work,
+        };
+        leads.push((lead, key));
+    }
+
+    let mut ids = Vec::with_capacity(leads.len());
+    let mut replayed = false;
+    for (lead, key) in &leads {
+        match state.queue.enqueue(lead, key.as_ref()).await? {
+            Enqueued::Queued => {
+                info!(source = %source.id, lead_id = %lead.id, "Lead queued.");
+                ids.push(lead.id);
+            }
+            Enqueued::Replayed { first } => {
+                info!(source = %source.id, lead_id = %first, "Already received; nothing new queued.");
+                ids.push(first);
+                replayed = true;
+            }
         }
     }
+    Ok(Outcome {
+        ids,
+        replayed,
+        next,
+    })
 }
 
 fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) -> HttpResponse {
+    if source.kind.wants_plain_200() {
+        // Ad platforms and some form tools treat anything but 200 as a failure and retry.
+        return HttpResponse::Ok().json(serde_json::json!({
+            "status": "received",
+            "ids": outcome.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        }));
+    }
     match flavor {
         Flavor::Json => {
             let mut response = HttpResponse::Accepted();
             if outcome.replayed {
                 response.insert_header(("Idempotent-Replayed", "true"));
             }
+            let id = outcome
+                .ids
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             response.json(Accepted {
-                id: outcome.id.to_string(),
+                id,
                 status: "queued",
             })
         }
@@ -323,6 +352,27 @@ fn add_cors(
     let allowed = origin.to_str().is_ok_and(|o| source.allows_origin(o));
     if allowed {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    }
+}
+
+/// `GET /in/{source_id}`: a platform's subscription handshake (Meta's `hub.challenge`).
+pub async fn handshake(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let source_id = path.into_inner();
+    let Some(source) = state.sources.get(&source_id).cloned() else {
+        return IngestError::UnknownSource(source_id).json_response();
+    };
+    match sources::handshake(&source, req.query_string()) {
+        Ok(challenge) => HttpResponse::Ok()
+            .content_type("text/plain")
+            .body(challenge),
+        Err(e) => {
+            e.log(&source.id);
+            e.json_response()
+        }
     }
 }
 

@@ -81,6 +81,7 @@ macro_rules! routes {
 
 routes! {
     POST "/in/{source_id}" => ingest::ingest,
+    GET "/in/{source_id}" => ingest::handshake,
     OPTIONS "/in/{source_id}" => ingest::preflight,
     GET "/thanks" => ingest::thanks,
     GET "/healthz" => health::healthz,

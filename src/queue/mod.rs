@@ -183,7 +183,10 @@ pub struct Delivery {
 
 /// How a lease ends. `attempt` is the attempt just made, appended to the lead's history; it is
 /// `None` when no request was made (shutdown release, a lead already delivered).
-#[allow(clippy::large_enum_variant, reason = "one per settle, moved rather than copied")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per settle, moved rather than copied"
+)]
 #[derive(Clone, Debug)]
 pub enum Settle {
     Delivered {

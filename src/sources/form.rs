@@ -4,7 +4,7 @@
 //! server-side posts) are accepted: the origin check protects against other sites' pages, not
 //! against scripts, which the rate limits handle.
 
-use super::{Parsed, Submission, Unverified, Verified, body, body_error, body_limits};
+use super::{Content, Submission, Unverified, Verified, body, body_error, body_limits};
 use crate::config::Source;
 use crate::error::IngestError;
 
@@ -36,7 +36,7 @@ fn origin_host(origin: &str) -> Option<String> {
 pub async fn parse(
     source: &Source,
     submission: Submission<Verified>,
-) -> Result<Parsed, IngestError> {
+) -> Result<Content, IngestError> {
     let decoded = body::decode(
         submission.content_type(),
         submission.body.clone(),
@@ -45,8 +45,8 @@ pub async fn parse(
     .await
     .map_err(|e| body_error(source, e))?;
     match decoded {
-        body::Decoded::Fields(fields) => Ok(Parsed::Fields(fields)),
-        body::Decoded::Json(value) => Ok(Parsed::Fields(
+        body::Decoded::Fields(fields) => Ok(Content::Fields(fields)),
+        body::Decoded::Json(value) => Ok(Content::Fields(
             body::json_to_fields(&value, &body_limits(source))
                 .map_err(|e| body_error(source, e))?,
         )),

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use crate::config::{Source, SourceKind};
 use crate::error::IngestError;
-use crate::lead::{Inbound, LeadsinPayload};
+use crate::lead::{Inbound, Input, MetaLeadRef, Work};
 use crate::mapping;
 
 /// A request as received, before anyone checked who sent it.
@@ -61,12 +61,35 @@ impl<S> Submission<S> {
     }
 }
 
-/// What a source's parser produced.
-pub enum Parsed {
+/// What a request carried, ready for mapping.
+pub enum Content {
     /// Flat fields, mapped with the source's `[source.fields]` and `[source.extra]`.
     Fields(Inbound),
     /// A body already in Leadsin's shape (partners).
     Leadsin(serde_json::Value),
+    /// A Meta lead known by its ids; read from the Graph API by the forwarder.
+    Meta(MetaLeadRef),
+}
+
+/// One lead found in a request. Most requests carry one; a Meta notification may carry many.
+pub struct Item {
+    pub content: Content,
+    /// The platform's own id of the lead: the dedupe key, so a redelivered notification
+    /// queues nothing new.
+    pub platform_id: Option<String>,
+    /// A platform's test lead (Google's "Send test data"): answered and logged, forwarded
+    /// only when the source asks for it.
+    pub test: bool,
+}
+
+impl Item {
+    fn new(content: Content) -> Self {
+        Self {
+            content,
+            platform_id: None,
+            test: false,
+        }
+    }
 }
 
 /// Checks the sender with the rule of the source's kind.
@@ -81,24 +104,59 @@ pub fn verify(
     Ok(submission.verified())
 }
 
-/// Parses a verified submission.
+/// Parses a verified submission into the leads it carries.
 pub async fn parse(
     source: &Source,
     submission: Submission<Verified>,
-) -> Result<Parsed, IngestError> {
+) -> Result<Vec<Item>, IngestError> {
+    let content = match &source.kind {
+        SourceKind::Form => form::parse(source, submission).await?,
+        SourceKind::Partner { .. } => partner::parse(source, submission).await?,
+    };
+    Ok(vec![Item::new(content)])
+}
+
+/// Answers a `GET` on a source: the subscription handshake of platforms that have one (Meta).
+/// Returns the plain-text body of a `200`.
+pub fn handshake(source: &Source, query: &str) -> Result<String, IngestError> {
+    let _ = query;
     match &source.kind {
-        SourceKind::Form => form::parse(source, submission).await,
-        SourceKind::Partner { .. } => partner::parse(source, submission).await,
+        SourceKind::Form | SourceKind::Partner { .. } => Err(IngestError::MethodNotAllowed),
     }
 }
 
-/// Maps parsed input into the Leadsin payload with the source's rules.
-pub fn map(source: &Source, parsed: &Parsed) -> Result<LeadsinPayload, IngestError> {
-    match parsed {
-        Parsed::Fields(fields) => mapping::map_fields(fields, &source.mapping),
-        Parsed::Leadsin(value) => mapping::map_leadsin(value, &source.mapping),
-    }
-    .map_err(IngestError::Rejected)
+/// Maps what a request carried into the work the forwarder will do, with the source's rules.
+pub fn to_work(source: &Source, content: &Content) -> Result<Work, IngestError> {
+    let (payload, input) = match content {
+        Content::Fields(fields) => (
+            mapping::map_fields(fields, &source.mapping),
+            Input::from_inbound(fields),
+        ),
+        Content::Leadsin(body) => (
+            mapping::map_leadsin(body, &source.mapping),
+            Input::Leadsin { body: body.clone() },
+        ),
+        Content::Meta(lead) => return Ok(Work::FetchMeta { lead: lead.clone() }),
+    };
+    Ok(Work::Deliver {
+        payload: payload.map_err(IngestError::Rejected)?,
+        input,
+    })
+}
+
+/// Maps a lead's original input again with the source's current rules (replay of a dead
+/// letter after its mapping was fixed).
+pub fn remap(source: &Source, input: &Input) -> Result<Work, IngestError> {
+    let content = match input {
+        Input::Fields { fields } => Content::Fields(
+            fields
+                .iter()
+                .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
+                .collect(),
+        ),
+        Input::Leadsin { body } => Content::Leadsin(body.clone()),
+    };
+    to_work(source, &content)
 }
 
 fn body_error(_source: &Source, e: body::BodyError) -> IngestError {

@@ -5,7 +5,7 @@
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use super::{Parsed, Submission, Unverified, Verified, body, body_error, body_limits};
+use super::{Content, Submission, Unverified, Verified, body, body_error, body_limits};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::mapping;
@@ -37,7 +37,7 @@ pub fn verify(
 pub async fn parse(
     source: &Source,
     submission: Submission<Verified>,
-) -> Result<Parsed, IngestError> {
+) -> Result<Content, IngestError> {
     let decoded = body::decode(
         submission.content_type(),
         submission.body.clone(),
@@ -47,9 +47,9 @@ pub async fn parse(
     .map_err(|e| body_error(source, e))?;
     match decoded {
         body::Decoded::Json(value) if mapping::looks_like_leadsin(&value) => {
-            Ok(Parsed::Leadsin(value))
+            Ok(Content::Leadsin(value))
         }
-        body::Decoded::Json(value) => Ok(Parsed::Fields(
+        body::Decoded::Json(value) => Ok(Content::Fields(
             body::json_to_fields(&value, &body_limits(source))
                 .map_err(|e| body_error(source, e))?,
         )),
