@@ -230,6 +230,75 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
     )
 }
 
+/// Maps fields from a platform sender, which cannot fix its data and must never be refused
+/// for it (Meta, Google, form tools). Where [`map_fields`] would refuse:
+///
+/// * an invalid value of an email field is not sent as an email; it goes into the
+///   unmapped-fields note (when the source has `unmapped_extra`) as `<field> (invalid): value`;
+/// * a missing first or last name takes the source's `last_name_fallback`, or `"-"` when that
+///   is empty; with no name at all both do.
+///
+/// Returns the payload and the names of the fields it had to repair (for counting and for a
+/// log line, which must not carry the values).
+pub fn map_fields_lenient(
+    inbound: &Inbound,
+    rules: &MappingRules,
+) -> (LeadsinPayload, Vec<String>) {
+    let rejection = match map_fields(inbound, rules) {
+        Ok(payload) => return (payload, Vec::new()),
+        Err(rejection) => rejection,
+    };
+    let fallback = if rules.last_name_fallback.is_empty() {
+        "-".to_owned()
+    } else {
+        rules.last_name_fallback.clone()
+    };
+    let mut repaired: Vec<String> = rejection.fields.keys().cloned().collect();
+
+    // Invalid emails become a note instead of an error.
+    let email_fields: HashSet<&str> = rules
+        .fields
+        .iter()
+        .filter(|(_, target)| matches!(target, Target::Email(_)))
+        .map(|(field, _)| field_name(field))
+        .collect();
+    let mut cleaned = Inbound::new();
+    for (name, values) in inbound.iter() {
+        for value in values {
+            if email_fields.contains(name)
+                && !value.trim().is_empty()
+                && EmailAddress::parse(value).is_err()
+            {
+                cleaned.push(format!("{name} (invalid)"), value.clone());
+            } else {
+                cleaned.push(name, value.clone());
+            }
+        }
+    }
+    let mut relaxed = rules.clone();
+    relaxed.last_name_fallback = fallback.clone();
+    match map_fields(&cleaned, &relaxed) {
+        Ok(payload) => (payload, repaired),
+        Err(_) => {
+            // No name at all: give the first name the fallback too.
+            const FALLBACK_FIELD: &str = "leadgate fallback name";
+            relaxed
+                .fields
+                .push((FALLBACK_FIELD.to_owned(), Target::FirstName));
+            cleaned.push(FALLBACK_FIELD, fallback.clone());
+            if !repaired.iter().any(|r| r == "name") {
+                repaired.push("name".to_owned());
+            }
+            let payload = map_fields(&cleaned, &relaxed).unwrap_or_else(|_| LeadsinPayload {
+                first_name: fallback.clone(),
+                last_name: fallback,
+                ..LeadsinPayload::default()
+            });
+            (payload, repaired)
+        }
+    }
+}
+
 /// The standard keys of a Leadsin body, as Onpipeline spells them.
 const LEADSIN_KEYS: [&str; 12] = [
     "FirstName",
@@ -1611,6 +1680,62 @@ mod tests {
         ];
         for (body, expected) in cases {
             assert_eq!(looks_like_leadsin(&body), expected, "{body}");
+        }
+    }
+    #[test]
+    fn lenient_mapping_keeps_an_invalid_email_in_the_note_instead_of_refusing() {
+        let mut rules = lenient_rules();
+        rules.unmapped_extra = Some("4444444".parse().unwrap());
+        let inbound: Inbound = [("name", "Ana Ruiz"), ("email", "ana.example.com")]
+            .into_iter()
+            .collect();
+        let (payload, repaired) = map_fields_lenient(&inbound, &rules);
+        assert_eq!(payload.first_name, "Ana");
+        assert!(payload.email.is_empty());
+        assert_eq!(payload.extra[0].value, "email (invalid): ana.example.com");
+        assert_eq!(repaired, ["email"]);
+    }
+
+    #[test]
+    fn lenient_mapping_fills_a_missing_name_with_the_fallback() {
+        let mut rules = lenient_rules();
+        rules.last_name_fallback = String::new();
+        let single: Inbound = [("name", "Cher")].into_iter().collect();
+        let (payload, _) = map_fields_lenient(&single, &rules);
+        assert_eq!(
+            (payload.first_name.as_str(), payload.last_name.as_str()),
+            ("Cher", "-")
+        );
+        let none: Inbound = [("email", "x@example.com")].into_iter().collect();
+        let (payload, repaired) = map_fields_lenient(&none, &rules);
+        assert_eq!(
+            (payload.first_name.as_str(), payload.last_name.as_str()),
+            ("-", "-")
+        );
+        assert_eq!(payload.email[0].address, "x@example.com");
+        assert!(repaired.contains(&"name".to_owned()), "{repaired:?}");
+    }
+
+    #[test]
+    fn lenient_mapping_changes_nothing_when_the_data_is_valid() {
+        let rules = lenient_rules();
+        let inbound: Inbound = [("name", "Ana Ruiz"), ("email", "ana@example.com")]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            map_fields_lenient(&inbound, &rules),
+            (map_fields(&inbound, &rules).unwrap(), vec![])
+        );
+    }
+
+    fn lenient_rules() -> MappingRules {
+        MappingRules {
+            fields: vec![
+                ("name".into(), Target::FullName),
+                ("email".into(), Target::Email(EmailType::Work)),
+            ],
+            last_name_fallback: "-".into(),
+            ..MappingRules::default()
         }
     }
 }
