@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::config::{Settings, Sources, TokenSource};
 use crate::forwarder::{DeliveryState, DeliveryStatus, Forwarder};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, StateOptions};
 use crate::onpipeline::{ClientSettings, LeadsinClient};
 use crate::queue::Queue;
 use crate::sim::{SimConfig, Simulator, TokenKind};
@@ -145,6 +145,7 @@ impl Gateway {
                     concurrency: settings.delivery_concurrency,
                     state: delivery.clone(),
                     probe_max: settings.pause_probe_max,
+                    drain_timeout: settings.shutdown_timeout,
                 };
                 Some(tokio::spawn(forwarder.run(shutdown_rx)))
             }
@@ -154,10 +155,14 @@ impl Gateway {
         let state = web::Data::new(AppState::new(
             sources,
             queue,
-            settings.trusted_proxies.clone(),
-            delivery,
-            simulator.clone(),
-            options.ingest,
+            StateOptions {
+                trusted_proxies: settings.trusted_proxies.clone(),
+                delivery,
+                sandbox: simulator.clone(),
+                ingest: options.ingest,
+                admin_token: settings.admin_token.clone(),
+                metrics_token: settings.metrics_token.clone(),
+            },
         ));
         let listener = std::net::TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
@@ -172,14 +177,7 @@ impl Gateway {
         let handle = server.handle();
         let server_task = tokio::spawn(server);
 
-        let limiter_state = state.clone();
-        let housekeeping = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(http::limits::Limiters::FORGET_EVERY);
-            loop {
-                tick.tick().await;
-                limiter_state.limiters.forget_idle();
-            }
-        });
+        let housekeeping = tokio::spawn(housekeeping(state.clone()));
 
         info!(%addr, ingest = options.ingest, forwarder = options.forwarder, "leadgate is listening.");
         if options.sandbox {
@@ -248,6 +246,38 @@ impl Gateway {
                 sim.stop().await;
             }
         }
+    }
+}
+
+/// Periodic chores: forget idle rate-limit keys, sample the queue into gauges, and let the
+/// metrics recorder drain its histograms.
+async fn housekeeping(state: web::Data<AppState>) {
+    use crate::telemetry::metric;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut ticks: u64 = 0;
+    loop {
+        tick.tick().await;
+        ticks += 1;
+        if ticks % 12 == 0 {
+            state.limiters.forget_idle();
+        }
+        match state.queue.stats().await {
+            Ok(stats) => {
+                for (name, value) in [
+                    ("ready", stats.ready),
+                    ("leased", stats.leased),
+                    ("delayed", stats.delayed),
+                    ("dead", stats.dead),
+                ] {
+                    metrics::gauge!(metric::QUEUE_DEPTH, "state" => name).set(value as f64);
+                }
+                metrics::gauge!(metric::DELIVERED_RECORDS).set(stats.delivered as f64);
+                metrics::gauge!(metric::QUEUE_OLDEST_READY)
+                    .set(stats.oldest_ready_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::debug!(error = %e, "Could not sample the queue for metrics."),
+        }
+        state.metrics.run_upkeep();
     }
 }
 

@@ -140,6 +140,23 @@ impl IngestError {
         }
     }
 
+    /// The `outcome` label of the received-leads metric for this refusal.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            IngestError::RateLimited { .. } => "rate_limited",
+            IngestError::Unauthorized | IngestError::OriginNotAllowed(_) => "unauthorized",
+            IngestError::Unavailable { .. } => "unavailable",
+            IngestError::Internal(_) => "error",
+            IngestError::UnknownSource(_)
+            | IngestError::MethodNotAllowed
+            | IngestError::UnsupportedMediaType(_)
+            | IngestError::Malformed(_)
+            | IngestError::TooLarge { .. }
+            | IngestError::PartTooLarge(_)
+            | IngestError::Rejected(_) => "rejected",
+        }
+    }
+
     /// The public message: internal errors say nothing about their cause.
     pub fn public_message(&self) -> String {
         self.to_string()

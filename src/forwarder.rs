@@ -26,6 +26,7 @@ use crate::lead::Work;
 use crate::onpipeline::{LeadsinClient, Outcome};
 use crate::queue::{Attempt, AttemptOutcome, Delivery, Lease, Queue, Settle};
 use crate::retry::{Decision, RetryPolicy};
+use crate::telemetry::metric;
 
 /// Whether delivery runs, as `/readyz` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -40,10 +41,12 @@ pub enum DeliveryStatus {
     Held {
         reason: String,
     },
-    /// Onpipeline refused our credentials or address; probing until it accepts again.
+    /// Onpipeline refused our credentials or address (probing until it accepts again), or an
+    /// operator paused delivery (until an operator resumes it).
     Paused {
         reason: String,
         since: chrono::DateTime<Utc>,
+        by_operator: bool,
     },
 }
 
@@ -69,31 +72,74 @@ impl DeliveryState {
             .clone()
     }
 
-    fn set(&self, status: DeliveryStatus) {
-        *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
-    }
-
     fn is_paused(&self) -> bool {
         matches!(self.get(), DeliveryStatus::Paused { .. })
     }
 
-    /// Pauses delivery (first reason wins); returns whether this call paused it.
+    fn is_paused_by_operator(&self) -> bool {
+        matches!(
+            self.get(),
+            DeliveryStatus::Paused {
+                by_operator: true,
+                ..
+            }
+        )
+    }
+
+    /// Pauses delivery because Onpipeline refused us (first reason wins); returns whether this
+    /// call paused it. An operator's pause is left alone.
     fn pause(&self, reason: &str) -> bool {
+        self.pause_with(reason, false)
+    }
+
+    /// Pauses delivery until an operator resumes it; returns false when this process does not
+    /// deliver (off or held).
+    pub fn pause_by_operator(&self) -> bool {
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
-        if matches!(*status, DeliveryStatus::Paused { .. }) {
+        if matches!(
+            *status,
+            DeliveryStatus::Off { .. } | DeliveryStatus::Held { .. }
+        ) {
+            return false;
+        }
+        *status = DeliveryStatus::Paused {
+            reason: "paused by an operator".to_owned(),
+            since: Utc::now(),
+            by_operator: true,
+        };
+        metrics::gauge!(metric::PAUSED).set(1.0);
+        true
+    }
+
+    fn pause_with(&self, reason: &str, by_operator: bool) -> bool {
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*status, DeliveryStatus::Running) {
             return false;
         }
         *status = DeliveryStatus::Paused {
             reason: reason.to_owned(),
             since: Utc::now(),
+            by_operator,
         };
+        metrics::gauge!(metric::PAUSED).set(1.0);
         true
     }
 
-    /// Resumes delivery at once (operators; a successful probe).
-    pub fn resume(&self) {
-        self.set(DeliveryStatus::Running);
+    /// Resumes delivery at once (an operator; a successful probe). Returns false when this
+    /// process does not deliver (off or held).
+    pub fn resume(&self) -> bool {
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(
+            *status,
+            DeliveryStatus::Off { .. } | DeliveryStatus::Held { .. }
+        ) {
+            return false;
+        }
+        *status = DeliveryStatus::Running;
+        drop(status);
+        metrics::gauge!(metric::PAUSED).set(0.0);
         self.resume.notify_waiters();
+        true
     }
 }
 
@@ -106,6 +152,37 @@ pub struct Forwarder {
     pub state: Arc<DeliveryState>,
     /// Longest wait between probes while paused.
     pub probe_max: Duration,
+    /// At shutdown, how long deliveries in flight may take to finish before their leases are
+    /// released for another process.
+    pub drain_timeout: Duration,
+}
+
+/// Leases being delivered, so the ones still unfinished at the shutdown deadline can be
+/// released.
+#[derive(Default)]
+struct InFlight {
+    next: std::sync::atomic::AtomicU64,
+    leases: std::sync::Mutex<std::collections::HashMap<u64, Lease>>,
+}
+
+impl InFlight {
+    fn add(&self, lease: &Lease) -> u64 {
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().insert(key, lease.clone());
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.lock().remove(&key);
+    }
+
+    fn take_all(&self) -> Vec<Lease> {
+        self.lock().drain().map(|(_, lease)| lease).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Lease>> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// How long one lease call waits for work before looking at shutdown and pause again.
@@ -116,6 +193,7 @@ impl Forwarder {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.concurrency));
+        let in_flight = Arc::new(InFlight::default());
         let mut tasks = JoinSet::new();
         let first_probe_delay = Duration::from_secs(1).min(this.probe_max);
         let mut probe_delay = first_probe_delay;
@@ -132,6 +210,13 @@ impl Forwarder {
                 // Wait for in-flight attempts to finish before probing, so one probe means one
                 // request.
                 while tasks.join_next().await.is_some() {}
+                if this.state.is_paused_by_operator() {
+                    tokio::select! {
+                        _ = this.state.resume.notified() => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(probe_delay) => {}
                     _ = this.state.resume.notified() => {}
@@ -172,8 +257,11 @@ impl Forwarder {
                     .await
                     .expect("semaphore is never closed");
                 let this = this.clone();
+                let in_flight = in_flight.clone();
+                let key = in_flight.add(&lease);
                 tasks.spawn(async move {
                     this.deliver(lease).await;
+                    in_flight.remove(key);
                     drop(permit);
                 });
             }
@@ -183,7 +271,25 @@ impl Forwarder {
             in_flight = tasks.len(),
             "Forwarder stopping; finishing deliveries in flight."
         );
-        while tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(this.drain_timeout, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            let unfinished = in_flight.take_all();
+            warn!(
+                count = unfinished.len(),
+                "Deliveries still running at the shutdown deadline; releasing their leases."
+            );
+            for lease in unfinished {
+                // The request may have reached Onpipeline: a repeat is answered 409, which
+                // counts as delivered.
+                this.put_back(lease, Duration::ZERO, "released at shutdown".to_owned())
+                    .await;
+            }
+        }
         info!("Forwarder stopped.");
     }
 
@@ -271,7 +377,15 @@ impl Forwarder {
         let at = Utc::now();
         let started = std::time::Instant::now();
         let outcome = self.client.send(&token, &payload).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let duration_ms = elapsed.as_millis() as u64;
+        metrics::histogram!(metric::UPSTREAM_LATENCY).record(elapsed.as_secs_f64());
+        metrics::counter!(
+            metric::ATTEMPTS,
+            "outcome" => outcome.label(),
+            "status" => outcome.status().map_or_else(|| "none".to_owned(), |s| s.to_string())
+        )
+        .increment(1);
         let record = |outcome: AttemptOutcome, status: Option<u16>, reason: Option<&str>| {
             Some(Attempt {
                 number: lease.attempt,
@@ -357,6 +471,7 @@ impl Forwarder {
             }
             Outcome::Rejected { reason, status } => {
                 error!(reason, "Onpipeline rejected the lead; dead-lettered.");
+                metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 let attempt = record(AttemptOutcome::Rejected, Some(status), Some(&reason));
                 Settle::Dead { reason, attempt }
             }

@@ -7,6 +7,7 @@
 //! [`onpipeline`]) → ack, retry later ([`retry`]) or dead-letter.
 #![forbid(unsafe_code)]
 
+pub mod admin_client;
 pub mod app;
 pub mod config;
 pub mod error;

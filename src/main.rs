@@ -46,6 +46,18 @@ enum Command {
     /// Load the environment and the sources file, print each source, and exit non-zero on
     /// any error.
     CheckConfig,
+    /// Operate a running instance through its admin API (token: LEADGATE_ADMIN_TOKEN).
+    Admin {
+        /// The instance's base URL.
+        #[arg(
+            long,
+            env = "LEADGATE_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        #[command(subcommand)]
+        command: leadgate::admin_client::AdminCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +98,11 @@ fn main() -> ExitCode {
             }
             Command::Sim(args) => leadgate::sim::run(args).await,
             Command::CheckConfig => leadgate::config::check::run(&settings?),
+            Command::Admin { url, command } => {
+                leadgate::tls::install_default_provider();
+                let token = settings?.admin_token;
+                leadgate::admin_client::run(&url, token.as_ref(), command).await
+            }
         }
     });
     match result {

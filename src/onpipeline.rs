@@ -35,6 +35,30 @@ pub enum Outcome {
     Paused { reason: String, status: u16 },
 }
 
+impl Outcome {
+    /// The `outcome` label of the attempts metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Delivered { .. } => "delivered",
+            Outcome::Duplicate => "duplicate",
+            Outcome::RetryLater { .. } => "retry",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Paused { .. } => "paused",
+        }
+    }
+
+    /// Onpipeline's HTTP status, when an answer came.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Outcome::Delivered { status, .. }
+            | Outcome::Rejected { status, .. }
+            | Outcome::Paused { status, .. } => Some(*status),
+            Outcome::Duplicate => Some(409),
+            Outcome::RetryLater { status, .. } => *status,
+        }
+    }
+}
+
 /// How to reach Onpipeline.
 #[derive(Clone, Debug)]
 pub struct ClientSettings {

@@ -86,3 +86,56 @@ mod tests {
         assert_eq!(mask_phone("12345"), "***");
     }
 }
+
+/// Prometheus metrics: the names, and the one place they are registered. Counters are emitted
+/// next to the log line that tells the same event.
+pub mod metric {
+    use std::sync::OnceLock;
+
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+    /// Leads received, by `source` and `outcome` (queued, duplicate, rejected, rate_limited,
+    /// unauthorized, test, unavailable).
+    pub const RECEIVED: &str = "leadgate_leads_received_total";
+    /// Leads a platform sent with data that had to be repaired (never refused), by `source`.
+    pub const REPAIRED: &str = "leadgate_leads_repaired_total";
+    /// Entries in the queue, by `state` (ready, leased, delayed, dead).
+    pub const QUEUE_DEPTH: &str = "leadgate_queue_depth";
+    /// Age of the oldest lead ready for delivery.
+    pub const QUEUE_OLDEST_READY: &str = "leadgate_queue_oldest_ready_seconds";
+    /// Delivered leads whose record is kept.
+    pub const DELIVERED_RECORDS: &str = "leadgate_delivered_records";
+    /// Delivery attempts, by `outcome` (delivered, duplicate, retry, rejected, paused) and
+    /// `status` (Onpipeline's HTTP status, or `none`).
+    pub const ATTEMPTS: &str = "leadgate_delivery_attempts_total";
+    /// Time Onpipeline took to answer one Leadsin request.
+    pub const UPSTREAM_LATENCY: &str = "leadgate_upstream_request_duration_seconds";
+    /// Leads moved to the dead letters.
+    pub const DEAD_LETTERED: &str = "leadgate_dead_lettered_total";
+    /// 1 while delivery is paused (Onpipeline refused our token or address, or an operator
+    /// paused it), else 0.
+    pub const PAUSED: &str = "leadgate_delivery_paused";
+
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+    /// Installs the process-wide Prometheus recorder once and returns its handle (later
+    /// calls, e.g. several gateways in one test process, share it).
+    pub fn install() -> PrometheusHandle {
+        HANDLE
+            .get_or_init(|| {
+                let builder = PrometheusBuilder::new()
+                    .set_buckets_for_metric(
+                        Matcher::Full(UPSTREAM_LATENCY.to_owned()),
+                        &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    )
+                    .expect("the bucket list is not empty");
+                match builder.install_recorder() {
+                    Ok(handle) => handle,
+                    // Another recorder is installed (an embedding program): keep a private one
+                    // so /metrics still answers, without our series.
+                    Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+                }
+            })
+            .clone()
+    }
+}

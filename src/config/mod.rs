@@ -63,6 +63,10 @@ pub struct Settings {
     pub retry_max_age: Duration,
     #[serde(default = "defaults::pause_probe_max", deserialize_with = "duration")]
     pub pause_probe_max: Duration,
+    #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    pub admin_token: Option<SecretString>,
+    pub metrics_token: Option<SecretString>,
 }
 
 mod defaults {
@@ -102,6 +106,9 @@ mod defaults {
     }
     pub fn pause_probe_max() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(20)
     }
 }
 

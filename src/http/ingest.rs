@@ -20,6 +20,7 @@ use crate::error::IngestError;
 use crate::lead::{LeadId, QueuedLead};
 use crate::queue::{Enqueued, IdempotencyKey};
 use crate::sources::{self, Submission};
+use crate::telemetry::metric;
 
 /// How the answer is given: JSON for programs, pages and redirects for people.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,8 @@ pub async fn ingest(
         Ok(accepted) => answer(&req, &source, flavor, accepted),
         Err(e) => {
             e.log(&source.id);
+            metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => e.outcome())
+                .increment(1);
             match flavor {
                 Flavor::Json => e.json_response(),
                 Flavor::Browser => e.html_response(),
@@ -106,6 +109,8 @@ async fn accept(
         let work = sources::to_work(source, &item.content)?;
         if item.test && !source.forwards_test_leads() {
             info!(source = %source.id, platform_id = item.platform_id.as_deref().unwrap_or(""), "Test lead received; not forwarded.");
+            metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "test")
+                .increment(1);
             continue;
         }
         // The platform's own lead id dedupes redeliveries; otherwise the request's key does.
@@ -131,10 +136,14 @@ async fn accept(
         match state.queue.enqueue(lead, key.as_ref()).await? {
             Enqueued::Queued => {
                 info!(source = %source.id, lead_id = %lead.id, "Lead queued.");
+                metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "queued")
+                    .increment(1);
                 ids.push(lead.id);
             }
             Enqueued::Replayed { first } => {
                 info!(source = %source.id, lead_id = %first, "Already received; nothing new queued.");
+                metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "duplicate")
+                    .increment(1);
                 ids.push(first);
                 replayed = true;
             }

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, RateLimiter};
@@ -75,8 +74,6 @@ impl Limiters {
             }
         }
     }
-
-    pub const FORGET_EVERY: Duration = Duration::from_secs(60);
 }
 
 /// The address of the client: the peer, unless the peer is a trusted proxy, in which case the
@@ -108,6 +105,7 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn nets(list: &[&str]) -> Vec<IpNet> {
         list.iter().map(|n| n.parse().unwrap()).collect()

@@ -2,6 +2,7 @@
 //! the handlers themselves — ingest in [`ingest`], health in [`health`], the sandbox pages in
 //! [`sandbox`].
 
+pub mod admin;
 pub mod health;
 pub mod ingest;
 pub mod limits;
@@ -19,6 +20,8 @@ use crate::error::{ErrorBody, ErrorDetail};
 use crate::forwarder::DeliveryState;
 use crate::queue::Queue;
 use crate::sim::Simulator;
+use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::SecretString;
 
 /// What every handler can read.
 pub struct AppState {
@@ -31,27 +34,38 @@ pub struct AppState {
     pub sandbox: Option<Arc<Simulator>>,
     /// False in a forwarder-only process: `/in/...` answers 503.
     pub ingest: bool,
+    /// `LEADGATE_ADMIN_TOKEN`: without it the admin API is off (404).
+    pub admin_token: Option<SecretString>,
+    /// `LEADGATE_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
+    pub metrics_token: Option<SecretString>,
+    pub metrics: PrometheusHandle,
     accepting: AtomicBool,
 }
 
+/// What [`AppState::new`] needs besides the sources and the queue.
+pub struct StateOptions {
+    pub trusted_proxies: Vec<IpNet>,
+    pub delivery: Arc<DeliveryState>,
+    pub sandbox: Option<Arc<Simulator>>,
+    pub ingest: bool,
+    pub admin_token: Option<SecretString>,
+    pub metrics_token: Option<SecretString>,
+}
+
 impl AppState {
-    pub fn new(
-        sources: Sources,
-        queue: Queue,
-        trusted_proxies: Vec<IpNet>,
-        delivery: Arc<DeliveryState>,
-        sandbox: Option<Arc<Simulator>>,
-        ingest: bool,
-    ) -> Self {
+    pub fn new(sources: Sources, queue: Queue, options: StateOptions) -> Self {
         let limiters = limits::Limiters::new(&sources);
         Self {
             sources,
             queue,
             limiters,
-            trusted_proxies,
-            delivery,
-            sandbox,
-            ingest,
+            trusted_proxies: options.trusted_proxies,
+            delivery: options.delivery,
+            sandbox: options.sandbox,
+            ingest: options.ingest,
+            admin_token: options.admin_token,
+            metrics_token: options.metrics_token,
+            metrics: crate::telemetry::metric::install(),
             accepting: AtomicBool::new(true),
         }
     }
@@ -86,6 +100,14 @@ routes! {
     GET "/thanks" => ingest::thanks,
     GET "/healthz" => health::healthz,
     GET "/readyz" => health::readyz,
+    GET "/metrics" => health::metrics,
+    GET "/admin/stats" => admin::stats,
+    GET "/admin/leads/{id}" => admin::lead,
+    GET "/admin/dead" => admin::dead,
+    POST "/admin/dead/replay" => admin::replay,
+    DELETE "/admin/dead/{id}" => admin::delete_dead,
+    POST "/admin/pause" => admin::pause,
+    POST "/admin/resume" => admin::resume,
     GET "/" => sandbox::demo,
     GET "/sandbox" => sandbox::inbox,
 }

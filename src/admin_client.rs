@@ -1,0 +1,94 @@
+//! `leadgate admin …`: the admin API from the command line, against a running instance
+//! (`--url`, default `LEADGATE_ADMIN_URL` or `http://127.0.0.1:8080`), with the token from
+//! `LEADGATE_ADMIN_TOKEN`. Prints the JSON answer; exits non-zero on an error answer.
+
+use anyhow::{Context, bail};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+
+/// What to ask.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum AdminCommand {
+    /// Queue counts and the delivery state.
+    Stats,
+    /// One lead: received, each attempt, the outcome.
+    Lead { id: String },
+    /// Dead letters, newest first, with their reasons.
+    Dead {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Map dead letters again with the current rules and queue them again.
+    Replay {
+        /// Lead ids to replay.
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete a dead letter for good.
+    Delete { id: String },
+    /// Pause delivery in that process until `resume`.
+    Pause,
+    /// Resume delivery at once.
+    Resume,
+}
+
+pub async fn run(
+    url: &str,
+    token: Option<&SecretString>,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    let token = token.context("set LEADGATE_ADMIN_TOKEN to the running instance's admin token")?;
+    let base = url.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::client_config(&[])?)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let (method, path, body) = match command {
+        AdminCommand::Stats => (reqwest::Method::GET, "/admin/stats".to_owned(), None),
+        AdminCommand::Lead { id } => (reqwest::Method::GET, format!("/admin/leads/{id}"), None),
+        AdminCommand::Dead { limit } => (
+            reqwest::Method::GET,
+            format!("/admin/dead?limit={limit}"),
+            None,
+        ),
+        AdminCommand::Replay { ids, all } => {
+            let body = if all {
+                json!({"all": true})
+            } else {
+                json!({"ids": ids})
+            };
+            (
+                reqwest::Method::POST,
+                "/admin/dead/replay".to_owned(),
+                Some(body),
+            )
+        }
+        AdminCommand::Delete { id } => (reqwest::Method::DELETE, format!("/admin/dead/{id}"), None),
+        AdminCommand::Pause => (reqwest::Method::POST, "/admin/pause".to_owned(), None),
+        AdminCommand::Resume => (reqwest::Method::POST, "/admin/resume".to_owned(), None),
+    };
+    let mut request = http
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token.expose_secret());
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let shown = serde_json::from_str::<Value>(&text)
+        .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+        .unwrap_or(text);
+    if !shown.is_empty() {
+        println!("{shown}");
+    }
+    if !status.is_success() {
+        bail!("the admin API answered {status}");
+    }
+    Ok(())
+}

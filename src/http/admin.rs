@@ -1,0 +1,334 @@
+//! The admin API, under `/admin/`: queue counts, one lead's story, dead letters (list, replay,
+//! delete), and pausing delivery. Off (404) unless `LEADGATE_ADMIN_TOKEN` is set; then every
+//! call wants `Authorization: Bearer <token>`. JSON in and out. `leadgate admin …` is its
+//! command-line client.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use super::AppState;
+use crate::error::{ErrorBody, ErrorDetail};
+use crate::lead::{LeadId, Work};
+use crate::queue::DeadLetter;
+use crate::sources;
+
+/// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
+pub fn bearer_matches(req: &HttpRequest, token: &SecretString) -> bool {
+    let presented = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+        });
+    presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(token.expose_secret().as_bytes())))
+}
+
+pub fn unauthorized() -> HttpResponse {
+    error(
+        actix_web::http::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid `Authorization: Bearer <token>` header is required".to_owned(),
+    )
+}
+
+fn error(status: actix_web::http::StatusCode, code: &str, message: String) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    if status == actix_web::http::StatusCode::UNAUTHORIZED {
+        response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+    }
+    response.json(ErrorBody {
+        error: ErrorDetail {
+            code,
+            message,
+            fields: None,
+        },
+    })
+}
+
+fn queue_error(e: crate::queue::Error) -> HttpResponse {
+    warn!(error = %e, "An admin call failed on the queue.");
+    error(
+        actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("the queue did not answer: {e}"),
+    )
+}
+
+/// Runs `handler` when the admin API is on and the caller presents its token.
+fn guard(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
+    match &state.admin_token {
+        None => Err(error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            "the admin API is off; set LEADGATE_ADMIN_TOKEN to turn it on".to_owned(),
+        )),
+        Some(token) if bearer_matches(req, token) => Ok(()),
+        Some(_) => Err(unauthorized()),
+    }
+}
+
+fn parse_id(text: &str) -> Result<LeadId, HttpResponse> {
+    text.parse().map_err(|_| {
+        error(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "malformed_body",
+            format!("{text:?} is not a lead id"),
+        )
+    })
+}
+
+/// `GET /admin/stats`.
+pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    match state.queue.stats().await {
+        Ok(stats) => HttpResponse::Ok().json(json!({
+            "backend": state.queue.backend_name(),
+            "ready": stats.ready,
+            "leased": stats.leased,
+            "delayed": stats.delayed,
+            "dead": stats.dead,
+            "delivered": stats.delivered,
+            "oldest_ready_ms": stats.oldest_ready_ms,
+            "delivery": state.delivery.get(),
+        })),
+        Err(e) => queue_error(e),
+    }
+}
+
+/// `GET /admin/leads/{id}`: received, each attempt, and the outcome.
+pub async fn lead(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(bad) => return bad,
+    };
+    match state.queue.lead(id).await {
+        Ok(Some(record)) => HttpResponse::Ok().json(record),
+        Ok(None) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no lead {id} (or its record has expired)"),
+        ),
+        Err(e) => queue_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct DeadQuery {
+    limit: Option<usize>,
+}
+
+/// A dead letter as the list shows it: no personal data (see `GET /admin/leads/{id}`).
+#[derive(Serialize)]
+struct DeadSummary<'a> {
+    id: String,
+    source: &'a str,
+    received_at: chrono::DateTime<chrono::Utc>,
+    dead_at: chrono::DateTime<chrono::Utc>,
+    attempts: u32,
+    reason: &'a str,
+    history: &'a [crate::queue::Attempt],
+}
+
+impl<'a> From<&'a DeadLetter> for DeadSummary<'a> {
+    fn from(letter: &'a DeadLetter) -> Self {
+        Self {
+            id: letter.lead.id.to_string(),
+            source: &letter.lead.source,
+            received_at: letter.lead.received_at,
+            dead_at: letter.at,
+            attempts: letter.attempts,
+            reason: &letter.reason,
+            history: &letter.history,
+        }
+    }
+}
+
+/// `GET /admin/dead?limit=N`: dead letters, newest first, with their reasons.
+pub async fn dead(
+    req: HttpRequest,
+    query: web::Query<DeadQuery>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    match state.queue.dead_letters(limit).await {
+        Ok(letters) => {
+            let summaries: Vec<DeadSummary<'_>> = letters.iter().map(DeadSummary::from).collect();
+            HttpResponse::Ok().json(json!({ "dead": summaries }))
+        }
+        Err(e) => queue_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplayRequest {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+#[derive(Serialize)]
+struct ReplayFailure {
+    id: String,
+    error: String,
+}
+
+/// `POST /admin/dead/replay` with `{"ids": [...]}` or `{"all": true}`: each dead letter is
+/// mapped again from what its sender sent, with the source's current rules (so a fixed mapping
+/// takes effect), and queued again as a fresh lead with its history kept.
+pub async fn replay(
+    req: HttpRequest,
+    body: web::Json<ReplayRequest>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    let body = body.into_inner();
+    let names_ids = !body.ids.is_empty();
+    // Exactly one of the two forms.
+    if body.all == names_ids {
+        return error(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "malformed_body",
+            "send either {\"ids\": [...]} or {\"all\": true}".to_owned(),
+        );
+    }
+    let letters: Vec<DeadLetter> = if body.all {
+        match state.queue.dead_letters(usize::MAX).await {
+            Ok(letters) => letters,
+            Err(e) => return queue_error(e),
+        }
+    } else {
+        let mut letters = Vec::new();
+        for text in &body.ids {
+            let id = match parse_id(text) {
+                Ok(id) => id,
+                Err(bad) => return bad,
+            };
+            match state.queue.dead_letter(id).await {
+                Ok(Some(letter)) => letters.push(letter),
+                Ok(None) => {}
+                Err(e) => return queue_error(e),
+            }
+        }
+        letters
+    };
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
+    let found: std::collections::HashSet<String> =
+        letters.iter().map(|l| l.lead.id.to_string()).collect();
+    for text in body.ids.iter().filter(|id| !found.contains(*id)) {
+        failed.push(ReplayFailure {
+            id: text.clone(),
+            error: "no such dead letter".to_owned(),
+        });
+    }
+    for letter in letters {
+        let id = letter.lead.id;
+        match remap(&state, &letter) {
+            Err(message) => failed.push(ReplayFailure {
+                id: id.to_string(),
+                error: message,
+            }),
+            Ok(work) => match state.queue.revive(id, work).await {
+                Ok(true) => {
+                    info!(lead_id = %id, source = %letter.lead.source, "Dead letter replayed.");
+                    replayed.push(id.to_string());
+                }
+                Ok(false) => failed.push(ReplayFailure {
+                    id: id.to_string(),
+                    error: "no such dead letter (replayed or deleted meanwhile)".to_owned(),
+                }),
+                Err(e) => return queue_error(e),
+            },
+        }
+    }
+    HttpResponse::Ok().json(json!({ "replayed": replayed, "failed": failed }))
+}
+
+/// The work to queue again for a dead letter: its sender's input mapped with the source's
+/// current rules; a Meta lead is read from the Graph API again.
+fn remap(state: &AppState, letter: &DeadLetter) -> Result<Work, String> {
+    match &letter.lead.work {
+        Work::FetchMeta { .. } => Ok(letter.lead.work.clone()),
+        Work::Deliver { input, .. } => {
+            let source = state.sources.get(&letter.lead.source).ok_or_else(|| {
+                format!(
+                    "its source {:?} is no longer configured",
+                    letter.lead.source
+                )
+            })?;
+            sources::remap(source, input)
+                .map_err(|e| format!("{} ({})", e.public_message(), e.code()))
+        }
+    }
+}
+
+/// `DELETE /admin/dead/{id}`.
+pub async fn delete_dead(
+    req: HttpRequest,
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    let id = match parse_id(&id) {
+        Ok(id) => id,
+        Err(bad) => return bad,
+    };
+    match state.queue.delete_dead(id).await {
+        Ok(true) => {
+            info!(lead_id = %id, "Dead letter deleted by an operator.");
+            HttpResponse::NoContent().finish()
+        }
+        Ok(false) => error(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no dead letter {id}"),
+        ),
+        Err(e) => queue_error(e),
+    }
+}
+
+/// `POST /admin/pause`: stops delivery in this process until `POST /admin/resume`.
+pub async fn pause(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    if state.delivery.pause_by_operator() {
+        warn!("Delivery paused by an operator.");
+    }
+    HttpResponse::Ok().json(json!({ "delivery": state.delivery.get() }))
+}
+
+/// `POST /admin/resume`: resumes delivery at once (also after Onpipeline refused us).
+pub async fn resume(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(denied) = guard(&req, &state) {
+        return denied;
+    }
+    if state.delivery.resume() {
+        info!("Delivery resumed by an operator.");
+    }
+    HttpResponse::Ok().json(json!({ "delivery": state.delivery.get() }))
+}
