@@ -140,6 +140,24 @@ pub(crate) fn contact_values<'a>(payload: &'a Value, array: &str, key: &str) -> 
         .unwrap_or_default()
 }
 
+/// Refuses `Extra` entries naming a custom field the account does not have.
+pub(crate) fn check_custom_fields(payload: &Value, known: &[String]) -> Result<(), String> {
+    let extras = payload.get("Extra").and_then(Value::as_array);
+    for (i, extra) in extras.into_iter().flatten().enumerate() {
+        let id = match extra.get("ID") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => continue,
+        };
+        if !known.iter().any(|k| *k == id) {
+            return Err(format!(
+                "Not acceptable - Extra[{i}].ID {id} is not a custom field of this account"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

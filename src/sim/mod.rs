@@ -237,6 +237,10 @@ pub struct SimSettings {
     pub detect_duplicates: bool,
     /// Added before every `/Leadsin` request is handled (faults included).
     pub latency_ms: u64,
+    /// The account's custom field IDs. When set, a lead whose `Extra` names another ID is
+    /// refused with 406, as an account without that custom field would. Unset: any ID.
+    #[serde(default)]
+    pub custom_fields: Option<Vec<String>>,
 }
 
 /// A partial change of [`SimSettings`], e.g. `{"detect_duplicates": true}`.
@@ -247,6 +251,9 @@ pub struct SettingsUpdate {
     pub detect_duplicates: Option<bool>,
     #[serde(default)]
     pub latency_ms: Option<u64>,
+    /// Sets the account's custom field IDs; an empty list clears it (any ID accepted).
+    #[serde(default)]
+    pub custom_fields: Option<Vec<String>>,
 }
 
 /// A running simulator. Dropping it stops the server too, without waiting.
@@ -353,6 +360,14 @@ impl Simulator {
 
     pub fn clear_faults(&self) {
         self.shared.clear_faults();
+    }
+
+    /// Makes `ids` the account's only custom fields (an empty list: any ID).
+    pub fn set_custom_fields(&self, ids: &[&str]) {
+        self.shared.update_settings(SettingsUpdate {
+            custom_fields: Some(ids.iter().map(|id| id.to_string()).collect()),
+            ..SettingsUpdate::default()
+        });
     }
 
     pub fn set_detect_duplicates(&self, on: bool) {

@@ -232,6 +232,10 @@ fn create_lead(
         .map_err(|_| ApiError::new(StatusCode::NOT_ACCEPTABLE, "Not acceptable - Invalid JSON"))?;
     leadsin::validate(&payload)
         .map_err(|message| ApiError::new(StatusCode::NOT_ACCEPTABLE, message))?;
+    if let Some(known) = shared.settings().custom_fields {
+        leadsin::check_custom_fields(&payload, &known)
+            .map_err(|message| ApiError::new(StatusCode::NOT_ACCEPTABLE, message))?;
+    }
     let canonical = leadsin::canonical(&payload);
     let emails = masked(&payload, "Email", "Address", mask_email);
     let phones = masked(&payload, "Phone", "Number", mask_phone);

@@ -638,7 +638,8 @@ async fn persistent_latency_delays_every_request() {
         sim.settings(),
         SimSettings {
             detect_duplicates: false,
-            latency_ms: 200
+            latency_ms: 200,
+            custom_fields: None,
         }
     );
     sim.stop().await;
@@ -876,4 +877,26 @@ async fn stop_closes_the_listener() {
         .await
         .expect_err("nothing listens any more");
     assert!(err.is_connect(), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_extra_id_the_account_does_not_have_is_refused_with_406() {
+    let sim = start().await;
+    sim.set_custom_fields(&["1111111"]);
+    let mut lead = mike();
+    lead["Extra"] = json!([{"ID": "1111111", "Value": "ok"}]);
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &lead).await.status,
+        StatusCode::CREATED
+    );
+    lead["Extra"] = json!([{"ID": "9999999", "Value": "unknown field"}]);
+    let answer = post_lead(&sim, Some(LEAD_TOKEN), &lead).await;
+    assert_eq!(answer.status, StatusCode::NOT_ACCEPTABLE);
+    assert!(answer.text.contains("9999999"), "{}", answer.text);
+    sim.set_custom_fields(&[]);
+    assert_eq!(
+        post_lead(&sim, Some(LEAD_TOKEN), &lead).await.status,
+        StatusCode::CREATED
+    );
+    sim.stop().await;
 }

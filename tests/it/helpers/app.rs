@@ -386,8 +386,40 @@ impl GatewayProcess {
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
+            // An already exited child refuses the signal; that is fine.
+            let _ = child.kill();
             child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM: the graceful shutdown a supervisor asks for.
+    pub fn sigterm(&self) {
+        let pid = self.child.as_ref().expect("the gateway runs").id();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("the gateway runs")
+                .try_wait()
+                .unwrap()
+            {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("leadgate did not exit within {timeout:?}:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -3,6 +3,7 @@
 pub mod app;
 pub mod proxy;
 pub mod redis;
+pub mod tcp;
 
 use std::time::Duration;
 
