@@ -149,7 +149,7 @@ pub(crate) fn check_custom_fields(payload: &Value, known: &[String]) -> Result<(
             Some(Value::Number(n)) => n.to_string(),
             _ => continue,
         };
-        if !known.iter().any(|k| *k == id) {
+        if !known.contains(&id) {
             return Err(format!(
                 "Not acceptable - Extra[{i}].ID {id} is not a custom field of this account"
             ));
