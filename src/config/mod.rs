@@ -48,6 +48,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     #[serde(default = "defaults::concurrency")]
     pub delivery_concurrency: usize,
+    /// Requests per second to Onpipeline, shared by every process on the same queue; 0: no limit.
+    #[serde(default = "defaults::onpipeline_rate")]
+    pub onpipeline_rate: u32,
     #[serde(
         default = "defaults::onpipeline_timeout",
         deserialize_with = "duration"
@@ -88,6 +91,9 @@ mod defaults {
     }
     pub fn concurrency() -> usize {
         8
+    }
+    pub fn onpipeline_rate() -> u32 {
+        10
     }
     pub fn onpipeline_timeout() -> Duration {
         Duration::from_secs(15)

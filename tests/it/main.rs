@@ -8,6 +8,7 @@ mod cli;
 mod delivery;
 mod durability;
 mod egress;
+mod faults;
 mod forms;
 mod helpers;
 mod openapi;

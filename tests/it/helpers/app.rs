@@ -120,6 +120,7 @@ impl GatewayEnv {
             ("LEADGATE_LEASE_TIMEOUT", "3s".to_owned()),
             ("LEADGATE_PAUSE_PROBE_MAX", "300ms".to_owned()),
             ("LEADGATE_ONPIPELINE_TIMEOUT", "2s".to_owned()),
+            ("LEADGATE_ONPIPELINE_RATE", "1000".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))

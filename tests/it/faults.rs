@@ -1,0 +1,591 @@
+//! The promise under faults, with real processes, a real Redis and the simulator: every lead
+//! answered 2xx reaches Onpipeline exactly once, or waits in the dead letters with its reason —
+//! whatever fails: the gateway, Redis, Onpipeline, the token.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leadgate::queue::AttemptOutcome;
+use leadgate::sim::{Fault, ReceivedLead, Simulator};
+use serde_json::{Value, json};
+
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, TOKEN, TestApp, client, default_sources, start_sim, wait_received,
+};
+use crate::helpers::eventually;
+use crate::helpers::redis::{RedisOptions, RedisServer};
+use crate::helpers::tcp::Relay;
+
+/// The distinct last names the simulator received, failing on any duplicate.
+fn exactly_once(leads: &[ReceivedLead]) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for lead in leads {
+        let name = lead.payload["LastName"].as_str().unwrap().to_owned();
+        assert!(seen.insert(name.clone()), "{name} reached Onpipeline twice");
+    }
+    seen
+}
+
+/// Posts one lead, retrying (with the same idempotency key) until the gateway answers 2xx, as a
+/// careful sender does. Returns the number of refusals and failures seen on the way.
+async fn post_until_accepted(
+    http: &reqwest::Client,
+    base: &std::sync::Mutex<String>,
+    name: &str,
+) -> u32 {
+    let mut failures = 0;
+    loop {
+        let url = format!("{}/in/website", base.lock().unwrap());
+        let sent = http
+            .post(url)
+            .header("idempotency-key", name)
+            .json(&json!({"name": format!("Lead {name}")}))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == 202 => return failures,
+            Ok(r) => {
+                assert_eq!(r.status(), 503, "only 503 may refuse a valid lead");
+                assert!(r.headers().contains_key("retry-after"));
+                failures += 1;
+            }
+            Err(_) => failures += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
+    const LEADS: usize = 1000;
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    // A lease cut short by the kill is delivered again; Onpipeline answers 409 to a repeat.
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_LEASE_TIMEOUT", "1s")
+        .set("LEADGATE_ONPIPELINE_RATE", "1000");
+    if let Some(redis) = redis {
+        env.set("LEADGATE_REDIS_URL", redis.url());
+    }
+    let mut gateway = GatewayProcess::start(&env, &[]).await;
+    let base = Arc::new(std::sync::Mutex::new(gateway.base.clone()));
+    let http = client();
+    let mut posters = tokio::task::JoinSet::new();
+    for i in 0..LEADS {
+        let (http, base) = (http.clone(), base.clone());
+        posters.spawn(async move { post_until_accepted(&http, &base, &format!("K{i:04}")).await });
+        if i == LEADS / 3 {
+            // Deliveries are under way by now.
+            eventually(Duration::from_secs(20), "deliveries to start", || async {
+                (sim.received().len() > 10).then_some(())
+            })
+            .await;
+            gateway.kill9();
+            gateway.restart(|_| {}).await;
+        }
+    }
+    let mut refused = 0;
+    while let Some(failures) = posters.join_next().await {
+        refused += failures.unwrap();
+    }
+    let leads = wait_received(&sim, LEADS, Duration::from_secs(120)).await;
+    assert_eq!(
+        exactly_once(&leads).len(),
+        LEADS,
+        "{refused} posts had to be retried"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sim.received().len(), LEADS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_posting_and_delivering_1000_leads_on_the_embedded_queue() {
+    kill_9_while_posting_and_delivering(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_posting_and_delivering_1000_leads_on_redis() {
+    let redis = RedisServer::start_with(RedisOptions { append_only: true });
+    kill_9_while_posting_and_delivering(Some(&redis)).await;
+}
+
+/// Requests the simulator saw within any one-second window, at most.
+fn busiest_second(sim: &Simulator) -> usize {
+    let times: Vec<_> = sim.requests().iter().map(|r| r.at).collect();
+    let mut busiest = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= chrono::Duration::seconds(1) {
+            start += 1;
+        }
+        busiest = busiest.max(end - start + 1);
+    }
+    busiest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_one() {
+    const LEADS: usize = 3000;
+    const RATE: usize = 150;
+    let redis = RedisServer::start_with(RedisOptions { append_only: true });
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", redis.url())
+        .set("LEADGATE_LEASE_TIMEOUT", "2s")
+        .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(GatewayProcess::start(&env, &[]).await);
+    }
+    let bases: Vec<_> = replicas.iter().map(|r| r.base.clone()).collect();
+    let http = client();
+    let mut posters = tokio::task::JoinSet::new();
+    for i in 0..LEADS {
+        let http = http.clone();
+        // The first replica is killed midway: posts go to the two that stay.
+        let base = Arc::new(std::sync::Mutex::new(bases[1 + i % 2].clone()));
+        posters.spawn(async move { post_until_accepted(&http, &base, &format!("R{i:04}")).await });
+    }
+    while let Some(result) = posters.join_next().await {
+        result.unwrap();
+    }
+    eventually(
+        Duration::from_secs(60),
+        "a third of the leads delivered",
+        || async { (sim.received().len() >= LEADS / 3).then_some(()) },
+    )
+    .await;
+    replicas[0].kill9();
+    let leads = wait_received(&sim, LEADS, Duration::from_secs(120)).await;
+    assert_eq!(exactly_once(&leads).len(), LEADS);
+    let busiest = busiest_second(&sim);
+    assert!(
+        busiest <= RATE,
+        "{busiest} requests in one second; the shared limit is {RATE}"
+    );
+    assert!(
+        busiest >= RATE / 2,
+        "the replicas together should use the budget, used {busiest}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted() {
+    let mut redis = RedisServer::start_with(RedisOptions { append_only: true });
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_REDIS_URL", redis.url());
+    })
+    .await;
+    let http = client();
+    let mut accepted = BTreeSet::new();
+    let mut refused_while_down = 0;
+    let started = Instant::now();
+    let mut stopped_at = None;
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        if stopped_at.is_none() && started.elapsed() > Duration::from_secs(3) {
+            redis.stop();
+            stopped_at = Some(Instant::now());
+        }
+        if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(20))
+            && !redis_up(&redis).await
+        {
+            redis.restart();
+        }
+        let name = format!("D{i:04}");
+        i += 1;
+        let response = http
+            .post(app.url("/in/website"))
+            .json(&json!({"name": format!("Lead {name}")}))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            202 => {
+                accepted.insert(name);
+            }
+            503 => {
+                assert!(response.headers().contains_key("retry-after"));
+                refused_while_down += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused_while_down > 10,
+        "ingest answered 503 while Redis was down"
+    );
+    let received = eventually(Duration::from_secs(60), "every accepted lead", || async {
+        let received = exactly_once(&app.sim.received());
+        accepted.is_subset(&received).then_some(received)
+    })
+    .await;
+    // A request cut off just as Redis stopped may have been written though it was answered
+    // 503 (the README says so: retry with an idempotency key); nothing else may arrive.
+    let extra: Vec<_> = received.difference(&accepted).collect();
+    assert!(
+        extra.len() <= 2,
+        "leads that were refused arrived: {extra:?}"
+    );
+}
+
+async fn redis_up(redis: &RedisServer) -> bool {
+    tokio::net::TcpStream::connect(
+        redis
+            .url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/'),
+    )
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on_schedule() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let relay = Relay::start(sim.addr()).await;
+    let app = TestApp::spawn_against(sim.clone(), &default_sources(), |env| {
+        env.set("LEADGATE_ONPIPELINE_URL", format!("https://{}", relay.addr))
+            .set("LEADGATE_RETRY_BASE", "250ms")
+            .set("LEADGATE_RETRY_MAX_DELAY", "2s")
+            .set("LEADGATE_DELIVERY_CONCURRENCY", "2");
+    })
+    .await;
+
+    // Down: connections refused for a minute.
+    relay.down();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let response = app
+            .post_json("website", &json!({"name": format!("Lead O{i}")}))
+            .await;
+        assert_eq!(response.status(), 202);
+        ids.push(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(sim.received().is_empty());
+
+    // Back, but slow past the 2 s timeout, then throttled, then failing, then a proxy's page.
+    sim.push_faults([
+        Fault::Delay { ms: 3_000 },
+        Fault::Delay { ms: 3_000 },
+        Fault::Status {
+            status: 429,
+            retry_after: Some("3".into()),
+            message: Some("Too many requests".into()),
+        },
+    ]);
+    sim.push_faults((0..5).map(|_| Fault::status(500)));
+    sim.push_faults([Fault::NonJson502]);
+    relay.up().await;
+
+    let leads = wait_received(&sim, ids.len(), Duration::from_secs(60)).await;
+    assert_eq!(exactly_once(&leads).len(), ids.len());
+
+    // The attempts followed the schedule: never longer apart than the cap (plus the time an
+    // attempt itself took), and a 429's Retry-After was honoured.
+    let mut saw_429 = false;
+    for id in &ids {
+        let record = app
+            .gateway()
+            .queue()
+            .lead(id.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        let attempts = &record.attempts;
+        assert_eq!(
+            attempts.last().unwrap().outcome,
+            AttemptOutcome::Delivered,
+            "{attempts:?}"
+        );
+        assert!(
+            attempts.len() > 3,
+            "retried through the outage: {attempts:?}"
+        );
+        for pair in attempts.windows(2) {
+            let gap = (pair[1].at - pair[0].at).to_std().unwrap();
+            let spent = Duration::from_millis(pair[0].duration_ms);
+            // Cap (2 s), plus waiting for a delivery slot held by slow attempts (2 × 2 s
+            // timeout), plus slack.
+            assert!(
+                gap <= spent + Duration::from_secs(7),
+                "waited {gap:?} after an attempt that took {spent:?}: {attempts:?}"
+            );
+            if pair[0].status == Some(429) {
+                saw_429 = true;
+                assert!(
+                    gap >= Duration::from_secs(3),
+                    "Retry-After: 3 honoured, waited {gap:?}"
+                );
+            }
+        }
+    }
+    assert!(saw_429, "the 429 was met by one of the leads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "revoked-token-0000").unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.unset("LEADGATE_ONPIPELINE_TOKEN")
+        .set(
+            "LEADGATE_ONPIPELINE_TOKEN_FILE",
+            token_file.display().to_string(),
+        )
+        .set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let response = http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": format!("Lead T{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        ids.push(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let readyz: Value = eventually(Duration::from_secs(10), "delivery to pause", || async {
+        let body: Value = http
+            .get(format!("{}/readyz", gateway.base))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["delivery"]["state"] == "paused").then_some(body)
+    })
+    .await;
+    assert_eq!(readyz["status"], "degraded");
+    assert!(
+        readyz["delivery"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{readyz}"
+    );
+    let metrics = http
+        .get(format!("{}/metrics", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("leadgate_delivery_paused 1"), "{metrics}");
+    // Probes keep asking, with back-off; let a few happen.
+    eventually(Duration::from_secs(15), "probes", || async {
+        (sim.requests().len() >= 3).then_some(())
+    })
+    .await;
+    assert!(sim.requests().iter().all(|r| r.status == Some(401)));
+    assert!(
+        gateway.log().contains("ALERT"),
+        "an alert is logged:\n{}",
+        gateway.log()
+    );
+    assert!(
+        !gateway.log().contains("revoked-token-0000"),
+        "the token is never logged"
+    );
+
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let leads = wait_received(&sim, ids.len(), Duration::from_secs(30)).await;
+    assert_eq!(exactly_once(&leads).len(), ids.len());
+    // No attempt was counted against the leads while paused: each went through as attempt 1.
+    for id in &ids {
+        let record: Value = http
+            .get(format!("{}/admin/leads/{id}", gateway.base))
+            .bearer_auth("admin-token-0123456789")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(record["state"], "delivered", "{record}");
+        let attempts = record["attempts"].as_array().unwrap();
+        assert!(attempts.iter().all(|a| a["number"] == 1), "{record}");
+    }
+}
+
+fn admin(app: &TestApp, method: reqwest::Method, path: String) -> reqwest::RequestBuilder {
+    app.http
+        .request(method, app.url(&path))
+        .bearer_auth("admin-token-0123456789")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    // The account has these custom fields; the source first maps `budget` to a wrong one.
+    sim.set_custom_fields(&["1111111", "2222222", "3333333", "4444444"]);
+    let wrong = default_sources().replacen("budget = \"1111111\"", "budget = \"9999999\"", 1);
+    let mut app = TestApp::spawn_against(sim.clone(), &wrong, |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
+    })
+    .await;
+    let response = app
+        .post_json("website", &json!({"name": "Nadia Budget", "budget": "10k"}))
+        .await;
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let dead: Value = eventually(Duration::from_secs(10), "the dead letter", || async {
+        let body: Value = admin(&app, reqwest::Method::GET, "/admin/dead".into())
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["dead"].as_array()?.len() == 1).then_some(body)
+    })
+    .await;
+    assert_eq!(dead["dead"][0]["id"], id);
+    assert!(
+        dead["dead"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("9999999"),
+        "{dead}"
+    );
+    assert!(sim.received().is_empty());
+
+    // Fix the mapping, restart, replay.
+    std::fs::write(app.env.dir.join("leadgate.toml"), default_sources()).unwrap();
+    app.stop().await;
+    app.start().await;
+    let replayed: Value = admin(&app, reqwest::Method::POST, "/admin/dead/replay".into())
+        .json(&json!({"ids": [id]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["replayed"], json!([id]), "{replayed}");
+    let leads = app.received(1).await;
+    let extra: BTreeMap<String, String> = leads[0].payload["Extra"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["ID"].as_str().unwrap().to_owned(),
+                e["Value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        extra.get("1111111").map(String::as_str),
+        Some("10k"),
+        "{extra:?}"
+    );
+    let stats: Value = admin(&app, reqwest::Method::GET, "/admin/stats".into())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["dead"], 0, "{stats}");
+    let record: Value = admin(&app, reqwest::Method::GET, format!("/admin/leads/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "delivered");
+    assert_eq!(
+        record["attempts"].as_array().unwrap().len(),
+        2,
+        "the 406, then the delivery: {record}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_loses_nothing_and_refuses_new_leads_while_draining() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    // Slow answers keep deliveries in flight while the gateway drains.
+    sim.set_latency(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_SHUTDOWN_TIMEOUT", "10s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "5s");
+    let mut gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    let mut accepted = BTreeSet::new();
+    for i in 0..40 {
+        let name = format!("S{i:02}");
+        let response = http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": format!("Lead {name}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        accepted.insert(name);
+    }
+    eventually(Duration::from_secs(10), "deliveries in flight", || async {
+        (!sim.requests().is_empty()).then_some(())
+    })
+    .await;
+    gateway.sigterm();
+    let mut refused = 0;
+    let drain_started = Instant::now();
+    while drain_started.elapsed() < Duration::from_secs(1) {
+        match http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": "Lead Late"}))
+            .send()
+            .await
+        {
+            Ok(response) => {
+                assert_eq!(response.status(), 503, "nothing is accepted while draining");
+                assert!(response.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused > 0, "requests during the drain get 503");
+    let status = gateway.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "exit 0 after a graceful shutdown: {status}\n{}",
+        gateway.log()
+    );
+
+    sim.set_latency(Duration::ZERO);
+    gateway.restart(|_| {}).await;
+    let leads = wait_received(&sim, accepted.len(), Duration::from_secs(60)).await;
+    let received = exactly_once(&leads);
+    assert_eq!(received.len(), accepted.len());
+    assert!(!received.contains("Late"), "a refused lead was not queued");
+}
