@@ -68,6 +68,10 @@ pub struct Settings {
     pub pause_probe_max: Duration,
     #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    #[serde(default = "defaults::pii_retention", deserialize_with = "duration")]
+    pub pii_retention: Duration,
+    #[serde(default = "defaults::record_retention", deserialize_with = "duration")]
+    pub record_retention: Duration,
     pub admin_token: Option<SecretString>,
     pub metrics_token: Option<SecretString>,
 }
@@ -115,6 +119,12 @@ mod defaults {
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(20)
+    }
+    pub fn pii_retention() -> Duration {
+        Duration::from_secs(7 * 24 * 3600)
+    }
+    pub fn record_retention() -> Duration {
+        Duration::from_secs(90 * 24 * 3600)
     }
 }
 
@@ -251,6 +261,8 @@ impl Settings {
     pub fn queue_settings(&self) -> QueueSettings {
         QueueSettings {
             lease_timeout: self.lease_timeout,
+            pii_ttl: self.pii_retention,
+            record_ttl: self.record_retention.max(self.pii_retention),
             ..QueueSettings::default()
         }
     }
