@@ -250,6 +250,14 @@ impl Forwarder {
                     continue;
                 }
             };
+            if this.state.is_paused() {
+                // Paused while this lease call waited: hand the leads back untouched.
+                for lease in leases {
+                    this.put_back(lease, Duration::ZERO, "delivery paused".to_owned())
+                        .await;
+                }
+                continue;
+            }
             for lease in leases {
                 let permit = slots
                     .clone()

@@ -70,7 +70,12 @@ async fn main() -> anyhow::Result<()> {
 
     // The sampler: one CSV line a second until everything is sent and the queue is empty.
     let sampler = {
-        let (http, url, token, pid) = (http.clone(), args.url.clone(), args.admin_token.clone(), args.pid);
+        let (http, url, token, pid) = (
+            http.clone(),
+            args.url.clone(),
+            args.admin_token.clone(),
+            args.pid,
+        );
         let (sent, failed, total) = (sent.clone(), failed.clone(), args.total);
         tokio::spawn(async move {
             println!("seconds,sent,failed,rss_kib,ready,leased,delayed,dead,delivered");
@@ -113,7 +118,8 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.total {
         tick.tick().await;
-        let (http, url, sent, failed) = (http.clone(), args.url.clone(), sent.clone(), failed.clone());
+        let (http, url, sent, failed) =
+            (http.clone(), args.url.clone(), sent.clone(), failed.clone());
         tasks.spawn(async move {
             let body = json!({
                 "name": format!("Soak Lead{i}"),

@@ -1,0 +1,374 @@
+//! The admin API, its command-line client, and `/metrics`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use leadgate::sim::Fault;
+use serde_json::{Value, json};
+
+use crate::helpers::app::{TestApp, default_sources};
+use crate::helpers::eventually;
+
+const ADMIN: &str = "admin-token-0123456789";
+
+async fn app_with_admin() -> TestApp {
+    TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN);
+    })
+    .await
+}
+
+async fn admin_get(app: &TestApp, path: &str) -> reqwest::Response {
+    app.http
+        .get(app.url(path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn admin_post(app: &TestApp, path: &str, body: Value) -> reqwest::Response {
+    app.http
+        .post(app.url(path))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_api_is_off_without_a_token() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .http
+        .get(app.url("/admin/stats"))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("LEADGATE_ADMIN_TOKEN")
+    );
+}
+
+#[tokio::test]
+async fn the_admin_api_wants_its_bearer_token() {
+    let app = app_with_admin().await;
+    let none = app.http.get(app.url("/admin/stats")).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
+    let wrong = app
+        .http
+        .get(app.url("/admin/stats"))
+        .bearer_auth("admin-token-0123456780")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let paused = app
+        .http
+        .post(app.url("/admin/pause"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 401);
+    assert_eq!(
+        app.gateway().delivery(),
+        leadgate::forwarder::DeliveryStatus::Running
+    );
+    let right = admin_get(&app, "/admin/stats").await;
+    assert_eq!(right.status(), 200);
+}
+
+#[tokio::test]
+async fn an_operator_pause_holds_delivery_until_resume() {
+    let app = app_with_admin().await;
+    let paused: Value = admin_post(&app, "/admin/pause", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(paused["delivery"]["state"], "paused");
+    assert_eq!(paused["delivery"]["by_operator"], true);
+    for i in 0..3 {
+        let response = app
+            .post_json("website", &json!({"name": format!("Held Lead{i}")}))
+            .await;
+        assert_eq!(response.status(), 202, "leads are still accepted");
+    }
+    let stats: Value = eventually(Duration::from_secs(5), "stats", || async {
+        let stats: Value = admin_get(&app, "/admin/stats").await.json().await.ok()?;
+        (stats["ready"] == 3).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["delivery"]["state"], "paused");
+    let readyz: Value = app
+        .http
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["status"], "degraded");
+    // An operator's pause is not probed away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(app.sim.requests().is_empty());
+
+    let resumed: Value = admin_post(&app, "/admin/resume", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resumed["delivery"]["state"], "running");
+    app.received(3).await;
+}
+
+#[tokio::test]
+async fn resume_ends_a_pause_caused_by_onpipeline() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_PAUSE_PROBE_MAX", "1h");
+    })
+    .await;
+    app.sim.push_faults([Fault::status(401)]);
+    app.post_json("website", &json!({"name": "Quick Resume"}))
+        .await;
+    eventually(Duration::from_secs(10), "the pause", || async {
+        matches!(
+            app.gateway().delivery(),
+            leadgate::forwarder::DeliveryStatus::Paused { .. }
+        )
+        .then_some(())
+    })
+    .await;
+    let resumed: Value = admin_post(&app, "/admin/resume", json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resumed["delivery"]["state"], "running");
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["FirstName"], "Quick");
+}
+
+#[tokio::test]
+async fn a_dead_letter_can_be_listed_read_and_deleted() {
+    let app = app_with_admin().await;
+    app.sim.push_faults([Fault::Status {
+        status: 406,
+        retry_after: None,
+        message: Some("Not acceptable - bad data".into()),
+    }]);
+    let response = app
+        .post_json(
+            "website",
+            &json!({"name": "Dead Letter", "email": "dead@example.com"}),
+        )
+        .await;
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dead: Value = eventually(Duration::from_secs(10), "the dead letter", || async {
+        let body: Value = admin_get(&app, "/admin/dead").await.json().await.ok()?;
+        (body["dead"].as_array()?.len() == 1).then_some(body)
+    })
+    .await;
+    let letter = &dead["dead"][0];
+    assert_eq!(letter["id"], id);
+    assert!(letter["reason"].as_str().unwrap().contains("bad data"));
+    assert_eq!(letter["history"][0]["status"], 406);
+    assert!(
+        !dead.to_string().contains("dead@example.com"),
+        "the list carries no personal data"
+    );
+
+    let record: Value = admin_get(&app, &format!("/admin/leads/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["state"], "dead");
+    assert!(record["dead_reason"].as_str().unwrap().contains("bad data"));
+
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/admin/dead/{id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let again = app
+        .http
+        .delete(app.url(&format!("/admin/dead/{id}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+    let stats: Value = admin_get(&app, "/admin/stats").await.json().await.unwrap();
+    assert_eq!(stats["dead"], 0);
+}
+
+#[tokio::test]
+async fn replay_reports_ids_it_cannot_find() {
+    let app = app_with_admin().await;
+    let missing = leadgate::lead::LeadId::new().to_string();
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"ids": [missing]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], json!([]));
+    assert_eq!(answer["failed"][0]["id"], missing);
+    let both = admin_post(
+        &app,
+        "/admin/dead/replay",
+        json!({"ids": [missing], "all": true}),
+    )
+    .await;
+    assert_eq!(both.status(), 400);
+}
+
+#[tokio::test]
+async fn a_delivered_lead_s_record_shows_its_attempts_and_onpipeline_lead_id() {
+    let app = app_with_admin().await;
+    app.sim.push_faults([Fault::status(503)]);
+    let response = app
+        .post_json("website", &json!({"name": "Story Lead"}))
+        .await;
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let leads = app.received(1).await;
+    let record: Value = eventually(Duration::from_secs(10), "the delivered record", || async {
+        let record: Value = admin_get(&app, &format!("/admin/leads/{id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    assert_eq!(record["delivery"]["onpipeline_lead_id"], leads[0].lead_id);
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{record}");
+    assert_eq!(attempts[0]["status"], 503);
+    assert_eq!(attempts[0]["outcome"], "retry");
+    assert_eq!(attempts[1]["outcome"], "delivered");
+    assert_eq!(attempts[1]["number"], 2);
+    assert_eq!(record["work"]["payload"]["FirstName"], "Story");
+}
+
+#[tokio::test]
+async fn metrics_count_received_leads_and_attempts() {
+    let app = app_with_admin().await;
+    app.post_json("website", &json!({"name": "Metric Lead"}))
+        .await;
+    app.post_json("website", &json!({"email": "no-name@example.com"}))
+        .await;
+    app.received(1).await;
+    let text = eventually(Duration::from_secs(10), "the counters", || async {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("leadgate_delivery_attempts_total")
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        text.contains("leadgate_leads_received_total{source=\"website\",outcome=\"queued\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("leadgate_leads_received_total{source=\"website\",outcome=\"rejected\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("leadgate_upstream_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(!text.contains("no-name@example.com"));
+}
+
+#[tokio::test]
+async fn metrics_want_their_token_when_one_is_set() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_METRICS_TOKEN", "metrics-token-0123");
+    })
+    .await;
+    assert_eq!(
+        app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let ok = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth("metrics-token-0123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_talks_to_a_running_instance() {
+    let app = app_with_admin().await;
+    let run = |token: &str, args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_leadgate"));
+        command
+            .env_clear()
+            .env("LEADGATE_ADMIN_TOKEN", token)
+            .arg("admin")
+            .args(["--url", &app.base])
+            .args(args);
+        command.output().unwrap()
+    };
+    let app_ref = &app;
+    let stats = tokio::task::block_in_place(|| run(ADMIN, &["stats"]));
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let json: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(json["delivery"]["state"], "running");
+
+    let paused = tokio::task::block_in_place(|| run(ADMIN, &["pause"]));
+    assert!(paused.status.success());
+    assert!(matches!(
+        app_ref.gateway().delivery(),
+        leadgate::forwarder::DeliveryStatus::Paused {
+            by_operator: true,
+            ..
+        }
+    ));
+    let resumed = tokio::task::block_in_place(|| run(ADMIN, &["resume"]));
+    assert!(resumed.status.success());
+
+    let denied = tokio::task::block_in_place(|| run("wrong-token-000000", &["stats"]));
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("401"));
+}
