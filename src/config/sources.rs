@@ -1090,6 +1090,94 @@ api_keys = ["${ACME_KEY}"]
         assert!(parse_size("lots").is_err());
     }
 
+    // ---- issue 3: Google Ads lead forms and webhook presets ----
+
+    #[test]
+    fn a_google_source_needs_a_long_enough_key_and_keeps_its_defaults_under_the_tables() {
+        let missing = "[[source]]\nid = \"g\"\nkind = \"google\"\n";
+        let err = parse(missing).err().unwrap().to_string();
+        assert!(err.contains("google_key"), "{err}");
+        let short = "[[source]]\nid = \"g\"\nkind = \"google\"\ngoogle_key = \"123\"\n";
+        let err = parse(short).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+        let text = "[[source]]\nid = \"g\"\nkind = \"google\"\ngoogle_key = \"${ACME_KEY}\"\n\
+                    forward_test_leads = true\n[source.fields]\nEMAIL = \"Email.home\"\n\
+                    [source.extra]\nCITY = \"1\"\n";
+        let sources = parse(text).unwrap();
+        let google = sources.get("g").unwrap();
+        assert!(google.forwards_test_leads());
+        assert!(google.kind.wants_plain_200());
+        let fields = &google.mapping.fields;
+        let target = |name: &str| {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            target("EMAIL"),
+            [Target::Email(crate::lead::EmailType::Home)]
+        );
+        assert_eq!(target("FULL_NAME"), [Target::FullName]);
+        assert!(
+            target("CITY").is_empty(),
+            "an extra mapping replaces the default"
+        );
+        assert!(google.limits.per_ip.is_none());
+    }
+
+    #[test]
+    fn keys_of_another_kind_are_refused_with_their_line() {
+        let text = "[[source]]\nid = \"w\"\nkind = \"form\"\nsecret = \"x\"\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+        assert!(err.contains("only webhook sources take secret"), "{err}");
+        let text = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"jotform\"\n\
+                    auth = \"none\"\nforward_test_leads = true\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(
+            err.contains("only google sources take forward_test_leads"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_presets_and_auth_are_checked() {
+        let unknown = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"wufoo\"\n";
+        let err = parse(unknown).err().unwrap().to_string();
+        assert!(
+            err.contains("typeform, unbounce, elementor, webflow, jotform"),
+            "{err}"
+        );
+        let unsigned = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"typeform\"\n";
+        let err = parse(unsigned).err().unwrap().to_string();
+        assert!(err.contains("signing secret"), "{err}");
+        let short = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"unbounce\"\n\
+                     secret = \"short\"\n";
+        let err = parse(short).err().unwrap().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        let by_key = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"webflow\"\n\
+                      auth = \"key\"\nsecret = \"${ACME_KEY}\"\n";
+        let sources = parse(by_key).unwrap();
+        let SourceKind::Webhook(hook) = &sources.get("w").unwrap().kind else {
+            panic!("a webhook");
+        };
+        assert_eq!(hook.preset, Preset::Webflow);
+        assert!(matches!(hook.auth, WebhookAuth::Key(_)));
+        assert!(!format!("{hook:?}").contains("acme-secret"));
+    }
+
+    #[test]
+    fn every_default_mapping_names_a_leadsin_field() {
+        assert!(!google_default_fields().is_empty());
+        for (_, preset) in Preset::ALL {
+            assert!(webhook_default_fields(preset).len() > default_fields().len());
+        }
+    }
+
+    // ---- end issue 3 (Google, webhooks) ----
+
     #[test]
     fn origins_are_normalised_and_must_not_have_paths() {
         assert_eq!(
