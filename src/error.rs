@@ -24,6 +24,10 @@ pub enum IngestError {
     Unauthorized,
     #[error("posts from {0} are not allowed for this source")]
     OriginNotAllowed(String),
+    /// A platform's or webhook's proof of origin (key, signature, timestamp) is missing or
+    /// wrong. The message says which check failed, never what was expected.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -75,6 +79,7 @@ pub const ALL_CODES: &[&str] = &[
     "method_not_allowed",
     "unauthorized",
     "origin_not_allowed",
+    "forbidden",
     "unsupported_media_type",
     "malformed_body",
     "payload_too_large",
@@ -95,7 +100,7 @@ impl IngestError {
             IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
             IngestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            IngestError::OriginNotAllowed(_) | IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
@@ -115,6 +120,7 @@ impl IngestError {
             IngestError::MethodNotAllowed => "method_not_allowed",
             IngestError::Unauthorized => "unauthorized",
             IngestError::OriginNotAllowed(_) => "origin_not_allowed",
+            IngestError::Forbidden(_) => "forbidden",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
@@ -144,7 +150,9 @@ impl IngestError {
     pub fn outcome(&self) -> &'static str {
         match self {
             IngestError::RateLimited { .. } => "rate_limited",
-            IngestError::Unauthorized | IngestError::OriginNotAllowed(_) => "unauthorized",
+            IngestError::Unauthorized
+            | IngestError::OriginNotAllowed(_)
+            | IngestError::Forbidden(_) => "unauthorized",
             IngestError::Unavailable { .. } => "unavailable",
             IngestError::Internal(_) => "error",
             IngestError::UnknownSource(_)
@@ -175,6 +183,12 @@ impl IngestError {
             IngestError::Unavailable { .. } => {
                 tracing::warn!(source, "Refused a lead because the queue is unavailable.")
             }
+            // A platform that fails its check is usually misconfigured and losing leads.
+            IngestError::Forbidden(reason) => tracing::warn!(
+                source,
+                reason = reason.as_str(),
+                "Refused a platform request whose key or signature did not verify."
+            ),
             other => tracing::debug!(source, code = other.code(), "Refused a request."),
         }
     }
@@ -260,6 +274,7 @@ mod tests {
             IngestError::UnknownSource("nope".to_owned()),
             IngestError::Unauthorized,
             IngestError::OriginNotAllowed("https://evil.example".to_owned()),
+            IngestError::Forbidden(String::new()),
             IngestError::UnsupportedMediaType(String::new()),
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
@@ -285,6 +300,7 @@ mod tests {
                 | IngestError::MethodNotAllowed
                 | IngestError::Unauthorized
                 | IngestError::OriginNotAllowed(_)
+                | IngestError::Forbidden(_)
                 | IngestError::UnsupportedMediaType(_)
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }

@@ -52,6 +52,19 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
         if let SourceKind::Partner { api_keys } = &source.kind {
             let _ = writeln!(out, "  api keys: {} configured", api_keys.len());
         }
+        // ---- issue 3: how a webhook source checks its sender ----
+        if let SourceKind::Webhook(hook) = &source.kind {
+            use super::sources::WebhookAuth;
+            let auth = match hook.auth {
+                WebhookAuth::Signature(_) => "its own signature, with secret".to_owned(),
+                WebhookAuth::Key(_) => format!(
+                    "shared key: paste {base}/in/{}?key=<secret> (or send X-Leadgate-Key)",
+                    source.id
+                ),
+                WebhookAuth::None => "NONE: anyone who knows the URL can post".to_owned(),
+            };
+            let _ = writeln!(out, "  preset: {}; checked by {auth}", hook.preset.name());
+        }
         if !source.allowed_origins.is_empty() {
             let origins: Vec<String> = source
                 .allowed_origins

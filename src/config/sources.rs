@@ -33,7 +33,77 @@ pub enum SourceKind {
     Form,
     /// Partner systems: `Authorization: Bearer <key>` with one of these keys.
     Partner { api_keys: Vec<SecretString> },
+    // ---- issue 3: Google Ads lead forms and webhook presets ----
+    /// Google Ads lead forms: JSON whose `google_key` must equal this key.
+    Google { google_key: SecretString },
+    /// A form tool's webhook (Typeform, Unbounce, Elementor, Webflow, Jotform).
+    Webhook(Webhook),
+    // ---- end issue 3 (Google, webhooks) ----
 }
+
+// ---- issue 3: Google Ads lead forms and webhook presets ----
+
+/// A form tool whose webhook format leadgate knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    Typeform,
+    Unbounce,
+    Elementor,
+    Webflow,
+    Jotform,
+}
+
+impl Preset {
+    const ALL: [(&'static str, Preset); 5] = [
+        ("typeform", Preset::Typeform),
+        ("unbounce", Preset::Unbounce),
+        ("elementor", Preset::Elementor),
+        ("webflow", Preset::Webflow),
+        ("jotform", Preset::Jotform),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, p)| *p == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("webhook")
+    }
+
+    /// Whether the tool signs its requests with a scheme of its own (an HMAC over the body).
+    pub fn signs(self) -> bool {
+        matches!(self, Preset::Typeform | Preset::Webflow)
+    }
+}
+
+/// How a webhook source checks its sender.
+pub enum WebhookAuth {
+    /// The preset's own HMAC signature, keyed with this secret.
+    Signature(SecretString),
+    /// A shared key the sender puts in the URL (`?key=…`) or an `X-Leadgate-Key` header.
+    Key(SecretString),
+    /// No check: anyone who knows the URL can post (chosen explicitly with `auth = "none"`).
+    None,
+}
+
+/// A webhook source: which tool, and how its requests are checked.
+pub struct Webhook {
+    pub preset: Preset,
+    pub auth: WebhookAuth,
+}
+
+impl fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match self.auth {
+            WebhookAuth::Signature(_) => "signature <redacted>",
+            WebhookAuth::Key(_) => "key <redacted>",
+            WebhookAuth::None => "none",
+        };
+        write!(f, "Webhook {{ preset: {:?}, auth: {auth} }}", self.preset)
+    }
+}
+
+// ---- end issue 3 (Google, webhooks) ----
 
 impl SourceKind {
     /// Senders that treat anything but a plain `200` as failure (ad platforms, some form
@@ -41,6 +111,16 @@ impl SourceKind {
     pub fn wants_plain_200(&self) -> bool {
         match self {
             SourceKind::Form | SourceKind::Partner { .. } => false,
+            SourceKind::Google { .. } | SourceKind::Webhook(_) => true,
+        }
+    }
+
+    /// Senders that cannot fix their data (ad platforms, form tools): their leads are mapped
+    /// leniently and never refused for what they carry.
+    pub fn is_platform(&self) -> bool {
+        match self {
+            SourceKind::Form | SourceKind::Partner { .. } => false,
+            SourceKind::Google { .. } | SourceKind::Webhook(_) => true,
         }
     }
 
@@ -48,6 +128,8 @@ impl SourceKind {
         match self {
             SourceKind::Form => "form",
             SourceKind::Partner { .. } => "partner",
+            SourceKind::Google { .. } => "google",
+            SourceKind::Webhook(_) => "webhook",
         }
     }
 }
@@ -59,6 +141,8 @@ impl fmt::Debug for SourceKind {
             SourceKind::Partner { api_keys } => {
                 write!(f, "Partner {{ api_keys: <{} redacted> }}", api_keys.len())
             }
+            SourceKind::Google { .. } => f.write_str("Google { google_key: <redacted> }"),
+            SourceKind::Webhook(hook) => hook.fmt(f),
         }
     }
 }
@@ -116,12 +200,14 @@ pub struct Source {
     pub thank_you_url: Option<Url>,
     pub mapping: MappingRules,
     pub limits: Limits,
+    /// Forward a platform's test leads (Google's "Send test data") instead of only logging them.
+    pub forward_test_leads: bool,
 }
 
 impl Source {
     /// Whether a platform's test leads are forwarded to Onpipeline (otherwise only logged).
     pub fn forwards_test_leads(&self) -> bool {
-        false
+        self.forward_test_leads
     }
 
     /// Whether a browser page at `origin` may post to this source.
@@ -217,6 +303,13 @@ struct RawSource {
     constants: IndexMap<String, S>,
     #[serde(default)]
     api_keys: Vec<S>,
+    // ---- issue 3: Google Ads lead forms and webhook presets ----
+    google_key: Option<S>,
+    forward_test_leads: Option<Spanned<bool>>,
+    preset: Option<S>,
+    secret: Option<S>,
+    auth: Option<S>,
+    // ---- end issue 3 (Google, webhooks) ----
     #[serde(default)]
     limits: RawLimits,
 }
@@ -340,14 +433,19 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
             }
             SourceKind::Partner { api_keys: keys }
         }
+        // ---- issue 3: Google Ads lead forms and webhook presets ----
+        "google" => google_kind(ctx, &raw, &id)?,
+        "webhook" => webhook_kind(ctx, &raw, &id)?,
+        // ---- end issue 3 (Google, webhooks) ----
         other => {
             return Err(at(
                 raw.kind.span(),
                 "kind",
-                format!("unknown kind {other:?}; expected form or partner"),
+                format!("unknown kind {other:?}; expected form, partner, google or webhook"),
             ));
         }
     };
+    refuse_keys_of_other_kinds(ctx, &raw, &id, &kind)?;
 
     let mut allowed_origins = Vec::new();
     for origin in &raw.allowed_origins {
@@ -459,12 +557,17 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         Some(value) => Some(extra_id(value, "unmapped_extra")?),
     };
 
+    let fields = match &kind {
+        SourceKind::Form | SourceKind::Partner { .. } if fields.is_empty() => default_fields(),
+        SourceKind::Form | SourceKind::Partner { .. } => fields,
+        // ---- issue 3: platforms keep their defaults for names the tables do not mention ----
+        SourceKind::Google { .. } => with_defaults(fields, &extra, google_default_fields()),
+        SourceKind::Webhook(hook) => {
+            with_defaults(fields, &extra, webhook_default_fields(hook.preset))
+        }
+    };
     let mapping = MappingRules {
-        fields: if fields.is_empty() {
-            default_fields()
-        } else {
-            fields
-        },
+        fields,
         extra,
         constants,
         unmapped_extra,
@@ -479,6 +582,8 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
     let (default_per_ip, default_total, default_body) = match kind {
         SourceKind::Form => ("20/minute", "200/second", 1024 * 1024),
         SourceKind::Partner { .. } => ("off", "100/second", 256 * 1024),
+        // Platforms post from a few shared addresses: a per-IP limit would drop their retries.
+        SourceKind::Google { .. } | SourceKind::Webhook(_) => ("off", "100/second", 1024 * 1024),
     };
     let quota =
         |value: &Option<S>, default: &str, key: &str| -> Result<Option<Quota>, SourcesError> {
@@ -503,6 +608,10 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         thank_you_url,
         mapping,
         limits,
+        forward_test_leads: raw
+            .forward_test_leads
+            .as_ref()
+            .is_some_and(|v| *v.get_ref()),
     })
 }
 
@@ -530,6 +639,297 @@ pub fn default_fields() -> Vec<(String, Target)> {
     .map(|(k, t)| (k.to_owned(), t))
     .collect()
 }
+
+// ---- issue 3: Google Ads lead forms and webhook presets ----
+
+/// Shared keys leadgate asks a marketer to type into a platform (Google's key, a webhook's
+/// URL key) are the only credential of a public URL: short ones are refused.
+const MIN_SHARED_KEY: usize = 16;
+
+fn google_kind(ctx: &Ctx<'_>, raw: &RawSource, id: &str) -> Result<SourceKind, SourcesError> {
+    let at = |span: Range<usize>, message: String| {
+        ctx.error(span, format!("source {id:?}, key google_key: {message}"))
+    };
+    let Some(key) = &raw.google_key else {
+        return Err(at(
+            raw.kind.span(),
+            "a google source needs google_key, the key typed next to the webhook URL in the \
+             lead form (Google sends an empty key when none is set, so one is required)"
+                .into(),
+        ));
+    };
+    let value = ctx.expand(key, &format!("source {id:?}, key google_key"))?;
+    if value.chars().count() < MIN_SHARED_KEY {
+        return Err(at(
+            key.span(),
+            format!("the key must be at least {MIN_SHARED_KEY} characters"),
+        ));
+    }
+    Ok(SourceKind::Google {
+        google_key: SecretString::from(value),
+    })
+}
+
+fn webhook_kind(ctx: &Ctx<'_>, raw: &RawSource, id: &str) -> Result<SourceKind, SourcesError> {
+    let at = |span: Range<usize>, key: &str, message: String| {
+        ctx.error(span, format!("source {id:?}, key {key}: {message}"))
+    };
+    let names = || {
+        Preset::ALL
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(preset_value) = &raw.preset else {
+        return Err(at(
+            raw.kind.span(),
+            "preset",
+            format!("a webhook source needs a preset: one of {}", names()),
+        ));
+    };
+    let preset = Preset::ALL
+        .iter()
+        .find(|(n, _)| *n == preset_value.get_ref())
+        .map(|(_, p)| *p)
+        .ok_or_else(|| {
+            at(
+                preset_value.span(),
+                "preset",
+                format!(
+                    "unknown preset {:?}; expected one of {}",
+                    preset_value.get_ref(),
+                    names()
+                ),
+            )
+        })?;
+    let default_auth = if preset.signs() { "signature" } else { "key" };
+    let (auth_name, auth_span) = match &raw.auth {
+        Some(auth) => (auth.get_ref().as_str(), auth.span()),
+        None => (default_auth, raw.kind.span()),
+    };
+    let secret = match &raw.secret {
+        None => None,
+        Some(secret) => Some((
+            ctx.expand(secret, &format!("source {id:?}, key secret"))?,
+            secret.span(),
+        )),
+    };
+    let need_secret = |what: &str| {
+        at(
+            auth_span.clone(),
+            "secret",
+            format!(
+                "{what}; set secret = \"${{VAR}}\", or auth = \"none\" to accept unauthenticated \
+                 posts (anyone who learns the URL can then send leads)"
+            ),
+        )
+    };
+    let auth = match auth_name {
+        "signature" if !preset.signs() => {
+            return Err(at(
+                auth_span,
+                "auth",
+                format!(
+                    "{} does not sign its requests; use auth = \"key\" (the default for it)",
+                    preset.name()
+                ),
+            ));
+        }
+        "signature" => match secret {
+            Some((value, span)) if value.is_empty() => {
+                return Err(at(span, "secret", "the signing secret is empty".into()));
+            }
+            Some((value, _)) => WebhookAuth::Signature(SecretString::from(value)),
+            None => {
+                return Err(need_secret(&format!(
+                    "{} requests are checked with the signing secret set in {}",
+                    preset.name(),
+                    preset.name()
+                )));
+            }
+        },
+        "key" => match secret {
+            Some((value, span)) if value.chars().count() < MIN_SHARED_KEY => {
+                return Err(at(
+                    span,
+                    "secret",
+                    format!("the shared key must be at least {MIN_SHARED_KEY} characters"),
+                ));
+            }
+            Some((value, _)) => WebhookAuth::Key(SecretString::from(value)),
+            None => {
+                return Err(need_secret(
+                    "the sender must present a shared key (?key=… in the URL or an X-Leadgate-Key header)",
+                ));
+            }
+        },
+        "none" => {
+            if let Some((_, span)) = secret {
+                return Err(at(
+                    span,
+                    "secret",
+                    "auth = \"none\" takes no secret; remove one of them".into(),
+                ));
+            }
+            WebhookAuth::None
+        }
+        other => {
+            return Err(at(
+                auth_span,
+                "auth",
+                format!("unknown auth {other:?}; expected signature, key or none"),
+            ));
+        }
+    };
+    Ok(SourceKind::Webhook(Webhook { preset, auth }))
+}
+
+/// Keys that belong to another kind are mistakes (a `secret` on a form would protect nothing).
+fn refuse_keys_of_other_kinds(
+    ctx: &Ctx<'_>,
+    raw: &RawSource,
+    id: &str,
+    kind: &SourceKind,
+) -> Result<(), SourcesError> {
+    let checks: [(&str, Option<Range<usize>>, &str); 6] = [
+        (
+            "api_keys",
+            raw.api_keys.first().map(|k| k.span()),
+            "partner",
+        ),
+        (
+            "google_key",
+            raw.google_key.as_ref().map(|k| k.span()),
+            "google",
+        ),
+        (
+            "forward_test_leads",
+            raw.forward_test_leads.as_ref().map(|k| k.span()),
+            "google",
+        ),
+        ("preset", raw.preset.as_ref().map(|k| k.span()), "webhook"),
+        ("secret", raw.secret.as_ref().map(|k| k.span()), "webhook"),
+        ("auth", raw.auth.as_ref().map(|k| k.span()), "webhook"),
+    ];
+    for (key, span, owner) in checks {
+        match span {
+            Some(span) if kind.name() != owner => {
+                return Err(ctx.error(
+                    span,
+                    format!("source {id:?}, key {key}: only {owner} sources take {key}"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A platform's default mappings under the configured ones: a default applies to an incoming
+/// name that neither `[source.fields]` nor `[source.extra]` mentions.
+fn with_defaults(
+    configured: Vec<(String, Target)>,
+    extra: &[(String, ExtraId)],
+    defaults: Vec<(String, Target)>,
+) -> Vec<(String, Target)> {
+    let mentioned = |name: &str| {
+        configured.iter().any(|(n, _)| n == name) || extra.iter().any(|(n, _)| n == name)
+    };
+    let kept: Vec<_> = defaults
+        .into_iter()
+        .filter(|(name, _)| !mentioned(name))
+        .collect();
+    configured.into_iter().chain(kept).collect()
+}
+
+fn targets(pairs: &[(&str, &str)]) -> Vec<(String, Target)> {
+    pairs
+        .iter()
+        .map(|(name, target)| {
+            let target = target
+                .parse()
+                .unwrap_or_else(|e| panic!("default mapping {name} -> {target}: {e}"));
+            ((*name).to_owned(), target)
+        })
+        .collect()
+}
+
+/// Google's standard `column_id`s mapped to Leadsin fields. `JOB_TITLE`, government ids and
+/// qualifying questions have no standard Leadsin field: map them in `[source.extra]`.
+pub fn google_default_fields() -> Vec<(String, Target)> {
+    targets(&[
+        ("FULL_NAME", "FullName"),
+        ("FIRST_NAME", "FirstName"),
+        ("LAST_NAME", "LastName"),
+        ("EMAIL", "Email.work"),
+        ("WORK_EMAIL", "Email.work"),
+        ("PHONE_NUMBER", "Phone.mobile"),
+        ("WORK_PHONE", "Phone.work"),
+        ("COMPANY_NAME", "OrgName"),
+        ("STREET_ADDRESS", "AddressLine1"),
+        ("POSTAL_CODE", "Postcode"),
+        ("CITY", "City"),
+        ("REGION", "Region"),
+        ("COUNTRY", "Country"),
+    ])
+}
+
+/// Each webhook preset's default mappings, by the names its parser gives fields.
+pub fn webhook_default_fields(preset: Preset) -> Vec<(String, Target)> {
+    // The common form names (`name`, `email`, `phone`, `company`, …) apply to every preset.
+    let mut fields = default_fields();
+    let own: &[(&str, &str)] = match preset {
+        // Typeform: answer refs; an unmapped email or phone answer is read as `email`/`phone`.
+        Preset::Typeform => &[("full_name", "FullName"), ("phone_number", "Phone.work")],
+        Preset::Unbounce => &[
+            ("full_name", "FullName"),
+            ("phone_number", "Phone.work"),
+            ("company_name", "OrgName"),
+            ("zip_code", "Postcode"),
+            ("postal_code", "Postcode"),
+        ],
+        // Elementor's simple format uses labels; the default form's field ids are `name`,
+        // `email`, `message`.
+        Preset::Elementor => &[
+            ("Name", "FullName"),
+            ("First Name", "FirstName"),
+            ("Last Name", "LastName"),
+            ("Email", "Email.work"),
+            ("Phone", "Phone.work"),
+            ("Company", "OrgName"),
+        ],
+        Preset::Webflow => &[
+            ("Name", "FullName"),
+            ("First Name", "FirstName"),
+            ("Last Name", "LastName"),
+            ("Email", "Email.work"),
+            ("Email Address", "Email.work"),
+            ("Phone", "Phone.work"),
+            ("Phone Number", "Phone.work"),
+            ("Company", "OrgName"),
+        ],
+        // Jotform: unique names; compound answers become `<name>.<part>`.
+        Preset::Jotform => &[
+            ("name.first", "FirstName"),
+            ("name.last", "LastName"),
+            ("fullName.first", "FirstName"),
+            ("fullName.last", "LastName"),
+            ("phoneNumber", "Phone.work"),
+            ("companyName", "OrgName"),
+            ("address.addr_line1", "AddressLine1"),
+            ("address.addr_line2", "AddressLine2"),
+            ("address.city", "City"),
+            ("address.state", "Region"),
+            ("address.postal", "Postcode"),
+            ("address.country", "Country"),
+        ],
+    };
+    fields.extend(targets(own));
+    fields
+}
+
+// ---- end issue 3 (Google, webhooks) ----
 
 /// `"20/minute"`, `"200/second"`, `"1000/hour"`, or `"off"`.
 pub fn parse_rate(text: &str) -> Result<Option<Quota>, String> {
@@ -689,6 +1089,94 @@ api_keys = ["${ACME_KEY}"]
         assert_eq!(parse_size("64KiB").unwrap(), 65536);
         assert!(parse_size("lots").is_err());
     }
+
+    // ---- issue 3: Google Ads lead forms and webhook presets ----
+
+    #[test]
+    fn a_google_source_needs_a_long_enough_key_and_keeps_its_defaults_under_the_tables() {
+        let missing = "[[source]]\nid = \"g\"\nkind = \"google\"\n";
+        let err = parse(missing).err().unwrap().to_string();
+        assert!(err.contains("google_key"), "{err}");
+        let short = "[[source]]\nid = \"g\"\nkind = \"google\"\ngoogle_key = \"123\"\n";
+        let err = parse(short).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+        let text = "[[source]]\nid = \"g\"\nkind = \"google\"\ngoogle_key = \"${ACME_KEY}\"\n\
+                    forward_test_leads = true\n[source.fields]\nEMAIL = \"Email.home\"\n\
+                    [source.extra]\nCITY = \"1\"\n";
+        let sources = parse(text).unwrap();
+        let google = sources.get("g").unwrap();
+        assert!(google.forwards_test_leads());
+        assert!(google.kind.wants_plain_200());
+        let fields = &google.mapping.fields;
+        let target = |name: &str| {
+            fields
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            target("EMAIL"),
+            [Target::Email(crate::lead::EmailType::Home)]
+        );
+        assert_eq!(target("FULL_NAME"), [Target::FullName]);
+        assert!(
+            target("CITY").is_empty(),
+            "an extra mapping replaces the default"
+        );
+        assert!(google.limits.per_ip.is_none());
+    }
+
+    #[test]
+    fn keys_of_another_kind_are_refused_with_their_line() {
+        let text = "[[source]]\nid = \"w\"\nkind = \"form\"\nsecret = \"x\"\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(err.starts_with("leadgate.toml:4:"), "{err}");
+        assert!(err.contains("only webhook sources take secret"), "{err}");
+        let text = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"jotform\"\n\
+                    auth = \"none\"\nforward_test_leads = true\n";
+        let err = parse(text).err().unwrap().to_string();
+        assert!(
+            err.contains("only google sources take forward_test_leads"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_presets_and_auth_are_checked() {
+        let unknown = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"wufoo\"\n";
+        let err = parse(unknown).err().unwrap().to_string();
+        assert!(
+            err.contains("typeform, unbounce, elementor, webflow, jotform"),
+            "{err}"
+        );
+        let unsigned = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"typeform\"\n";
+        let err = parse(unsigned).err().unwrap().to_string();
+        assert!(err.contains("signing secret"), "{err}");
+        let short = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"unbounce\"\n\
+                     secret = \"short\"\n";
+        let err = parse(short).err().unwrap().to_string();
+        assert!(err.contains("at least 16"), "{err}");
+        let by_key = "[[source]]\nid = \"w\"\nkind = \"webhook\"\npreset = \"webflow\"\n\
+                      auth = \"key\"\nsecret = \"${ACME_KEY}\"\n";
+        let sources = parse(by_key).unwrap();
+        let SourceKind::Webhook(hook) = &sources.get("w").unwrap().kind else {
+            panic!("a webhook");
+        };
+        assert_eq!(hook.preset, Preset::Webflow);
+        assert!(matches!(hook.auth, WebhookAuth::Key(_)));
+        assert!(!format!("{hook:?}").contains("acme-secret"));
+    }
+
+    #[test]
+    fn every_default_mapping_names_a_leadsin_field() {
+        assert!(!google_default_fields().is_empty());
+        for (_, preset) in Preset::ALL {
+            assert!(webhook_default_fields(preset).len() > default_fields().len());
+        }
+    }
+
+    // ---- end issue 3 (Google, webhooks) ----
 
     #[test]
     fn origins_are_normalised_and_must_not_have_paths() {

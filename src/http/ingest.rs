@@ -90,7 +90,8 @@ async fn accept(
 
     let header_key = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body).await?;
-    let submission = Submission::new(req.headers().clone(), body, own_host(req));
+    let submission =
+        Submission::new(req.headers().clone(), body, own_host(req)).with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
     let items = sources::parse(source, verified).await?;
 
@@ -208,7 +209,8 @@ fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> St
 }
 
 fn flavor(req: &HttpRequest, source: &Source) -> Flavor {
-    if matches!(source.kind, SourceKind::Partner { .. }) {
+    // Only people at browsers get pages and redirects; servers (partners, platforms) get JSON.
+    if !matches!(source.kind, SourceKind::Form) {
         return Flavor::Json;
     }
     let headers = req.headers();

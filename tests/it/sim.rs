@@ -695,7 +695,7 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
         .unwrap();
     assert_eq!(
         settings,
-        json!({"detect_duplicates": true, "latency_ms": 0})
+        json!({"detect_duplicates": true, "latency_ms": 0, "custom_fields": null})
     );
     assert!(sim.settings().detect_duplicates);
 

@@ -1,0 +1,149 @@
+//! Unbounce (`preset = "unbounce"`). By default an `application/x-www-form-urlencoded` POST
+//! with `page_id`, `page_url`, `page_name`, `variant`, `data.json` and `data.xml`; `data.json`
+//! holds the submission as a JSON object whose every value is a list of strings:
+//!
+//! ```json
+//! {"first_name": ["Ana"], "email": ["ana@example.com"], "ip_address": ["203.0.113.9"],
+//!  "page_uuid": ["…"], "variant": ["a"], "time_submitted": ["10:57 PM UTC"],
+//!  "date_submitted": ["2024-05-01"], "page_url": ["…"], "page_name": ["…"]}
+//! ```
+//!
+//! Each form field arrives under its Unbounce field name. The page's details (`page_id`,
+//! `page_url`, `page_name`, `variant`, `page_uuid`, `ip_address`, `date_submitted`,
+//! `time_submitted`) reach the mapping when mapped. Unbounce does not sign its requests: the
+//! source checks a shared key in the URL. Unbounce sends no submission id, so there is no
+//! dedupe key. Unconfirmed, and so accepted liberally: a JSON delivery (chosen in Unbounce's
+//! settings) is read the same way, with `data.json` as a string or an object, or the body
+//! itself as the data; a body without `data.json` is read as flat fields.
+
+use serde_json::Value;
+
+use super::{fields_of, one_lead, push_json};
+use crate::config::Source;
+use crate::error::IngestError;
+use crate::lead::Inbound;
+use crate::sources::{Item, Submission, Verified, body, body_limits, json_text, push_metadata};
+
+/// Unbounce's own parameters, at the top level or inside `data.json`.
+const METADATA: [&str; 8] = [
+    "page_id",
+    "page_url",
+    "page_name",
+    "variant",
+    "page_uuid",
+    "ip_address",
+    "date_submitted",
+    "time_submitted",
+];
+
+pub async fn parse(
+    source: &Source,
+    submission: Submission<Verified>,
+) -> Result<Vec<Item>, IngestError> {
+    let limits = body_limits(source);
+    let decoded = body::decode(submission.content_type(), submission.body.clone(), &limits).await?;
+    let (top, data) = match decoded {
+        body::Decoded::Fields(fields) => {
+            let data = match fields.get("data.json").and_then(|v| v.first()) {
+                Some(text) => Some(body::parse_json(text.as_bytes()).map_err(|_| {
+                    IngestError::Malformed("the data.json field is not valid JSON".to_owned())
+                })?),
+                None => None,
+            };
+            (fields, data)
+        }
+        body::Decoded::Json(value) => {
+            let data = match value.get("data.json") {
+                Some(Value::String(text)) => Some(body::parse_json(text.as_bytes())?),
+                Some(object @ Value::Object(_)) => Some(object.clone()),
+                _ => Some(value.clone()),
+            };
+            (fields_of(body::Decoded::Json(value)), data)
+        }
+    };
+
+    let mut fields = Inbound::new();
+    let mut metadata: Vec<(&str, String)> = Vec::new();
+    let mut note_metadata = |name: &'static str, value: Option<String>| {
+        if let Some(value) = value {
+            if !metadata.iter().any(|(n, _)| *n == name) {
+                metadata.push((name, value));
+            }
+        }
+    };
+    for name in METADATA {
+        note_metadata(name, top.get(name).and_then(|v| v.first()).cloned());
+    }
+    match data {
+        Some(Value::Object(data)) => {
+            for (name, value) in &data {
+                match METADATA.iter().find(|m| **m == name.as_str()) {
+                    Some(meta) => note_metadata(meta, first_text(value)),
+                    None => push_json(&mut fields, name, value),
+                }
+            }
+        }
+        Some(_) => {
+            return Err(IngestError::Malformed(
+                "data.json must hold a JSON object".to_owned(),
+            ));
+        }
+        None => {
+            for (name, values) in top.iter() {
+                if !METADATA.contains(&name) && name != "data.xml" {
+                    for value in values {
+                        fields.push(name, value.clone());
+                    }
+                }
+            }
+        }
+    }
+    for (name, value) in metadata {
+        push_metadata(source, &mut fields, name, Some(value));
+    }
+    Ok(one_lead(fields, None))
+}
+
+fn first_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Array(items) => items.first().and_then(json_text),
+        other => json_text(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{fields, parse_one, source};
+
+    #[tokio::test]
+    async fn data_json_lists_become_fields_and_page_details_metadata() {
+        let source = source(
+            "unbounce",
+            "auth = \"none\"\n[source.extra]\npage_id = \"1\"\nvariant = \"2\"\n",
+        );
+        let data = r#"{"email":["ana@example.com"],"interests":["a","b"],"variant":["b"],"ip_address":["203.0.113.9"]}"#;
+        let body = crate::sources::webhook::test_support::urlencode(&[
+            ("page_id", "f0e1d2c3-0000-4000-8000-000000000001"),
+            ("page_url", "https://unbouncepages.com/spring/"),
+            ("variant", "a"),
+            ("data.json", data),
+        ]);
+        let item = parse_one(
+            &source,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        )
+        .await;
+        let f = fields(&item);
+        assert_eq!(f.get("email").unwrap(), ["ana@example.com"]);
+        assert_eq!(f.get("interests").unwrap(), ["a", "b"]);
+        assert_eq!(f.get("variant").unwrap(), ["a"]);
+        assert_eq!(
+            f.get("page_id").unwrap(),
+            ["f0e1d2c3-0000-4000-8000-000000000001"]
+        );
+        assert!(f.get("ip_address").is_none());
+        assert!(f.get("page_url").is_none());
+        assert!(item.platform_id.is_none());
+    }
+}
