@@ -59,7 +59,7 @@ pub async fn ingest(
             }
         }
     };
-    add_cors(&req, &state, &source, response.headers_mut());
+    add_cors(&req, &source, response.headers_mut());
     response
 }
 
@@ -341,18 +341,13 @@ pub async fn preflight(
         let origin = origin.unwrap_or("(no Origin header)").to_owned();
         IngestError::OriginNotAllowed(origin).json_response()
     };
-    add_cors(&req, &state, &source, response.headers_mut());
+    add_cors(&req, &source, response.headers_mut());
     response
 }
 
 /// Echoes an allowed `Origin` (never `*`), always with `Vary: Origin` so caches keep answers
 /// for different origins apart.
-fn add_cors(
-    req: &HttpRequest,
-    _state: &AppState,
-    source: &Source,
-    headers: &mut header::HeaderMap,
-) {
+fn add_cors(req: &HttpRequest, source: &Source, headers: &mut header::HeaderMap) {
     headers.insert(header::VARY, HeaderValue::from_static("Origin"));
     if !matches!(source.kind, SourceKind::Form) {
         return;
