@@ -24,6 +24,12 @@ pub enum IngestError {
     Unauthorized,
     #[error("posts from {0} are not allowed for this source")]
     OriginNotAllowed(String),
+    /// A signed webhook (Meta's `X-Hub-Signature-256`) whose signature is missing or wrong.
+    #[error("{0}")]
+    InvalidSignature(&'static str),
+    /// A subscription handshake (`GET` with `hub.mode=subscribe`) that did not verify.
+    #[error("the subscription handshake did not verify")]
+    HandshakeRefused,
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -75,6 +81,8 @@ pub const ALL_CODES: &[&str] = &[
     "method_not_allowed",
     "unauthorized",
     "origin_not_allowed",
+    "invalid_signature",
+    "handshake_refused",
     "unsupported_media_type",
     "malformed_body",
     "payload_too_large",
@@ -95,7 +103,9 @@ impl IngestError {
             IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
             IngestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::OriginNotAllowed(_) => StatusCode::FORBIDDEN,
+            IngestError::OriginNotAllowed(_)
+            | IngestError::InvalidSignature(_)
+            | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
@@ -115,6 +125,8 @@ impl IngestError {
             IngestError::MethodNotAllowed => "method_not_allowed",
             IngestError::Unauthorized => "unauthorized",
             IngestError::OriginNotAllowed(_) => "origin_not_allowed",
+            IngestError::InvalidSignature(_) => "invalid_signature",
+            IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
@@ -158,6 +170,16 @@ impl IngestError {
             IngestError::Unavailable { .. } => {
                 tracing::warn!(source, "Refused a lead because the queue is unavailable.")
             }
+            // A wrong app secret or verify token refuses every real request too: make it seen.
+            IngestError::InvalidSignature(reason) => tracing::warn!(
+                source,
+                reason,
+                "Refused a webhook whose signature does not verify; if the platform's own requests are refused, check the source's app secret."
+            ),
+            IngestError::HandshakeRefused => tracing::warn!(
+                source,
+                "Refused a subscription handshake; if it came from the platform, check the source's verify_token."
+            ),
             other => tracing::debug!(source, code = other.code(), "Refused a request."),
         }
     }
@@ -243,6 +265,8 @@ mod tests {
             IngestError::UnknownSource("nope".to_owned()),
             IngestError::Unauthorized,
             IngestError::OriginNotAllowed("https://evil.example".to_owned()),
+            IngestError::InvalidSignature("the signature does not match"),
+            IngestError::HandshakeRefused,
             IngestError::UnsupportedMediaType(String::new()),
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
@@ -268,6 +292,8 @@ mod tests {
                 | IngestError::MethodNotAllowed
                 | IngestError::Unauthorized
                 | IngestError::OriginNotAllowed(_)
+                | IngestError::InvalidSignature(_)
+                | IngestError::HandshakeRefused
                 | IngestError::UnsupportedMediaType(_)
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }

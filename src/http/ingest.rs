@@ -110,10 +110,7 @@ async fn accept(
         }
         // The platform's own lead id dedupes redeliveries; otherwise the request's key does.
         let key = match &item.platform_id {
-            Some(id) => Some(IdempotencyKey {
-                source: source.id.clone(),
-                key: format!("platform:{id}"),
-            }),
+            Some(id) => Some(sources::platform_key(source, id)),
             None => header_key.clone(),
         };
         let lead = QueuedLead {
@@ -199,7 +196,8 @@ fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> St
 }
 
 fn flavor(req: &HttpRequest, source: &Source) -> Flavor {
-    if matches!(source.kind, SourceKind::Partner { .. }) {
+    // Only forms have people behind them; every other kind is a program.
+    if !matches!(source.kind, SourceKind::Form) {
         return Flavor::Json;
     }
     let headers = req.headers();

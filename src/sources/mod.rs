@@ -4,6 +4,7 @@
 //! `Submission<Verified>`, and only a verified submission can be parsed.
 
 pub mod body;
+pub mod facebook;
 pub mod form;
 pub mod partner;
 
@@ -16,6 +17,7 @@ use crate::config::{Source, SourceKind};
 use crate::error::IngestError;
 use crate::lead::{Inbound, Input, MetaLeadRef, Work};
 use crate::mapping;
+use crate::queue::IdempotencyKey;
 
 /// A request as received, before anyone checked who sent it.
 pub struct Unverified;
@@ -100,6 +102,7 @@ pub fn verify(
     match &source.kind {
         SourceKind::Form => form::verify(source, &submission)?,
         SourceKind::Partner { api_keys } => partner::verify(api_keys, &submission)?,
+        SourceKind::Facebook(meta) => facebook::verify(meta, &submission)?,
     }
     Ok(submission.verified())
 }
@@ -112,6 +115,7 @@ pub async fn parse(
     let content = match &source.kind {
         SourceKind::Form => form::parse(source, submission).await?,
         SourceKind::Partner { .. } => partner::parse(source, submission).await?,
+        SourceKind::Facebook(_) => return facebook::parse(source, submission).await,
     };
     Ok(vec![Item::new(content)])
 }
@@ -119,9 +123,18 @@ pub async fn parse(
 /// Answers a `GET` on a source: the subscription handshake of platforms that have one (Meta).
 /// Returns the plain-text body of a `200`.
 pub fn handshake(source: &Source, query: &str) -> Result<String, IngestError> {
-    let _ = query;
     match &source.kind {
         SourceKind::Form | SourceKind::Partner { .. } => Err(IngestError::MethodNotAllowed),
+        SourceKind::Facebook(meta) => facebook::handshake(meta, query),
+    }
+}
+
+/// The idempotency key of a platform's lead id: the one dedupe key of a platform lead, whether
+/// it arrives by notification or by a backfill.
+pub fn platform_key(source: &Source, platform_id: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        source: source.id.clone(),
+        key: format!("platform:{platform_id}"),
     }
 }
 
