@@ -10,6 +10,7 @@ mod durability;
 mod egress;
 mod forms;
 mod helpers;
+mod meta;
 mod openapi;
 mod queue_contract;
 mod sim;
