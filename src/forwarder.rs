@@ -21,8 +21,8 @@
 //!   **parked**: the lead goes back uncounted and is tried again after
 //!   `LEADGATE_GRAPH_PARKED_RETRY`; the page is listed under `attention` in `/readyz` and an
 //!   alert logged once; while a page is parked, only one of its leads calls Graph per interval
-//!   (the others wait without a call), and the first success un-parks it. A parked lead is
-//!   never dead-lettered for its token;
+//!   (the others wait without a call), and the first success un-parks it. Like any lead, one
+//!   still parked `LEADGATE_RETRY_MAX_AGE` after it arrived is dead-lettered with the reason;
 //! * rate limit or transient fault → retry later like an Onpipeline failure (Graph's wait as a
 //!   floor);
 //! * any other Graph error → dead-letter with Graph's message (token redacted).
@@ -510,19 +510,14 @@ impl Forwarder {
             let reason = format!(
                 "no access token is configured for Meta page {page_id}: add it to the source's page_tokens"
             );
-            return Err(self.park(source_id, page_id, reason, None));
+            return Err(self.park(lease, page_id, reason, None));
         };
         if !self
             .state
             .may_call_graph(source_id, page_id, self.parked_retry)
         {
-            return Err(Settle::RetryLater {
-                delay: self.parked_retry,
-                reason: "parked: this Meta page needs attention".to_owned(),
-                count_attempt: false,
-                attempt: None,
-                work: None,
-            });
+            let reason = "this Meta page needs attention; another of its leads probes Graph";
+            return Err(self.parked(lease, reason.to_owned(), None));
         }
 
         let at = Utc::now();
@@ -563,7 +558,7 @@ impl Forwarder {
             }
             Err(GraphError::NeedsAttention { message }) => {
                 let attempt = failed(&message);
-                Err(self.park(source_id, page_id, message, attempt))
+                Err(self.park(lease, page_id, message, attempt))
             }
             Err(e @ (GraphError::RateLimited { .. } | GraphError::Temporary { .. })) => {
                 let after = match &e {
@@ -616,21 +611,45 @@ impl Forwarder {
         }
     }
 
-    /// Parks a Meta lead: back to the queue uncounted, tried again after `parked_retry`, its
-    /// page listed in `/readyz`; the alert is logged when the page becomes parked.
+    /// Parks a Meta lead and lists its page in `/readyz`; the alert is logged when the page
+    /// becomes parked.
     fn park(
         &self,
-        source: &str,
+        lease: &Lease,
         page_id: &str,
         reason: String,
         attempt: Option<Attempt>,
     ) -> Settle {
-        if self.state.park(source, page_id, &reason) {
+        if self.state.park(&lease.lead.source, page_id, &reason) {
             error!(
                 page_id,
                 reason,
                 "ALERT: Meta leads of this page cannot be read from the Graph API; they are parked until its page token or the app's permissions are fixed."
             );
+        }
+        self.parked(lease, reason, attempt)
+    }
+
+    /// A parked lead goes back uncounted, to be tried after `parked_retry`. Like every lead,
+    /// one still failing `LEADGATE_RETRY_MAX_AGE` after it arrived is dead-lettered (with the
+    /// reason, for a replay): a lead Graph says does not exist (`100/33`, which Graph cannot
+    /// tell apart from a permission problem) must not stay parked for ever.
+    fn parked(&self, lease: &Lease, reason: String, attempt: Option<Attempt>) -> Settle {
+        let age = (Utc::now() - lease.lead.received_at)
+            .to_std()
+            .unwrap_or_default();
+        if age > self.policy.max_age {
+            error!(
+                reason,
+                "A Meta lead stayed parked past the retry limit; dead-lettered."
+            );
+            return Settle::Dead {
+                reason: format!(
+                    "parked for {} without being read from the Graph API: {reason}",
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                ),
+                attempt,
+            };
         }
         Settle::RetryLater {
             delay: self.parked_retry,

@@ -404,7 +404,7 @@ async fn an_expired_page_token_parks_the_lead_until_the_token_is_fixed_then_it_i
     let during = reads_of(&app, "8001") - before;
     assert!(during <= 6, "{during} Graph calls in 1.2 s while parked");
     let stats = app.stats().await;
-    assert_eq!(stats.dead, 0, "a parked lead is never dead-lettered");
+    assert_eq!(stats.dead, 0, "a parked lead is not dead-lettered");
 
     // The marketer puts the renewed token in the sources file and restarts.
     app.stop().await;
@@ -658,4 +658,48 @@ async fn backfill_finds_a_lead_that_had_no_notification() {
         "{}",
         listing.query
     );
+}
+
+#[tokio::test]
+async fn a_lead_graph_cannot_find_is_parked_then_dead_lettered_past_the_retry_age() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let app = TestApp::spawn_against(sim, &sources(PAGE_TOKEN, ""), |env| {
+        env.set("LEADGATE_GRAPH_PARKED_RETRY", "200ms");
+        env.set("LEADGATE_RETRY_MAX_AGE", "1s");
+    })
+    .await;
+    // Never registered: Graph answers 100/33, "does not exist, cannot be loaded due to missing
+    // permissions" — which cannot be told apart from a permission problem, so it parks.
+    notify(&app, &["8601"]).await;
+    eventually(Duration::from_secs(10), "the page to be parked", || async {
+        let body = readyz(&app).await;
+        let reason = body["attention"][0]["reason"].as_str()?.to_owned();
+        reason.contains("Graph error 100/33").then_some(())
+    })
+    .await;
+    let dead = eventually(Duration::from_secs(10), "a dead letter", || async {
+        let letters = app.gateway().queue().dead_letters(10).await.ok()?;
+        letters.into_iter().next()
+    })
+    .await;
+    assert!(dead.reason.starts_with("parked for "), "{}", dead.reason);
+    assert!(dead.reason.contains("does not exist"), "{}", dead.reason);
+    assert!(app.sim.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_lead_of_a_page_without_a_configured_token_is_parked_without_calling_graph() {
+    let app = meta_app(PAGE_TOKEN, "").await;
+    let other_page = "556677889900112233";
+    let body = notification(&["8701"]).replace(PAGE, other_page);
+    let response = post_signed(&app, &body, Some(&sign(body.as_bytes()))).await;
+    assert_eq!(response.status(), 200);
+    let ready = eventually(Duration::from_secs(10), "the page to be parked", || async {
+        let body = readyz(&app).await;
+        (body["attention"][0]["page_id"] == other_page).then_some(body)
+    })
+    .await;
+    let reason = ready["attention"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("page_tokens"), "{reason}");
+    assert!(app.sim.graph().calls().is_empty());
 }
