@@ -641,6 +641,35 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_transport_failure_says_what_failed_without_the_url_or_token() {
+        // A loopback port with nothing listening.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = GraphClient::new(&GraphSettings {
+            base: format!("https://127.0.0.1:{port}/graph").parse().unwrap(),
+            extra_ca_pem: Vec::new(),
+        })
+        .unwrap();
+        let token = SecretString::from("EAAB-secret-page-token");
+        let credentials = Credentials {
+            token: &token,
+            app_secret: &SecretString::from("app-secret"),
+        };
+        let error = client.lead("901", &credentials).await.unwrap_err();
+        assert!(matches!(error, GraphError::Temporary { .. }), "{error:?}");
+        let message = error.message();
+        assert!(
+            message.starts_with("Graph API connection failed"),
+            "{message}"
+        );
+        assert!(!message.contains("EAAB-secret-page-token"), "{message}");
+        assert!(!message.contains("access_token"), "{message}");
+    }
+
     #[test]
     fn a_listing_page_keeps_readable_leads_and_its_next_cursor() {
         let page = leads_page(&serde_json::json!({
