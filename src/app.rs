@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::config::{Settings, Sources, TokenSource};
 use crate::forwarder::{DeliveryState, DeliveryStatus, Forwarder};
+use crate::graph::{GraphClient, GraphSettings};
 use crate::http::{self, AppState, StateOptions};
 use crate::onpipeline::{ClientSettings, LeadsinClient};
 use crate::queue::Queue;
@@ -59,6 +60,7 @@ pub struct Gateway {
     state: web::Data<AppState>,
     simulator: Option<Arc<Simulator>>,
     housekeeping: JoinHandle<()>,
+    backfill: Vec<JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -128,7 +130,22 @@ impl Gateway {
         }
         let delivery = DeliveryState::new(status);
 
+        // Meta's Graph API: in the sandbox, the simulator's Graph side.
+        let graph = GraphClient::new(&graph_settings(&settings, simulator.as_deref())?)?;
+
         let (shutdown, shutdown_rx) = watch::channel(false);
+        // The delivery side also lists Meta forms (it needs no ingest, only the queue).
+        let backfill = if options.forwarder {
+            crate::backfill::spawn(
+                &sources,
+                queue.clone(),
+                graph.clone(),
+                delivery.clone(),
+                shutdown_rx.clone(),
+            )
+        } else {
+            Vec::new()
+        };
         let forwarder_task = match (delivery_plan, options.forwarder) {
             (Some((client_settings, token)), true) => {
                 if let Err(e) = token.load() {
@@ -146,6 +163,9 @@ impl Gateway {
                     state: delivery.clone(),
                     probe_max: settings.pause_probe_max,
                     drain_timeout: settings.shutdown_timeout,
+                    graph,
+                    sources: sources.clone(),
+                    parked_retry: settings.graph_parked_retry,
                 };
                 Some(tokio::spawn(forwarder.run(shutdown_rx)))
             }
@@ -194,6 +214,7 @@ impl Gateway {
             state,
             simulator,
             housekeeping,
+            backfill,
         })
     }
 
@@ -236,6 +257,16 @@ impl Gateway {
                 warn!(
                     "The forwarder did not stop within 30 s; unfinished leases will be redelivered."
                 );
+            }
+        }
+        for mut task in self.backfill {
+            // A listing in flight only reads and enqueues (idempotently): cutting it is safe.
+            if tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                warn!("A Meta backfill listing did not stop within 5 s; it was cut off.");
             }
         }
         self.server.stop(true).await;
@@ -312,6 +343,27 @@ fn client_settings(settings: &Settings) -> anyhow::Result<ClientSettings> {
         extra_ca_pem,
         max_connections: settings.delivery_concurrency,
     })
+}
+
+fn graph_settings(
+    settings: &Settings,
+    sandbox: Option<&Simulator>,
+) -> anyhow::Result<GraphSettings> {
+    let mut extra_ca_pem = Vec::new();
+    if let Some(path) = settings.ca_file() {
+        extra_ca_pem.push(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read LEADGATE_CA_FILE {}", path.display()))?,
+        );
+    }
+    let base = match sandbox {
+        Some(sim) => {
+            extra_ca_pem.push(sim.ca_pem().as_bytes().to_vec());
+            format!("{}/graph", sim.base_url()).parse()?
+        }
+        None => settings.graph_base()?,
+    };
+    Ok(GraphSettings { base, extra_ca_pem })
 }
 
 fn hostname() -> String {

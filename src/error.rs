@@ -28,6 +28,12 @@ pub enum IngestError {
     /// wrong. The message says which check failed, never what was expected.
     #[error("{0}")]
     Forbidden(String),
+    /// A signed webhook (Meta's `X-Hub-Signature-256`) whose signature is missing or wrong.
+    #[error("{0}")]
+    InvalidSignature(&'static str),
+    /// A subscription handshake (`GET` with `hub.mode=subscribe`) that did not verify.
+    #[error("the subscription handshake did not verify")]
+    HandshakeRefused,
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -80,6 +86,8 @@ pub const ALL_CODES: &[&str] = &[
     "unauthorized",
     "origin_not_allowed",
     "forbidden",
+    "invalid_signature",
+    "handshake_refused",
     "unsupported_media_type",
     "malformed_body",
     "payload_too_large",
@@ -100,7 +108,10 @@ impl IngestError {
             IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
             IngestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
-            IngestError::OriginNotAllowed(_) | IngestError::Forbidden(_) => StatusCode::FORBIDDEN,
+            IngestError::OriginNotAllowed(_)
+            | IngestError::Forbidden(_)
+            | IngestError::InvalidSignature(_)
+            | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
@@ -121,6 +132,8 @@ impl IngestError {
             IngestError::Unauthorized => "unauthorized",
             IngestError::OriginNotAllowed(_) => "origin_not_allowed",
             IngestError::Forbidden(_) => "forbidden",
+            IngestError::InvalidSignature(_) => "invalid_signature",
+            IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
@@ -152,7 +165,9 @@ impl IngestError {
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unauthorized
             | IngestError::OriginNotAllowed(_)
-            | IngestError::Forbidden(_) => "unauthorized",
+            | IngestError::Forbidden(_)
+            | IngestError::InvalidSignature(_)
+            | IngestError::HandshakeRefused => "unauthorized",
             IngestError::Unavailable { .. } => "unavailable",
             IngestError::Internal(_) => "error",
             IngestError::UnknownSource(_)
@@ -188,6 +203,16 @@ impl IngestError {
                 source,
                 reason = reason.as_str(),
                 "Refused a platform request whose key or signature did not verify."
+            ),
+            // A wrong app secret or verify token refuses every real request too: make it seen.
+            IngestError::InvalidSignature(reason) => tracing::warn!(
+                source,
+                reason,
+                "Refused a webhook whose signature does not verify; if the platform's own requests are refused, check the source's app secret."
+            ),
+            IngestError::HandshakeRefused => tracing::warn!(
+                source,
+                "Refused a subscription handshake; if it came from the platform, check the source's verify_token."
             ),
             other => tracing::debug!(source, code = other.code(), "Refused a request."),
         }
@@ -275,6 +300,8 @@ mod tests {
             IngestError::Unauthorized,
             IngestError::OriginNotAllowed("https://evil.example".to_owned()),
             IngestError::Forbidden(String::new()),
+            IngestError::InvalidSignature("the signature does not match"),
+            IngestError::HandshakeRefused,
             IngestError::UnsupportedMediaType(String::new()),
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
@@ -301,6 +328,8 @@ mod tests {
                 | IngestError::Unauthorized
                 | IngestError::OriginNotAllowed(_)
                 | IngestError::Forbidden(_)
+                | IngestError::InvalidSignature(_)
+                | IngestError::HandshakeRefused
                 | IngestError::UnsupportedMediaType(_)
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }

@@ -11,18 +11,34 @@
 //!
 //! A lead whose delivery is already recorded (its earlier lease expired after Onpipeline took
 //! it) is acked without being sent again.
+//!
+//! A Meta lead ([`Work::FetchMeta`]) is first read from the Graph API, then mapped and
+//! delivered in the same attempt ([`Forwarder::fetch_meta`]):
+//!
+//! * read → mapped leniently (platform data is never refused) and sent; if Onpipeline then
+//!   asks for a retry, the retry carries the mapped payload, so Graph is not read again;
+//! * token expired or invalid, permission missing, no token configured for the page →
+//!   **parked**: the lead goes back uncounted and is tried again after
+//!   `LEADGATE_GRAPH_PARKED_RETRY`; the page is listed under `attention` in `/readyz` and an
+//!   alert logged once; while a page is parked, only one of its leads calls Graph per interval
+//!   (the others wait without a call), and the first success un-parks it. Like any lead, one
+//!   still parked `LEADGATE_RETRY_MAX_AGE` after it arrived is dead-lettered with the reason;
+//! * rate limit or transient fault → retry later like an Onpipeline failure (Graph's wait as a
+//!   floor);
+//! * any other Graph error → dead-letter with Graph's message (token redacted).
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::config::TokenSource;
-use crate::lead::Work;
+use crate::config::{SourceKind, Sources, TokenSource};
+use crate::graph::{Credentials, GraphClient, GraphError};
+use crate::lead::{LeadsinPayload, MetaLeadRef, Work};
 use crate::onpipeline::{LeadsinClient, Outcome};
 use crate::queue::{Attempt, AttemptOutcome, Delivery, Lease, Queue, Settle};
 use crate::retry::{Decision, RetryPolicy};
@@ -50,11 +66,30 @@ pub enum DeliveryStatus {
     },
 }
 
+/// A Meta page whose leads cannot be read from the Graph API until a person acts (its token
+/// expired, lacks a permission, or is not configured). Its leads are parked meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Attention {
+    pub source: String,
+    pub page_id: String,
+    /// Graph's message (token redacted), or what is missing.
+    pub reason: String,
+    pub since: DateTime<Utc>,
+}
+
+#[derive(Debug)]
+struct Parked {
+    attention: Attention,
+    /// When a lead of this page last called Graph.
+    last_probe: Instant,
+}
+
 /// Shared between the forwarder, which writes it, and the HTTP side, which reports it.
 #[derive(Debug)]
 pub struct DeliveryState {
     status: RwLock<DeliveryStatus>,
     resume: Notify,
+    parked: Mutex<Vec<Parked>>,
 }
 
 impl DeliveryState {
@@ -62,7 +97,73 @@ impl DeliveryState {
         Arc::new(Self {
             status: RwLock::new(status),
             resume: Notify::new(),
+            parked: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The Meta pages whose leads are parked, as `/readyz` lists them.
+    pub fn attention(&self) -> Vec<Attention> {
+        self.parked_pages()
+            .iter()
+            .map(|p| p.attention.clone())
+            .collect()
+    }
+
+    fn parked_pages(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks a page as needing attention (the reason is updated); returns whether it was newly
+    /// marked, so the alert is logged once.
+    pub fn park(&self, source: &str, page_id: &str, reason: &str) -> bool {
+        let mut parked = self.parked_pages();
+        let found = parked
+            .iter_mut()
+            .find(|p| p.attention.source == source && p.attention.page_id == page_id);
+        match found {
+            Some(p) => {
+                p.attention.reason = reason.to_owned();
+                p.last_probe = Instant::now();
+                false
+            }
+            None => {
+                parked.push(Parked {
+                    attention: Attention {
+                        source: source.to_owned(),
+                        page_id: page_id.to_owned(),
+                        reason: reason.to_owned(),
+                        since: Utc::now(),
+                    },
+                    last_probe: Instant::now(),
+                });
+                true
+            }
+        }
+    }
+
+    /// Whether a lead of this page may call Graph now: always when the page is not parked;
+    /// once per `interval` when it is (the call that is allowed is the probe).
+    fn may_call_graph(&self, source: &str, page_id: &str, interval: Duration) -> bool {
+        let mut parked = self.parked_pages();
+        match parked
+            .iter_mut()
+            .find(|p| p.attention.source == source && p.attention.page_id == page_id)
+        {
+            None => true,
+            Some(p) if p.last_probe.elapsed() >= interval => {
+                p.last_probe = Instant::now();
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Un-parks a page; returns whether it was parked.
+    pub fn unpark(&self, source: &str, page_id: &str) -> bool {
+        let mut parked = self.parked_pages();
+        let before = parked.len();
+        parked.retain(|p| !(p.attention.source == source && p.attention.page_id == page_id));
+        parked.len() != before
     }
 
     pub fn get(&self) -> DeliveryStatus {
@@ -152,6 +253,11 @@ pub struct Forwarder {
     pub state: Arc<DeliveryState>,
     /// Longest wait between probes while paused.
     pub probe_max: Duration,
+    /// Reads Meta leads; the sources give each Meta source's page tokens and mapping.
+    pub graph: GraphClient,
+    pub sources: Sources,
+    /// How long a parked Meta lead waits before it is tried again.
+    pub parked_retry: Duration,
     /// At shutdown, how long deliveries in flight may take to finish before their leases are
     /// released for another process.
     pub drain_timeout: Duration,
@@ -351,25 +457,6 @@ impl Forwarder {
             }
         }
 
-        let payload = match &lease.lead.work {
-            Work::Deliver { payload, .. } => payload.clone(),
-            Work::FetchMeta { .. } => {
-                // Meta leads are read from the Graph API first; no source produces them yet.
-                let reason =
-                    "a Meta lead reached a forwarder without a Graph API client".to_owned();
-                error!(reason, "Dead-lettered.");
-                self.settle(
-                    lease,
-                    Settle::Dead {
-                        reason,
-                        attempt: None,
-                    },
-                )
-                .await;
-                return;
-            }
-        };
-
         let token = match self.token.load() {
             Ok(token) => token,
             Err(e) => {
@@ -380,6 +467,18 @@ impl Forwarder {
                 self.put_back(lease, Duration::ZERO, reason).await;
                 return;
             }
+        };
+
+        // `fetched` is the work a Meta lead became once read: a retry carries it instead.
+        let (payload, fetched) = match &lease.lead.work {
+            Work::Deliver { payload, .. } => (payload.clone(), None),
+            Work::FetchMeta { lead } => match self.fetch_meta(&lease, lead).await {
+                Ok((payload, work)) => (payload, Some(work)),
+                Err(settle) => {
+                    self.settle(lease, settle).await;
+                    return;
+                }
+            },
         };
 
         let at = Utc::now();
@@ -458,7 +557,7 @@ impl Forwarder {
                             reason,
                             count_attempt: true,
                             attempt,
-                            work: None,
+                            work: fetched,
                         }
                     }
                     Decision::GiveUp => {
@@ -496,11 +595,192 @@ impl Forwarder {
                     reason,
                     count_attempt: false,
                     attempt,
-                    work: None,
+                    work: fetched,
                 }
             }
         };
         self.settle(lease, settle).await;
+    }
+
+    /// Reads a Meta lead from the Graph API and maps it with its source's rules. On failure,
+    /// returns how to settle the lease, per the policy at the top of this module.
+    async fn fetch_meta(
+        &self,
+        lease: &Lease,
+        lead: &MetaLeadRef,
+    ) -> Result<(LeadsinPayload, Work), Settle> {
+        let source_id = &lease.lead.source;
+        let Some(source) = self.sources.get(source_id) else {
+            let reason = format!(
+                "source {source_id:?} is no longer in the sources file; a Meta lead needs its page token and mapping"
+            );
+            error!(reason, "Dead-lettered.");
+            return Err(Settle::Dead {
+                reason,
+                attempt: None,
+            });
+        };
+        let SourceKind::Facebook(meta) = &source.kind else {
+            let reason = format!("source {source_id:?} is no longer a facebook source");
+            error!(reason, "Dead-lettered.");
+            return Err(Settle::Dead {
+                reason,
+                attempt: None,
+            });
+        };
+        let page_id = &lead.page_id;
+        let Some(page_token) = meta.page_token(page_id) else {
+            let reason = format!(
+                "no access token is configured for Meta page {page_id}: add it to the source's page_tokens"
+            );
+            return Err(self.park(lease, page_id, reason, None));
+        };
+        if !self
+            .state
+            .may_call_graph(source_id, page_id, self.parked_retry)
+        {
+            let reason = "this Meta page needs attention; another of its leads probes Graph";
+            return Err(self.parked(lease, reason.to_owned(), None));
+        }
+
+        let at = Utc::now();
+        let started = Instant::now();
+        let credentials = Credentials {
+            token: page_token,
+            app_secret: &meta.app_secret,
+        };
+        let result = self.graph.lead(&lead.leadgen_id, &credentials).await;
+        let failed = |reason: &str| {
+            Some(Attempt {
+                number: lease.attempt,
+                at,
+                duration_ms: started.elapsed().as_millis() as u64,
+                status: None,
+                outcome: AttemptOutcome::FetchFailed,
+                reason: Some(reason.to_owned()),
+            })
+        };
+        match result {
+            Ok(graph_lead) => {
+                if self.state.unpark(source_id, page_id) {
+                    info!(
+                        page_id,
+                        "The Graph API reads this Meta page's leads again; its parked leads follow."
+                    );
+                }
+                let (payload, work, repaired) =
+                    crate::sources::facebook::to_deliver(source, lead, &graph_lead);
+                if !repaired.is_empty() {
+                    warn!(
+                        repaired = repaired.len(),
+                        fields = ?repaired,
+                        "A Meta lead had invalid or missing data; forwarding what is valid."
+                    );
+                }
+                Ok((payload, work))
+            }
+            Err(GraphError::NeedsAttention { message }) => {
+                let attempt = failed(&message);
+                Err(self.park(lease, page_id, message, attempt))
+            }
+            Err(e @ (GraphError::RateLimited { .. } | GraphError::Temporary { .. })) => {
+                let after = match &e {
+                    GraphError::RateLimited { after, .. } => *after,
+                    _ => None,
+                };
+                let reason = e.message().to_owned();
+                let attempt = failed(&reason);
+                let age = (Utc::now() - lease.lead.received_at)
+                    .to_std()
+                    .unwrap_or_default();
+                match self
+                    .policy
+                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
+                {
+                    Decision::RetryAfter(delay) => {
+                        warn!(
+                            reason,
+                            delay_ms = delay.as_millis() as u64,
+                            "Reading a Meta lead from the Graph API failed; will retry."
+                        );
+                        Err(Settle::RetryLater {
+                            delay,
+                            reason,
+                            count_attempt: true,
+                            attempt,
+                            work: None,
+                        })
+                    }
+                    Decision::GiveUp => {
+                        error!(
+                            reason,
+                            "Reading a Meta lead kept failing past the retry limit; dead-lettered."
+                        );
+                        Err(Settle::Dead {
+                            reason: format!(
+                                "gave up reading the lead from the Graph API: {reason}"
+                            ),
+                            attempt,
+                        })
+                    }
+                }
+            }
+            Err(GraphError::Rejected { message }) => {
+                let reason = format!("the Graph API did not give the lead: {message}");
+                error!(reason, "Dead-lettered.");
+                let attempt = failed(&reason);
+                Err(Settle::Dead { reason, attempt })
+            }
+        }
+    }
+
+    /// Parks a Meta lead and lists its page in `/readyz`; the alert is logged when the page
+    /// becomes parked.
+    fn park(
+        &self,
+        lease: &Lease,
+        page_id: &str,
+        reason: String,
+        attempt: Option<Attempt>,
+    ) -> Settle {
+        if self.state.park(&lease.lead.source, page_id, &reason) {
+            error!(
+                page_id,
+                reason,
+                "ALERT: Meta leads of this page cannot be read from the Graph API; they are parked until its page token or the app's permissions are fixed."
+            );
+        }
+        self.parked(lease, reason, attempt)
+    }
+
+    /// A parked lead goes back uncounted, to be tried after `parked_retry`. Like every lead,
+    /// one still failing `LEADGATE_RETRY_MAX_AGE` after it arrived is dead-lettered (with the
+    /// reason, for a replay): a lead Graph says does not exist (`100/33`, which Graph cannot
+    /// tell apart from a permission problem) must not stay parked for ever.
+    fn parked(&self, lease: &Lease, reason: String, attempt: Option<Attempt>) -> Settle {
+        let age = (Utc::now() - lease.lead.received_at)
+            .to_std()
+            .unwrap_or_default();
+        if age > self.policy.max_age {
+            error!(
+                reason,
+                "A Meta lead stayed parked past the retry limit; dead-lettered."
+            );
+            return Settle::Dead {
+                reason: format!(
+                    "parked for {} without being read from the Graph API: {reason}",
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                ),
+                attempt,
+            };
+        }
+        Settle::RetryLater {
+            delay: self.parked_retry,
+            reason: format!("parked: {reason}"),
+            count_attempt: false,
+            attempt,
+            work: None,
+        }
     }
 
     /// Returns a lead to the queue without counting an attempt (no request was made).

@@ -4,14 +4,17 @@
 //! The road of a lead, one module per step:
 //! receive ([`http`]) → verify and parse ([`sources`]) → map and validate ([`mapping`], [`lead`])
 //! → dedupe and enqueue ([`queue`]) → answer; later lease → deliver ([`forwarder`],
-//! [`onpipeline`]) → ack, retry later ([`retry`]) or dead-letter.
+//! [`onpipeline`]) → ack, retry later ([`retry`]) or dead-letter. Meta leads are read from the
+//! Graph API ([`graph`]) by the forwarder, and listed periodically by [`backfill`].
 #![forbid(unsafe_code)]
 
 pub mod admin_client;
 pub mod app;
+pub mod backfill;
 pub mod config;
 pub mod error;
 pub mod forwarder;
+pub mod graph;
 pub mod http;
 pub mod lead;
 pub mod mapping;

@@ -65,6 +65,32 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
             };
             let _ = writeln!(out, "  preset: {}; checked by {auth}", hook.preset.name());
         }
+        if let SourceKind::Facebook(meta) = &source.kind {
+            let pages: Vec<&str> = meta.page_tokens.iter().map(|(p, _)| p.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "  Meta: app secret set; verify token {}; page tokens for: {}",
+                if meta.verify_token.expose_secret().is_empty() {
+                    "EMPTY (the handshake never verifies)"
+                } else {
+                    "set"
+                },
+                if pages.is_empty() {
+                    "none (leads will be parked)".to_owned()
+                } else {
+                    pages.join(", ")
+                }
+            );
+            for form in &meta.backfill_forms {
+                let _ = writeln!(
+                    out,
+                    "  backfill: form {} of page {} every {}",
+                    form.form_id,
+                    form.page_id,
+                    humantime::format_duration(meta.backfill_every)
+                );
+            }
+        }
         if !source.allowed_origins.is_empty() {
             let origins: Vec<String> = source
                 .allowed_origins

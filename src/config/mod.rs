@@ -19,7 +19,7 @@ use crate::queue::{Backend, QueueSettings};
 use crate::retry::RetryPolicy;
 use crate::telemetry::LogFormat;
 
-pub use sources::{Limits, Origin, Source, SourceKind, Sources};
+pub use sources::{BackfillForm, Limits, MetaSource, Origin, Source, SourceKind, Sources};
 
 /// Every `LEADGATE_*` variable. The README's configuration table lists the same set.
 #[derive(Deserialize)]
@@ -74,6 +74,16 @@ pub struct Settings {
     pub record_retention: Duration,
     pub admin_token: Option<SecretString>,
     pub metrics_token: Option<SecretString>,
+    /// Meta's Graph API base, version included (`kind = "facebook"` sources read leads there).
+    #[serde(default = "defaults::graph_url")]
+    pub graph_url: String,
+    /// How often a parked Meta lead (its page token expired or lacks a permission) is tried
+    /// again; one Graph call per page and interval.
+    #[serde(
+        default = "defaults::graph_parked_retry",
+        deserialize_with = "duration"
+    )]
+    pub graph_parked_retry: Duration,
 }
 
 mod defaults {
@@ -125,6 +135,12 @@ mod defaults {
     }
     pub fn record_retention() -> Duration {
         Duration::from_secs(90 * 24 * 3600)
+    }
+    pub fn graph_url() -> String {
+        "https://graph.facebook.com/v21.0".to_owned()
+    }
+    pub fn graph_parked_retry() -> Duration {
+        Duration::from_secs(300)
     }
 }
 
@@ -195,6 +211,10 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.onpipeline_endpoint()?;
+        self.graph_base()?;
+        if self.graph_parked_retry.is_zero() {
+            bail!("LEADGATE_GRAPH_PARKED_RETRY must be positive");
+        }
         if self.onpipeline_token.is_some() && self.onpipeline_token_file.is_some() {
             bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
         }
@@ -235,6 +255,19 @@ impl Settings {
         let path = format!("{}/Leadsin", endpoint.path().trim_end_matches('/'));
         endpoint.set_path(&path);
         Ok(endpoint)
+    }
+
+    /// `LEADGATE_GRAPH_URL` without a trailing slash; HTTPS only (it carries page tokens).
+    pub fn graph_base(&self) -> anyhow::Result<Url> {
+        let base = Url::parse(self.graph_url.trim_end_matches('/'))
+            .with_context(|| format!("LEADGATE_GRAPH_URL {:?} is not a URL", self.graph_url))?;
+        if base.scheme() != "https" {
+            bail!(
+                "LEADGATE_GRAPH_URL must use https:// (page access tokens travel in it), got {:?}",
+                self.graph_url
+            );
+        }
+        Ok(base)
     }
 
     pub fn token_source(&self) -> Option<TokenSource> {
@@ -328,6 +361,23 @@ mod tests {
             "https://api.onpipeline.com/Leadsin"
         );
         assert!(s.token_source().is_none());
+        assert_eq!(
+            s.graph_base().unwrap().as_str(),
+            "https://graph.facebook.com/v21.0"
+        );
+    }
+
+    #[test]
+    fn graph_url_must_be_https() {
+        let err = env(&[("LEADGATE_GRAPH_URL", "http://127.0.0.1:9/graph")])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("LEADGATE_GRAPH_URL"), "{err}");
+        let s = env(&[("LEADGATE_GRAPH_URL", "https://127.0.0.1:9443/graph/")]).unwrap();
+        assert_eq!(
+            s.graph_base().unwrap().as_str(),
+            "https://127.0.0.1:9443/graph"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::num::NonZeroU32;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use governor::Quota;
 use indexmap::IndexMap;
@@ -39,6 +40,8 @@ pub enum SourceKind {
     /// A form tool's webhook (Typeform, Unbounce, Elementor, Webflow, Jotform).
     Webhook(Webhook),
     // ---- end issue 3 (Google, webhooks) ----
+    /// Meta (Facebook/Instagram) Lead Ads webhooks; the leads are read from the Graph API.
+    Facebook(Box<MetaSource>),
 }
 
 // ---- issue 3: Google Ads lead forms and webhook presets ----
@@ -111,7 +114,7 @@ impl SourceKind {
     pub fn wants_plain_200(&self) -> bool {
         match self {
             SourceKind::Form | SourceKind::Partner { .. } => false,
-            SourceKind::Google { .. } | SourceKind::Webhook(_) => true,
+            SourceKind::Google { .. } | SourceKind::Webhook(_) | SourceKind::Facebook(_) => true,
         }
     }
 
@@ -121,6 +124,7 @@ impl SourceKind {
         match self {
             SourceKind::Form | SourceKind::Partner { .. } => false,
             SourceKind::Google { .. } | SourceKind::Webhook(_) => true,
+            SourceKind::Facebook(_) => true,
         }
     }
 
@@ -130,6 +134,7 @@ impl SourceKind {
             SourceKind::Partner { .. } => "partner",
             SourceKind::Google { .. } => "google",
             SourceKind::Webhook(_) => "webhook",
+            SourceKind::Facebook(_) => "facebook",
         }
     }
 }
@@ -143,9 +148,209 @@ impl fmt::Debug for SourceKind {
             }
             SourceKind::Google { .. } => f.write_str("Google { google_key: <redacted> }"),
             SourceKind::Webhook(hook) => hook.fmt(f),
+            SourceKind::Facebook(meta) => meta.fmt(f),
         }
     }
 }
+
+// ---- Meta (Facebook/Instagram) Lead Ads: `kind = "facebook"` --------------------------------
+
+/// The settings of a `kind = "facebook"` source. Secrets come from `${VAR}` references.
+pub struct MetaSource {
+    /// The Meta app's secret: the HMAC key of `X-Hub-Signature-256`.
+    pub app_secret: SecretString,
+    /// What Meta's subscription handshake must present; an empty token never verifies.
+    pub verify_token: SecretString,
+    /// Page id → that page's access token, used to read its leads from the Graph API.
+    pub page_tokens: Vec<(String, SecretString)>,
+    /// Forms whose leads are listed periodically, so leads without a notification arrive too.
+    pub backfill_forms: Vec<BackfillForm>,
+    /// How often each backfill form is listed.
+    pub backfill_every: Duration,
+}
+
+/// A form listed by the backfill, with the page whose token reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackfillForm {
+    pub page_id: String,
+    pub form_id: String,
+}
+
+impl MetaSource {
+    /// The access token configured for a page.
+    pub fn page_token(&self, page_id: &str) -> Option<&SecretString> {
+        self.page_tokens
+            .iter()
+            .find(|(page, _)| page == page_id)
+            .map(|(_, token)| token)
+    }
+}
+
+impl fmt::Debug for MetaSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Facebook")
+            .field("app_secret", &"<redacted>")
+            .field("verify_token", &"<redacted>")
+            .field(
+                "page_tokens",
+                &self
+                    .page_tokens
+                    .iter()
+                    .map(|(page, _)| format!("{page}: <redacted>"))
+                    .collect::<Vec<_>>(),
+            )
+            .field("backfill_forms", &self.backfill_forms)
+            .field("backfill_every", &self.backfill_every)
+            .finish()
+    }
+}
+
+/// How often backfill forms are listed when `backfill_every` is not set.
+const DEFAULT_BACKFILL_EVERY: Duration = Duration::from_secs(10 * 60);
+
+/// The `kind = "facebook"` keys of a raw source, with the span of each one present (for
+/// "only facebook sources take …" errors).
+fn meta_keys(raw: &RawSource) -> Option<(Range<usize>, &'static str)> {
+    let span = |v: &S| v.span();
+    raw.app_secret
+        .as_ref()
+        .map(|v| (span(v), "app_secret"))
+        .or_else(|| raw.verify_token.as_ref().map(|v| (span(v), "verify_token")))
+        .or_else(|| {
+            raw.page_tokens
+                .values()
+                .next()
+                .map(|v| (span(v), "page_tokens"))
+        })
+        .or_else(|| {
+            raw.backfill_forms
+                .first()
+                .map(|v| (span(v), "backfill_forms"))
+        })
+        .or_else(|| {
+            raw.backfill_every
+                .as_ref()
+                .map(|v| (span(v), "backfill_every"))
+        })
+}
+
+/// Meta's ids (pages, forms, leads) are decimal digits.
+fn is_meta_id(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 32 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn build_meta(ctx: &Ctx<'_>, raw: &RawSource, id: &str) -> Result<MetaSource, SourcesError> {
+    let at = |span: Range<usize>, key: &str, message: String| {
+        ctx.error(span, format!("source {id:?}, key {key}: {message}"))
+    };
+    if let Some(key) = raw.api_keys.first() {
+        return Err(at(
+            key.span(),
+            "api_keys",
+            "only partner sources take api_keys".into(),
+        ));
+    }
+    let context = |key: &str| format!("source {id:?}, key {key}");
+    let app_secret = match &raw.app_secret {
+        None => {
+            return Err(at(
+                raw.kind.span(),
+                "app_secret",
+                "a facebook source needs the Meta app's secret (it checks X-Hub-Signature-256)"
+                    .into(),
+            ));
+        }
+        Some(value) => {
+            let secret = ctx.expand(value, &context("app_secret"))?;
+            if secret.trim().is_empty() {
+                return Err(at(value.span(), "app_secret", "must not be empty".into()));
+            }
+            SecretString::from(secret)
+        }
+    };
+    let verify_token = match &raw.verify_token {
+        None => {
+            return Err(at(
+                raw.kind.span(),
+                "verify_token",
+                "a facebook source needs the verify token typed into Meta's webhook settings"
+                    .into(),
+            ));
+        }
+        // An empty token is allowed but never verifies (see sources::facebook::handshake).
+        Some(value) => SecretString::from(ctx.expand(value, &context("verify_token"))?),
+    };
+    let mut page_tokens = Vec::new();
+    for (page, value) in &raw.page_tokens {
+        let key = format!("page_tokens.{page}");
+        if !is_meta_id(page) {
+            return Err(at(
+                value.span(),
+                &key,
+                "a page id is the page's numeric id, e.g. \"112233445566778\"".into(),
+            ));
+        }
+        let token = ctx.expand(value, &context(&key))?;
+        if token.trim().is_empty() {
+            return Err(at(value.span(), &key, "the page token is empty".into()));
+        }
+        page_tokens.push((page.clone(), SecretString::from(token.trim().to_owned())));
+    }
+    let mut backfill_forms = Vec::new();
+    for value in &raw.backfill_forms {
+        let text = value.get_ref().trim();
+        let (page_id, form_id) = match text.split_once(':') {
+            Some((page, form)) => (page.trim().to_owned(), form.trim().to_owned()),
+            None if page_tokens.len() == 1 => (page_tokens[0].0.clone(), text.to_owned()),
+            None => {
+                return Err(at(
+                    value.span(),
+                    "backfill_forms",
+                    "with several page_tokens, write \"<page_id>:<form_id>\" so the backfill knows \
+                     which page's token reads the form"
+                        .into(),
+                ));
+            }
+        };
+        if !is_meta_id(&form_id) || !is_meta_id(&page_id) {
+            return Err(at(
+                value.span(),
+                "backfill_forms",
+                format!("{text:?} is not a form id (digits) or \"<page_id>:<form_id>\""),
+            ));
+        }
+        if !page_tokens.iter().any(|(page, _)| *page == page_id) {
+            return Err(at(
+                value.span(),
+                "backfill_forms",
+                format!("page {page_id} has no token in page_tokens"),
+            ));
+        }
+        backfill_forms.push(BackfillForm { page_id, form_id });
+    }
+    let backfill_every = match &raw.backfill_every {
+        None => DEFAULT_BACKFILL_EVERY,
+        Some(value) => humantime::parse_duration(value.get_ref().trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                at(
+                    value.span(),
+                    "backfill_every",
+                    format!("{:?} is not a duration like \"10m\"", value.get_ref()),
+                )
+            })?,
+    };
+    Ok(MetaSource {
+        app_secret,
+        verify_token,
+        page_tokens,
+        backfill_forms,
+        backfill_every,
+    })
+}
+
+// ---- end of Meta ------------------------------------------------------------------------------
 
 /// An allowed browser origin: `scheme://host[:port]`, or `*` for any.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,8 +421,9 @@ impl Source {
     }
 }
 
-/// Every configured source, by id.
-#[derive(Debug, Default)]
+/// Every configured source, by id. Cloning shares the sources (the forwarder and the HTTP side
+/// hold the same ones).
+#[derive(Clone, Debug, Default)]
 pub struct Sources {
     list: Vec<Arc<Source>>,
     by_id: HashMap<String, Arc<Source>>,
@@ -312,6 +518,14 @@ struct RawSource {
     // ---- end issue 3 (Google, webhooks) ----
     #[serde(default)]
     limits: RawLimits,
+    // kind = "facebook"
+    app_secret: Option<S>,
+    verify_token: Option<S>,
+    #[serde(default)]
+    page_tokens: IndexMap<String, S>,
+    #[serde(default)]
+    backfill_forms: Vec<S>,
+    backfill_every: Option<S>,
 }
 
 #[derive(Deserialize, Default)]
@@ -400,7 +614,13 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         ));
     }
 
+    if raw.kind.get_ref() != "facebook" {
+        if let Some((span, key)) = meta_keys(&raw) {
+            return Err(at(span, key, "only facebook sources take this key".into()));
+        }
+    }
     let kind = match raw.kind.get_ref().as_str() {
+        "facebook" => SourceKind::Facebook(Box::new(build_meta(ctx, &raw, &id)?)),
         "form" => {
             if let Some(key) = raw.api_keys.first() {
                 return Err(at(
@@ -441,7 +661,9 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
             return Err(at(
                 raw.kind.span(),
                 "kind",
-                format!("unknown kind {other:?}; expected form, partner, google or webhook"),
+                format!(
+                    "unknown kind {other:?}; expected form, partner, facebook, google or webhook"
+                ),
             ));
         }
     };
@@ -565,6 +787,9 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         SourceKind::Webhook(hook) => {
             with_defaults(fields, &extra, webhook_default_fields(hook.preset))
         }
+        SourceKind::Facebook(_) => {
+            with_defaults(fields, &extra, crate::sources::facebook::default_fields())
+        }
     };
     let mapping = MappingRules {
         fields,
@@ -584,6 +809,9 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         SourceKind::Partner { .. } => ("off", "100/second", 256 * 1024),
         // Platforms post from a few shared addresses: a per-IP limit would drop their retries.
         SourceKind::Google { .. } | SourceKind::Webhook(_) => ("off", "100/second", 1024 * 1024),
+        // Meta posts from many addresses and in bursts, and a refused notification is retried
+        // for 36 hours; the signature is the protection. A batch holds up to 1000 changes.
+        SourceKind::Facebook(_) => ("off", "off", 1024 * 1024),
     };
     let quota =
         |value: &Option<S>, default: &str, key: &str| -> Result<Option<Quota>, SourcesError> {
@@ -1177,6 +1405,102 @@ api_keys = ["${ACME_KEY}"]
     }
 
     // ---- end issue 3 (Google, webhooks) ----
+    const META: &str = r#"
+[[source]]
+id = "fb"
+kind = "facebook"
+app_secret = "${FB_SECRET}"
+verify_token = "verify-me"
+page_tokens = { "112233445566778" = "${FB_PAGE}" }
+backfill_forms = ["998877665544"]
+backfill_every = "15m"
+unmapped_extra = "4444444"
+
+[source.extra]
+leadgen_id = "7000001"
+"你想要什么产品" = "7000002"
+"#;
+
+    fn meta_env(name: &str) -> Option<String> {
+        match name {
+            "FB_SECRET" => Some("app-secret".to_owned()),
+            "FB_PAGE" => Some("page-token".to_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_facebook_source_loads_with_secrets_from_the_environment() {
+        let sources = Sources::parse("leadgate.toml", META, meta_env).unwrap();
+        let fb = sources.get("fb").unwrap();
+        let SourceKind::Facebook(meta) = &fb.kind else {
+            panic!("fb is a facebook source");
+        };
+        assert!(fb.kind.wants_plain_200());
+        assert_eq!(meta.app_secret.expose_secret(), "app-secret");
+        assert_eq!(
+            meta.page_token("112233445566778").unwrap().expose_secret(),
+            "page-token"
+        );
+        assert_eq!(
+            meta.backfill_forms,
+            [BackfillForm {
+                page_id: "112233445566778".into(),
+                form_id: "998877665544".into()
+            }]
+        );
+        assert_eq!(meta.backfill_every, Duration::from_secs(900));
+        assert_eq!(fb.mapping.extra[1].0, "你想要什么产品");
+        // Meta's defaults apply; Debug never shows a secret.
+        assert!(fb.mapping.fields.iter().any(|(n, _)| n == "full_name"));
+        let debug = format!("{:?}", fb.kind);
+        assert!(
+            !debug.contains("page-token") && !debug.contains("app-secret"),
+            "{debug}"
+        );
+        assert!(fb.limits.per_ip.is_none() && fb.limits.total.is_none());
+    }
+
+    #[test]
+    fn facebook_mistakes_name_the_line_and_key() {
+        let cases = [
+            (
+                "[[source]]\nid = \"w\"\nkind = \"form\"\napp_secret = \"x\"\n",
+                "leadgate.toml:4:",
+                "only facebook sources",
+            ),
+            (
+                "[[source]]\nid = \"f\"\nkind = \"facebook\"\nverify_token = \"v\"\n",
+                "leadgate.toml:3:",
+                "app_secret",
+            ),
+            (
+                "[[source]]\nid = \"f\"\nkind = \"facebook\"\napp_secret = \"s\"\nverify_token = \"v\"\npage_tokens = { \"my-page\" = \"t\" }\n",
+                "leadgate.toml:6:",
+                "page_tokens.my-page",
+            ),
+            (
+                "[[source]]\nid = \"f\"\nkind = \"facebook\"\napp_secret = \"s\"\nverify_token = \"v\"\npage_tokens = { \"1\" = \"${NOPE}\" }\n",
+                "leadgate.toml:6:",
+                "NOPE is not set",
+            ),
+            (
+                "[[source]]\nid = \"f\"\nkind = \"facebook\"\napp_secret = \"s\"\nverify_token = \"v\"\npage_tokens = { \"1\" = \"a\", \"2\" = \"b\" }\nbackfill_forms = [\"9\"]\n",
+                "leadgate.toml:7:",
+                "<page_id>:<form_id>",
+            ),
+            (
+                "[[source]]\nid = \"f\"\nkind = \"facebook\"\napp_secret = \"s\"\nverify_token = \"v\"\nbackfill_every = \"often\"\n",
+                "leadgate.toml:6:",
+                "backfill_every",
+            ),
+        ];
+        for (text, at, says) in cases {
+            let err = parse(text).err().unwrap().to_string();
+            assert!(err.starts_with(at), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
+    }
 
     #[test]
     fn origins_are_normalised_and_must_not_have_paths() {

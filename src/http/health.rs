@@ -12,15 +12,21 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// 200 while leads can be accepted (the queue answers), with `status: "degraded"` when
-/// delivery is held or paused; 503 when the queue is unreachable or the process is draining.
+/// delivery is held or paused or Meta leads are parked; 503 when the queue is unreachable or
+/// the process is draining.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let queue = state.queue.ping().await;
     let delivery = state.delivery.get();
+    let attention = state.delivery.attention();
     // A forwarder-only process is ready when its queue answers.
     let draining = state.ingest && !state.accepting();
     let status = match (&queue, &delivery, draining) {
         (Err(_), _, _) | (_, _, true) => "unavailable",
-        (Ok(()), DeliveryStatus::Running | DeliveryStatus::Off { .. }, false) => "ready",
+        (Ok(()), DeliveryStatus::Running | DeliveryStatus::Off { .. }, false)
+            if attention.is_empty() =>
+        {
+            "ready"
+        }
         (Ok(()), _, false) => "degraded",
     };
     let body = json!({
@@ -33,6 +39,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             "error": queue.err().map(|e| e.to_string()),
         },
         "delivery": delivery,
+        // Meta pages whose leads are parked until their token or permissions are fixed.
+        "attention": attention,
     });
     if status == "unavailable" {
         HttpResponse::ServiceUnavailable().json(body)

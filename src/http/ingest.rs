@@ -116,10 +116,7 @@ async fn accept(
         }
         // The platform's own lead id dedupes redeliveries; otherwise the request's key does.
         let key = match &item.platform_id {
-            Some(id) => Some(IdempotencyKey {
-                source: source.id.clone(),
-                key: format!("platform:{id}"),
-            }),
+            Some(id) => Some(sources::platform_key(source, id)),
             None => header_key.clone(),
         };
         let lead = QueuedLead {

@@ -18,7 +18,11 @@
 //! | `DELETE /_sim/faults` | 204; drops the pending faults |
 //! | `GET /_sim/settings` | [`SimSettings`] |
 //! | `POST /_sim/settings` | [`SettingsUpdate`] (fields optional); answers the new [`SimSettings`] |
+//!
+//! It also plays Meta's Graph API under `/graph/` (leads to read and list, scripted Graph
+//! errors, a call log under `/_sim/graph/`): see [`graph`].
 
+pub mod graph;
 mod leadsin;
 mod server;
 mod state;
@@ -39,6 +43,7 @@ use chrono::{DateTime, Utc};
 use rustls_pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
+use self::graph::GraphSim;
 use self::state::{Access, Shared};
 use self::tls::SimPki;
 
@@ -261,6 +266,7 @@ pub struct Simulator {
     addr: SocketAddr,
     pki: SimPki,
     shared: Arc<Shared>,
+    graph: Arc<GraphSim>,
     handle: ServerHandle,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -283,9 +289,12 @@ impl Simulator {
             allow_ips: cfg.allow_ips,
         }));
         let data = web::Data::from(Arc::clone(&shared));
+        let graph = Arc::new(GraphSim::default());
+        let graph_data = web::Data::from(Arc::clone(&graph));
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                .app_data(graph_data.clone())
                 .app_data(web::PayloadConfig::new(server::MAX_BODY))
                 .configure(server::routes)
         })
@@ -304,6 +313,7 @@ impl Simulator {
             addr,
             pki,
             shared,
+            graph,
             handle,
             task: Some(task),
         })
@@ -336,6 +346,11 @@ impl Simulator {
     /// A rustls client configuration (ring provider) trusting only this simulator's CA.
     pub fn client_tls_config(&self) -> anyhow::Result<rustls::ClientConfig> {
         self.pki.client_config()
+    }
+
+    /// The Graph API side: register leads, script errors, read the call log.
+    pub fn graph(&self) -> &GraphSim {
+        &self.graph
     }
 
     /// Accepted leads, in order.

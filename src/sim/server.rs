@@ -11,9 +11,9 @@ use bytes::Bytes;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use super::leadsin;
 use super::state::{Admission, Shared};
 use super::{Fault, RequestOutcome, SettingsUpdate, TokenKind};
+use super::{graph, leadsin};
 use crate::telemetry::{mask_email, mask_phone};
 
 /// Largest body read; the reference's largest upload (an mp3 on `/CallRecord`) is 70 MB, but a
@@ -21,6 +21,8 @@ use crate::telemetry::{mask_email, mask_phone};
 pub(crate) const MAX_BODY: usize = 8 * 1024 * 1024;
 
 pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    // Before the `/_sim` scope, which would otherwise take `/_sim/graph/…` and answer 404.
+    graph::routes(cfg);
     cfg.service(
         web::scope("/_sim")
             .route("/leads", web::get().to(get_leads))

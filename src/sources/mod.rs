@@ -4,6 +4,7 @@
 //! `Submission<Verified>`, and only a verified submission can be parsed.
 
 pub mod body;
+pub mod facebook;
 pub mod form;
 pub mod partner;
 // ---- issue 3: Google Ads lead forms and webhook presets ----
@@ -20,6 +21,7 @@ use crate::config::{Source, SourceKind};
 use crate::error::IngestError;
 use crate::lead::{Inbound, Input, MetaLeadRef, Work};
 use crate::mapping;
+use crate::queue::IdempotencyKey;
 
 /// A request as received, before anyone checked who sent it.
 pub struct Unverified;
@@ -118,6 +120,7 @@ pub fn verify(
         SourceKind::Google { google_key } => google::verify(google_key, &submission)?,
         SourceKind::Webhook(hook) => webhook::verify(hook, &submission, chrono::Utc::now())?,
         // ---- end issue 3 (Google, webhooks) ----
+        SourceKind::Facebook(meta) => facebook::verify(meta, &submission)?,
     }
     Ok(submission.verified())
 }
@@ -134,6 +137,7 @@ pub async fn parse(
         SourceKind::Google { .. } => return google::parse(source, submission),
         SourceKind::Webhook(hook) => return webhook::parse(source, hook, submission).await,
         // ---- end issue 3 (Google, webhooks) ----
+        SourceKind::Facebook(_) => return facebook::parse(source, submission).await,
     };
     Ok(vec![Item::new(content)])
 }
@@ -141,12 +145,21 @@ pub async fn parse(
 /// Answers a `GET` on a source: the subscription handshake of platforms that have one (Meta).
 /// Returns the plain-text body of a `200`.
 pub fn handshake(source: &Source, query: &str) -> Result<String, IngestError> {
-    let _ = query;
     match &source.kind {
         SourceKind::Form
         | SourceKind::Partner { .. }
         | SourceKind::Google { .. }
         | SourceKind::Webhook(_) => Err(IngestError::MethodNotAllowed),
+        SourceKind::Facebook(meta) => facebook::handshake(meta, query),
+    }
+}
+
+/// The idempotency key of a platform's lead id: the one dedupe key of a platform lead, whether
+/// it arrives by notification or by a backfill.
+pub fn platform_key(source: &Source, platform_id: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        source: source.id.clone(),
+        key: format!("platform:{platform_id}"),
     }
 }
 

@@ -13,6 +13,7 @@ mod faults;
 mod forms;
 mod google;
 mod helpers;
+mod meta;
 mod openapi;
 mod queue_contract;
 mod sim;

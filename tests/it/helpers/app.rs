@@ -113,6 +113,7 @@ impl GatewayEnv {
             ("LEADGATE_SOURCES", sources_path.display().to_string()),
             ("LEADGATE_DATA_DIR", dir.join("data").display().to_string()),
             ("LEADGATE_ONPIPELINE_URL", sim.base_url()),
+            ("LEADGATE_GRAPH_URL", format!("{}/graph", sim.base_url())),
             ("LEADGATE_ONPIPELINE_TOKEN", TOKEN.to_owned()),
             ("LEADGATE_CA_FILE", ca_path.display().to_string()),
             ("LEADGATE_RETRY_BASE", "50ms".to_owned()),
