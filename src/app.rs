@@ -97,6 +97,11 @@ impl Gateway {
             .await
             .context("opening the queue")?;
         info!(backend = queue.backend_name(), "Queue opened.");
+        match queue.durability_warning().await {
+            Ok(Some(warning)) => warn!(warning, "The queue's store puts accepted leads at risk."),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "Could not check the queue's durability settings."),
+        }
 
         // Delivery: in the sandbox to the simulator; otherwise to Onpipeline when a token is set.
         let delivery_plan = if let Some(sim) = &simulator {
@@ -163,6 +168,7 @@ impl Gateway {
                     state: delivery.clone(),
                     probe_max: settings.pause_probe_max,
                     drain_timeout: settings.shutdown_timeout,
+                    upstream_rate: std::num::NonZeroU32::new(settings.onpipeline_rate),
                     graph,
                     sources: sources.clone(),
                     parked_retry: settings.graph_parked_retry,

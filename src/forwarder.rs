@@ -261,6 +261,8 @@ pub struct Forwarder {
     /// At shutdown, how long deliveries in flight may take to finish before their leases are
     /// released for another process.
     pub drain_timeout: Duration,
+    /// Requests per second to Onpipeline, shared by every process on the queue; `None`: no limit.
+    pub upstream_rate: Option<std::num::NonZeroU32>,
 }
 
 /// Leases being delivered, so the ones still unfinished at the shutdown deadline can be
@@ -481,6 +483,7 @@ impl Forwarder {
             },
         };
 
+        self.wait_for_upstream_slot().await;
         let at = Utc::now();
         let started = std::time::Instant::now();
         let outcome = self.client.send(&token, &payload).await;
@@ -780,6 +783,26 @@ impl Forwarder {
             count_attempt: false,
             attempt,
             work: None,
+        }
+    }
+
+    /// Takes a slot of the upstream rate limit, waiting as long as the limit says. If the queue
+    /// cannot be asked (Redis down), waits a second and sends anyway at this process's share:
+    /// the limit protects Onpipeline from bursts, not leads from delivery.
+    async fn wait_for_upstream_slot(&self) {
+        let Some(rate) = self.upstream_rate else {
+            return;
+        };
+        loop {
+            match self.queue.acquire_upstream(rate).await {
+                Ok(wait) if wait.is_zero() => return,
+                Ok(wait) => tokio::time::sleep(wait).await,
+                Err(e) => {
+                    warn!(error = %e, "Could not take an upstream rate slot; pacing locally.");
+                    tokio::time::sleep(Duration::from_secs(1) / rate.get()).await;
+                    return;
+                }
+            }
         }
     }
 
