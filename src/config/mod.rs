@@ -29,6 +29,9 @@ pub struct Settings {
     #[serde(default = "defaults::sources")]
     pub sources: PathBuf,
     pub redis_url: Option<SecretString>,
+    /// `LEADGATE_REDIS_URL` lists the seed nodes of a Redis Cluster, comma-separated.
+    #[serde(default)]
+    pub redis_cluster: bool,
     #[serde(default = "defaults::redis_prefix")]
     pub redis_prefix: String,
     #[serde(default = "defaults::data_dir")]
@@ -176,8 +179,14 @@ impl Settings {
             bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
         }
         if let Some(url) = &self.redis_url {
-            let url = url.expose_secret();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            // With LEADGATE_REDIS_CLUSTER, a comma-separated list of seed nodes.
+            let mut urls = url.expose_secret().split(',').map(str::trim);
+            if !self.redis_cluster && url.expose_secret().contains(',') {
+                bail!(
+                    "LEADGATE_REDIS_URL lists several URLs: set LEADGATE_REDIS_CLUSTER=true for a Redis Cluster"
+                );
+            }
+            if !urls.all(|u| u.starts_with("redis://") || u.starts_with("rediss://")) {
                 bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
             }
         }
@@ -227,6 +236,8 @@ impl Settings {
             Some(url) => Backend::Redis {
                 url: url.clone(),
                 prefix: self.redis_prefix.clone(),
+                cluster: self.redis_cluster,
+                ca_file: self.ca_file.clone(),
             },
             None => Backend::Embedded {
                 dir: self.data_dir.clone(),
