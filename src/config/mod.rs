@@ -179,15 +179,15 @@ impl Settings {
             bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
         }
         if let Some(url) = &self.redis_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
+            }
             // With LEADGATE_REDIS_CLUSTER, a comma-separated list of seed nodes.
-            let mut urls = url.expose_secret().split(',').map(str::trim);
-            if !self.redis_cluster && url.expose_secret().contains(',') {
+            if !self.redis_cluster && (url.contains(",redis://") || url.contains(",rediss://")) {
                 bail!(
                     "LEADGATE_REDIS_URL lists several URLs: set LEADGATE_REDIS_CLUSTER=true for a Redis Cluster"
                 );
-            }
-            if !urls.all(|u| u.starts_with("redis://") || u.starts_with("rediss://")) {
-                bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
             }
         }
         if let Some(proxy) = &self.egress_proxy {
@@ -352,6 +352,19 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("LEADGATE_EGRESS_IP"), "{text}");
         assert!(!text.contains("secret-looking-value"), "{text}");
+    }
+
+    #[test]
+    fn redis_cluster_takes_a_list_of_seed_urls() {
+        let urls = "redis://10.0.0.1:6379,redis://10.0.0.2:6379";
+        let s = env(&[
+            ("LEADGATE_REDIS_URL", urls),
+            ("LEADGATE_REDIS_CLUSTER", "true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.backend(), Backend::Redis { cluster: true, .. }));
+        let err = env(&[("LEADGATE_REDIS_URL", urls)]).err().unwrap();
+        assert!(err.to_string().contains("LEADGATE_REDIS_CLUSTER"), "{err}");
     }
 
     #[test]

@@ -188,7 +188,7 @@ enum Command {
     },
     Revive {
         lead_id: String,
-        work: Work,
+        work: Box<Work>,
         answer: oneshot::Sender<Result<bool>>,
     },
     DeleteDead {
@@ -489,7 +489,7 @@ impl EmbeddedQueue {
     pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
         self.call(|answer| Command::Revive {
             lead_id: id.to_string(),
-            work,
+            work: Box::new(work),
             answer,
         })
         .await
@@ -719,18 +719,19 @@ impl Outcome {
 
     /// Whether the command made an entry ready or due later (waiting leases should look again).
     fn added_entry(&self, command: &Command) -> bool {
-        match (command, self) {
-            (Command::Enqueue { .. }, Outcome::Enqueued(Ok(Enqueued::Queued))) => true,
+        matches!(
+            (command, self),
             (
+                Command::Enqueue { .. },
+                Outcome::Enqueued(Ok(Enqueued::Queued))
+            ) | (
                 Command::Settle {
                     how: SettleRow::Retry { .. },
                     ..
                 },
                 Outcome::Done(Ok(())),
-            ) => true,
-            (Command::Revive { .. }, Outcome::Changed(Ok(true))) => true,
-            _ => false,
-        }
+            ) | (Command::Revive { .. }, Outcome::Changed(Ok(true)))
+        )
     }
 }
 

@@ -555,6 +555,7 @@ impl redis::aio::ConnectionLike for Conn {
 }
 
 /// Opens the dedicated connections for blocking reads.
+#[allow(clippy::large_enum_variant, reason = "one per queue")]
 enum Dialer {
     Single(redis::Client),
     /// Built without a response timeout: each blocking read has its own.
@@ -1200,11 +1201,7 @@ async fn open_single(url: &str, certs: Option<TlsCertificates>) -> Result<(Conn,
 }
 
 async fn open_cluster(urls: &str, certs: Option<TlsCertificates>) -> Result<(Conn, Dialer)> {
-    let nodes: Vec<&str> = urls
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
+    let nodes = seed_urls(urls);
     let tls = nodes.iter().any(|u| u.starts_with("rediss://"));
     let build = |response_timeout: Option<Duration>| {
         let mut builder = ClusterClientBuilder::new(nodes.clone())
@@ -1224,6 +1221,28 @@ async fn open_cluster(urls: &str, certs: Option<TlsCertificates>) -> Result<(Con
     let blocking = build(None)?;
     let conn = timed(client.get_async_connection()).await?;
     Ok((Conn::Cluster(conn), Dialer::Cluster(blocking)))
+}
+
+/// Splits a comma-separated list of URLs; a comma not followed by a scheme belongs to the URL
+/// before it (a password may hold one).
+fn seed_urls(list: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let trimmed = part.trim_start();
+        match urls.last_mut() {
+            Some(last)
+                if !(trimmed.starts_with("redis://") || trimmed.starts_with("rediss://")) =>
+            {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => urls.push(trimmed.to_owned()),
+        }
+    }
+    urls.into_iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 fn read_ca(path: &Path) -> Result<TlsCertificates> {
@@ -1599,5 +1618,48 @@ fn copy_error(e: &Error) -> Error {
     match e {
         Error::Unavailable(reason) => Error::Unavailable(reason.clone()),
         Error::Other(e) => Error::Other(anyhow::anyhow!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_urls_split_at_commas_before_a_scheme_only() {
+        assert_eq!(
+            seed_urls("redis://:pa,ss@10.0.0.1:6379, rediss://10.0.0.2:6379/"),
+            vec!["redis://:pa,ss@10.0.0.1:6379", "rediss://10.0.0.2:6379/"]
+        );
+    }
+
+    #[test]
+    fn durable_settings_have_no_finding_and_each_risk_is_named() {
+        assert_eq!(
+            durability_findings("yes", "everysec", "", "0", "noeviction"),
+            None
+        );
+        assert_eq!(
+            durability_findings("yes", "always", "", "1gb", "noeviction"),
+            None
+        );
+        // Without maxmemory nothing is evicted, whatever the policy.
+        assert_eq!(
+            durability_findings("yes", "always", "", "0", "allkeys-lru"),
+            None
+        );
+        let all = durability_findings("no", "everysec", "3600 1", "1gb", "allkeys-lfu").unwrap();
+        assert!(
+            all.contains("appendonly no") && all.contains("allkeys-lfu"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn an_older_or_newer_layout_is_refused() {
+        assert!(check_schema("", "p").is_ok());
+        assert!(check_schema("2", "p").is_ok());
+        assert!(check_schema("old", "p").is_err());
+        assert!(check_schema("3", "p").is_err());
     }
 }

@@ -1366,6 +1366,28 @@ mod redis_only {
     }
 }
 
+mod tls_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_over_tls_is_refused_without_the_ca_that_signed_its_certificate() {
+        let redis = RedisServer::start_tls();
+        let backend = Backend::Redis {
+            url: SecretString::from(redis.url()),
+            prefix: "leadgate-test".into(),
+            cluster: false,
+            ca_file: None,
+        };
+
+        let refused = Queue::open(&backend, fast(), "a").await;
+
+        let Err(e) = refused else {
+            panic!("a certificate from an unknown CA must be refused");
+        };
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+}
+
 mod durability_warnings {
     use super::*;
 
