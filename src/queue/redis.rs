@@ -13,7 +13,7 @@
 //! | `{P}:schema` | string | `2`, the version of this layout | open | none |
 //! | `{P}:ready` | stream, consumer group `forwarders` | one entry per ready or leased copy of a lead, field `i` = the lead id (the data lives in its record); the group's pending list holds the leased entries, each entry's delivery count is its lease token | enqueue (`XADD`), lease (promotion, `XAUTOCLAIM`, `XREADGROUP`), settle (`XACK` + `XDEL`), revive | none |
 //! | `{P}:delayed` | sorted set | member = lead id of a retry copy, score = due time in ms (Redis server clock) | settle `RetryLater`; lease moves due members into `{P}:ready` | none |
-//! | `{P}:lead:<id>` | hash | the lead's record: `source`; `received_at` (RFC 3339); `state` (`queued`, `delivered`, `dead`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter); `last_error`; `history` (JSON array of [`Attempt`]); `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms) | enqueue (`HSET`, in the enqueue script), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
+//! | `{P}:lead:<id>` | hash | the lead's record: `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `state` (`queued`, `delivered`, `dead`; absent = `queued`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter; absent = 1); `last_error`; `history` (JSON array of [`Attempt`]); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms); `source` and `received_at` (RFC 3339), written when `lead` goes (until then they are read from it) | enqueue (`HSET lead`, the only extra write per lead), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
 //! | `{P}:work:<id>` | string | the [`QueuedLead`] JSON of a delivered lead, moved out of its record at delivery | settle `Delivered` | `pii_ttl` |
 //! | `{P}:dead` | sorted set | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
 //! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
@@ -143,14 +143,16 @@ const ENQUEUE_LUA: &str = r#"
 -- KEYS[1]   ready stream
 -- KEYS[2..] per lead: its record, then its idempotency key when it carries one
 -- ARGV[1]   idempotency TTL in ms
--- ARGV[2..] per lead: lead id, lead JSON, source, received_at, index into KEYS of its record,
---           index into KEYS of its idempotency key (0 = none)
+-- ARGV[2..] per lead: lead id, lead JSON, index into KEYS of its record, index into KEYS of
+--           its idempotency key (0 = none)
 -- Returns one string per lead: '' when queued, else the id of the first lead with that key.
+-- The record starts as the lead alone (state queued, attempt 1 are implied): one field is the
+-- cheapest hash to create, and enqueue is the hot path.
 local ttl = ARGV[1]
 local answers = {}
-for i = 2, #ARGV, 6 do
-  local id, lead, source, received = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local r, k = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])
+for i = 2, #ARGV, 4 do
+  local id, lead = ARGV[i], ARGV[i + 1]
+  local r, k = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first = false
   if k > 0 and not redis.call('SET', KEYS[k], id, 'NX', 'PX', ttl) then
     first = redis.call('GET', KEYS[k])
@@ -158,8 +160,7 @@ for i = 2, #ARGV, 6 do
   if first then
     answers[#answers + 1] = first
   else
-    redis.call('HSET', KEYS[r], 'source', source, 'received_at', received, 'state', 'queued',
-      'attempt', 1, 'lead', lead)
+    redis.call('HSET', KEYS[r], 'lead', lead)
     redis.call('XADD', KEYS[1], '*', 'i', id)
     answers[#answers + 1] = ''
   end
@@ -281,7 +282,8 @@ end
 const SETTLE_DELIVERED_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] record, KEYS[3] work, KEYS[4] delivered index, KEYS[5] dead set
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] Delivery JSON,
--- ARGV[5] Attempt JSON or '', ARGV[6] pii TTL ms, ARGV[7] record TTL ms, ARGV[8] lead id
+-- ARGV[5] Attempt JSON or '', ARGV[6] pii TTL ms, ARGV[7] record TTL ms, ARGV[8] lead id,
+-- ARGV[9] source, ARGV[10] received_at (kept in the record once the lead's data leaves it)
 -- The lead was delivered whether or not this lease still holds the entry: record it always.
 if redis.call('EXISTS', KEYS[2]) == 1 then
   local now = now_ms()
@@ -291,7 +293,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
     redis.call('HDEL', KEYS[2], 'lead')
   end
   append_history(KEYS[2], ARGV[5])
-  redis.call('HSET', KEYS[2], 'state', 'delivered', 'delivery', ARGV[4])
+  redis.call('HSET', KEYS[2], 'state', 'delivered', 'delivery', ARGV[4], 'source', ARGV[9],
+    'received_at', ARGV[10])
   redis.call('HDEL', KEYS[2], 'dead_at')
   redis.call('PEXPIRE', KEYS[2], ARGV[7])
   redis.call('ZREM', KEYS[5], ARGV[8])
@@ -342,9 +345,10 @@ return 1
 
 const DELETE_DEAD_LUA: &str = r#"
 -- KEYS[1] record, KEYS[2] dead set
--- ARGV[1] lead id, ARGV[2] record TTL ms
+-- ARGV[1] lead id, ARGV[2] record TTL ms, ARGV[3] source, ARGV[4] received_at
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 redis.call('HDEL', KEYS[1], 'lead')
+redis.call('HSET', KEYS[1], 'source', ARGV[3], 'received_at', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 "#;
@@ -586,8 +590,6 @@ impl Dialer {
 struct EnqueueRequest {
     lead_id: String,
     lead: String,
-    source: String,
-    received_at: String,
     record_key: String,
     idempotency_key: Option<String>,
     answer: oneshot::Sender<Result<Enqueued>>,
@@ -689,8 +691,6 @@ impl RedisQueue {
         let request = EnqueueRequest {
             lead_id: lead.id.to_string(),
             lead: json,
-            source: lead.source.clone(),
-            received_at: timestamp(lead.received_at),
             record_key: self.inner.keys.record(lead.id),
             idempotency_key: idempotency.map(|k| self.inner.keys.idempotency(k)),
             answer,
@@ -767,6 +767,8 @@ impl RedisQueue {
                         .arg(ttl_ms(settings.pii_ttl.min(settings.record_ttl)))
                         .arg(ttl_ms(settings.record_ttl))
                         .arg(id.to_string())
+                        .arg(&lease.lead.source)
+                        .arg(timestamp(lease.lead.received_at))
                         .invoke_async(&mut conn),
                 )
                 .await?
@@ -955,6 +957,11 @@ impl RedisQueue {
     }
 
     pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
+        // The record keeps where and when the lead came from once its data is gone; they are
+        // fixed at enqueue, so reading them first cannot race.
+        let Some(letter) = self.dead_letter(id).await? else {
+            return Ok(false);
+        };
         let keys = &self.inner.keys;
         let mut conn = self.inner.conn.clone();
         let deleted: i64 = timed(
@@ -965,6 +972,8 @@ impl RedisQueue {
                 .key(&keys.dead)
                 .arg(id.to_string())
                 .arg(ttl_ms(self.inner.settings.record_ttl))
+                .arg(&letter.lead.source)
+                .arg(timestamp(letter.lead.received_at))
                 .invoke_async(&mut conn),
         )
         .await?;
@@ -1394,8 +1403,6 @@ async fn send_batch(
         };
         call.arg(&request.lead_id)
             .arg(&request.lead)
-            .arg(&request.source)
-            .arg(&request.received_at)
             .arg(record_index)
             .arg(key_index);
     }
@@ -1493,28 +1500,35 @@ impl RecordRow {
     }
 
     fn record(&self, id: &str) -> Result<Option<LeadRecord>> {
+        let data = match (self.field(6), self.field(10)) {
+            ("", "") => None,
+            ("", work) => Some(work),
+            (lead, _) => Some(lead),
+        };
+        let lead = data
+            .map(|json| from_json::<QueuedLead>(json, "lead"))
+            .transpose()?;
         let state = match self.field(2) {
-            "" => return Ok(None),
-            "queued" => LeadState::Queued,
+            "" if lead.is_none() => return Ok(None),
+            "" | "queued" => LeadState::Queued,
             "delivered" => LeadState::Delivered,
             "dead" => LeadState::Dead,
             other => {
                 return Err(corrupt(id, anyhow::anyhow!("unknown state {other:?}")));
             }
         };
-        let data = match (self.field(6), self.field(10)) {
-            ("", "") => None,
-            ("", work) => Some(work),
-            (lead, _) => Some(lead),
+        // Written into the record when the data leaves it; read from the data until then.
+        let (source, received_at) = match (&lead, self.field(0)) {
+            (Some(lead), "") => (lead.source.clone(), lead.received_at),
+            (_, source) => (
+                source.to_owned(),
+                parse_timestamp(self.field(1)).map_err(|e| corrupt(id, e))?,
+            ),
         };
-        let work = data
-            .map(|json| from_json::<QueuedLead>(json, "lead"))
-            .transpose()?
-            .map(|lead| lead.work);
         Ok(Some(LeadRecord {
             id: id.parse().map_err(|e| corrupt(id, anyhow::Error::new(e)))?,
-            source: self.field(0).to_owned(),
-            received_at: parse_timestamp(self.field(1)).map_err(|e| corrupt(id, e))?,
+            source,
+            received_at,
             state,
             attempts: parse_history(self.field(5)).map_err(|e| corrupt(id, e))?,
             delivery: match self.field(7) {
@@ -1524,7 +1538,7 @@ impl RecordRow {
             dead_reason: Some(self.field(8))
                 .filter(|r| !r.is_empty())
                 .map(str::to_owned),
-            work,
+            work: lead.map(|lead| lead.work),
         }))
     }
 
