@@ -14,43 +14,29 @@
 //! # Schema
 //!
 //! ```sql
-//! -- Queued copies of leads: ready, leased or delayed. At most one per lead.
-//! CREATE TABLE entries (
-//!     id           INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: lease handles name it
-//!     lead_id      TEXT    NOT NULL,                  -- the lead's ULID; its data is in `leads`
-//!     attempt      INTEGER NOT NULL,                  -- the attempt the next lease makes (1 = first)
-//!     last_error   TEXT,                              -- reason of the previous attempt
-//!     available_at INTEGER NOT NULL,                  -- ms since the epoch: leasable from then on
-//!     lease_token  INTEGER                            -- NULL until leased; new random value per lease
-//! );
-//! CREATE INDEX entries_available ON entries (available_at);
-//! ```
-//!
-//! One column says when an entry may next be leased: a new entry is available at once, a
-//! retry copy when its delay has passed, and a leased entry when its lease expires — so an
-//! expired lease is simply leasable again. States, as `stats` counts them: *ready* = not
-//! leased and available; *delayed* = not leased and not yet available; *leased* = has a
-//! lease token (including expired leases not yet taken again). The oldest ready entry's
-//! `available_at` is when it became ready ([`Stats::oldest_ready_ms`]).
-//!
-//! ```sql
-//! -- One record per lead, from its enqueue on (LeadRecord); written in the same transaction
-//! -- as the enqueue and every settle.
+//! -- One row per lead from its enqueue on: the queue entry and the lead's record (LeadRecord)
+//! -- in one, so an enqueue is one insert and each settle one update.
 //! CREATE TABLE leads (
-//!     lead_id     TEXT PRIMARY KEY,
-//!     source      TEXT    NOT NULL,
-//!     received_at TEXT    NOT NULL,             -- RFC 3339, as in the lead's JSON
-//!     state       TEXT    NOT NULL,             -- queued | delivered | dead
-//!     lead        TEXT,                         -- QueuedLead JSON (the personal data); NULL once purged
-//!     history     TEXT    NOT NULL DEFAULT '[]',-- JSON array of Attempt, oldest first
-//!     attempts    INTEGER NOT NULL DEFAULT 0,   -- for a dead letter: the attempt it died at
-//!     delivery    TEXT,                         -- Delivery JSON once delivered
-//!     dead_reason TEXT,
-//!     dead_at     INTEGER,                      -- ms; set while the lead is a dead letter
-//!     purge_at    INTEGER,                      -- ms: `lead` is purged from then on (pii_ttl after delivery)
-//!     expires_at  INTEGER                       -- ms: the row goes from then on (record_ttl after
-//!                                               -- delivery or the deletion of its dead letter)
+//!     id           INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: lease handles name it
+//!     lead_id      TEXT    NOT NULL UNIQUE,           -- the lead's ULID
+//!     source       TEXT    NOT NULL,
+//!     received_at  TEXT    NOT NULL,                  -- RFC 3339, as in the lead's JSON
+//!     state        TEXT    NOT NULL,                  -- queued | delivered | dead
+//!     lead         TEXT,                              -- QueuedLead JSON (the personal data); NULL once purged
+//!     attempt      INTEGER NOT NULL,                  -- the attempt the next lease makes (1 = first);
+//!                                                     -- for a dead letter, the attempt it died at
+//!     last_error   TEXT,                              -- reason of the previous attempt
+//!     available_at INTEGER,                           -- ms: leasable from then on; NULL unless queued
+//!     lease_token  INTEGER,                           -- NULL until leased; new random value per lease
+//!     history      TEXT    NOT NULL DEFAULT '[]',     -- JSON array of Attempt, oldest first
+//!     delivery     TEXT,                              -- Delivery JSON once delivered
+//!     dead_reason  TEXT,
+//!     dead_at      INTEGER,                           -- ms; set while the lead is a dead letter
+//!     purge_at     INTEGER,                           -- ms: `lead` is purged from then on (pii_ttl after delivery)
+//!     expires_at   INTEGER                            -- ms: the row goes from then on (record_ttl after
+//!                                                     -- delivery or the deletion of its dead letter)
 //! );
+//! CREATE INDEX leads_available ON leads (available_at, lease_token) WHERE available_at IS NOT NULL;
 //! CREATE INDEX leads_dead ON leads (dead_at) WHERE dead_at IS NOT NULL;
 //! CREATE INDEX leads_purge ON leads (purge_at) WHERE purge_at IS NOT NULL;
 //! CREATE INDEX leads_expiry ON leads (state, expires_at) WHERE expires_at IS NOT NULL;
@@ -59,17 +45,25 @@
 //!                           expires_at INTEGER NOT NULL, UNIQUE (source, key));
 //! ```
 //!
-//! A retry deletes the leased row and inserts a new copy (attempt + 1 unless the attempt does
-//! not count) in the same savepoint; a settle only acts when the row still carries the lease's
-//! token, so the settle of a lease that expired and was leased again is ignored — except that a
-//! `Delivered` settle always updates the record. A lease that meets the entry of a lead already
-//! delivered deletes it instead of handing it out. Reads treat data past `purge_at` and rows
-//! past `expires_at` as gone; the writer purges them (and expired idempotency keys) every
-//! [`PURGE_EVERY`].
+//! One column says when a queued lead may next be leased: a new lead is available at once, a
+//! retry when its delay has passed, and a leased lead when its lease expires — so an expired
+//! lease is simply leasable again. States, as `stats` counts them: *ready* = not leased and
+//! available; *delayed* = not leased and not yet available; *leased* = has a lease token
+//! (including expired leases not yet taken again). The oldest ready lead's `available_at` is
+//! when it became ready ([`Stats::oldest_ready_ms`]). Delivered and dead leads have no
+//! `available_at`, so only queued leads are in the index leases read.
 //!
-//! `PRAGMA user_version` holds the schema version (2). A database of version 1 (before lead
-//! records) is upgraded when it holds no queued lead or dead letter, and refused otherwise: let
-//! the older leadgate deliver them first.
+//! A retry is the same row made available again later, with `attempt + 1` unless the attempt
+//! does not count, its lease token cleared and the attempt appended to its history. A settle
+//! only acts when the row still carries the lease's token, so the settle of a lease that
+//! expired and was leased again is ignored — except that a `Delivered` settle always updates
+//! the record (the lead *was* delivered), which also takes the lead out of the queue. Reads
+//! treat data past `purge_at` and rows past `expires_at` as gone; the writer purges them (and
+//! expired idempotency keys) every [`PURGE_EVERY`].
+//!
+//! `PRAGMA user_version` holds the schema version (2). A database of version 1 (queue entries
+//! holding the leads, no records) is upgraded when it holds no queued lead or dead letter, and
+//! refused otherwise: let the older leadgate deliver them first.
 //!
 //! Times are wall-clock milliseconds of this host.
 //!
@@ -108,29 +102,26 @@ const DB_FILE: &str = "queue.sqlite3";
 const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS entries (
+CREATE TABLE IF NOT EXISTS leads (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    lead_id      TEXT    NOT NULL,
+    lead_id      TEXT    NOT NULL UNIQUE,
+    source       TEXT    NOT NULL,
+    received_at  TEXT    NOT NULL,
+    state        TEXT    NOT NULL,
+    lead         TEXT,
     attempt      INTEGER NOT NULL,
     last_error   TEXT,
-    available_at INTEGER NOT NULL,
-    lease_token  INTEGER
+    available_at INTEGER,
+    lease_token  INTEGER,
+    history      TEXT    NOT NULL DEFAULT '[]',
+    delivery     TEXT,
+    dead_reason  TEXT,
+    dead_at      INTEGER,
+    purge_at     INTEGER,
+    expires_at   INTEGER
 );
-CREATE INDEX IF NOT EXISTS entries_available ON entries (available_at);
-CREATE TABLE IF NOT EXISTS leads (
-    lead_id     TEXT PRIMARY KEY,
-    source      TEXT    NOT NULL,
-    received_at TEXT    NOT NULL,
-    state       TEXT    NOT NULL,
-    lead        TEXT,
-    history     TEXT    NOT NULL DEFAULT '[]',
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    delivery    TEXT,
-    dead_reason TEXT,
-    dead_at     INTEGER,
-    purge_at    INTEGER,
-    expires_at  INTEGER
-);
+CREATE INDEX IF NOT EXISTS leads_available ON leads (available_at, lease_token)
+    WHERE available_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leads_dead ON leads (dead_at) WHERE dead_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leads_purge ON leads (purge_at) WHERE purge_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS leads_expiry ON leads (state, expires_at) WHERE expires_at IS NOT NULL;
@@ -147,7 +138,7 @@ CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 /// The columns of `leads` a [`LeadRecord`] is read from, in [`RecordRow`] order.
 const RECORD_COLUMNS: &str = "lead_id, source, received_at, state, history, delivery, dead_reason,
     CASE WHEN purge_at IS NOT NULL AND purge_at <= ?2 THEN NULL ELSE lead END,
-    attempts, dead_at";
+    attempt, dead_at";
 
 #[derive(Clone)]
 pub struct EmbeddedQueue {
@@ -231,7 +222,7 @@ struct LeasedRow {
     lead_id: String,
     attempt: u32,
     last_error: Option<String>,
-    /// `None` when the lead's record or data is missing.
+    /// `None` when the lead's data is missing.
     lead: Option<String>,
     history: String,
 }
@@ -432,7 +423,7 @@ impl EmbeddedQueue {
                         COALESCE(SUM(lease_token IS NULL AND available_at > ?1), 0),
                         MIN(CASE WHEN lease_token IS NULL AND available_at <= ?1
                                  THEN available_at END)
-                     FROM entries",
+                     FROM leads WHERE available_at IS NOT NULL",
                 )?
                 .query_row([now], |row| {
                     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
@@ -956,69 +947,51 @@ fn enqueue(
         }
     }
     conn.prepare_cached(
-        "INSERT INTO leads (lead_id, source, received_at, state, lead)
-         VALUES (?1, ?2, ?3, 'queued', ?4)",
+        "INSERT INTO leads (lead_id, source, received_at, state, lead, attempt, available_at)
+         VALUES (?1, ?2, ?3, 'queued', ?4, 1, ?5)",
     )
-    .and_then(|mut s| s.execute(params![row.lead_id, row.source, row.received_at, row.lead]))
+    .and_then(|mut s| {
+        s.execute(params![
+            row.lead_id,
+            row.source,
+            row.received_at,
+            row.lead,
+            now
+        ])
+    })
     .map_err(map_sqlite)?;
-    conn.prepare_cached("INSERT INTO entries (lead_id, attempt, available_at) VALUES (?1, 1, ?2)")
-        .and_then(|mut s| s.execute(params![row.lead_id, now]))
-        .map_err(map_sqlite)?;
     Ok(Enqueued::Queued)
 }
 
 fn lease(conn: &Connection, now: i64, lease_ms: i64, max: usize) -> Result<Leased> {
     let token: i64 = rand::random();
     let max = i64::try_from(max).unwrap_or(i64::MAX);
-    let taken: Vec<(i64, String, u32, Option<String>)> = conn
+    let rows = conn
         .prepare_cached(
-            "UPDATE entries SET lease_token = ?1, available_at = ?2
-             WHERE id IN (SELECT id FROM entries WHERE available_at <= ?3
+            "UPDATE leads SET lease_token = ?1, available_at = ?2
+             WHERE id IN (SELECT id FROM leads WHERE available_at <= ?3
                           ORDER BY available_at, id LIMIT ?4)
-             RETURNING id, lead_id, attempt, last_error",
+             RETURNING id, lead_id, attempt, last_error, lead, history",
         )
         .and_then(|mut s| {
             s.query_map(
                 params![token, now.saturating_add(lease_ms), now, max],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                |row| {
+                    Ok(LeasedRow {
+                        id: row.get(0)?,
+                        lead_id: row.get(1)?,
+                        attempt: row.get(2)?,
+                        last_error: row.get(3)?,
+                        lead: row.get(4)?,
+                        history: row.get(5)?,
+                    })
+                },
             )?
             .collect::<rusqlite::Result<Vec<_>>>()
         })
         .map_err(map_sqlite)?;
-    let mut rows = Vec::with_capacity(taken.len());
-    for (id, lead_id, attempt, last_error) in taken {
-        let record: Option<(String, Option<String>, String)> = conn
-            .prepare_cached("SELECT state, lead, history FROM leads WHERE lead_id = ?1")
-            .and_then(|mut s| {
-                s.query_row([&lead_id], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
-                .optional()
-            })
-            .map_err(map_sqlite)?;
-        let (lead, history) = match record {
-            // A copy of a lead already delivered (its lease expired while the delivery was
-            // being recorded): it must not be handed out again.
-            Some((state, _, _)) if state == "delivered" => {
-                conn.prepare_cached("DELETE FROM entries WHERE id = ?1")
-                    .and_then(|mut s| s.execute([id]))
-                    .map_err(map_sqlite)?;
-                continue;
-            }
-            Some((_, lead, history)) => (lead, history),
-            None => (None, String::new()),
-        };
-        rows.push(LeasedRow {
-            id,
-            lead_id,
-            attempt,
-            last_error,
-            lead,
-            history,
-        });
-    }
     let next: Option<i64> = conn
-        .prepare_cached("SELECT MIN(available_at) FROM entries")
+        .prepare_cached("SELECT MIN(available_at) FROM leads WHERE available_at IS NOT NULL")
         .and_then(|mut s| s.query_row([], |row| row.get(0)))
         .map_err(map_sqlite)?;
     Ok(Leased {
@@ -1045,51 +1018,41 @@ fn settle(
     lead_id: &str,
     how: &SettleRow,
 ) -> Result<()> {
-    let take = |conn: &Connection| -> Result<Option<u32>> {
-        conn.prepare_cached(
-            "DELETE FROM entries WHERE id = ?1 AND lease_token = ?2 RETURNING attempt",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![entry_id, lease_token], |row| row.get(0))
-                .optional()
-        })
-        .map_err(map_sqlite)
-    };
-    let stale = || {
-        tracing::info!(
-            lead_id,
-            "A settle came from a lease that had expired and been taken again; it was ignored."
-        );
-    };
-    let update = |sql: &str, values: &[(&str, &dyn rusqlite::ToSql)]| -> Result<()> {
+    let run = |sql: &str, values: &[(&str, &dyn rusqlite::ToSql)]| -> Result<usize> {
         conn.prepare_cached(sql)
             .and_then(|mut s| s.execute(values))
-            .map(drop)
             .map_err(map_sqlite)
     };
-    match how {
+    let applied = match how {
         SettleRow::Delivered { record, attempt } => {
-            // Recorded even when the lease is stale: the lead *was* delivered.
-            update(
+            let held: bool = conn
+                .prepare_cached("SELECT lease_token IS ?2 FROM leads WHERE id = ?1")
+                .and_then(|mut s| {
+                    s.query_row(params![entry_id, lease_token], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(map_sqlite)?
+                .unwrap_or(false);
+            // Recorded even when the lease is stale: the lead *was* delivered. This also takes
+            // it out of the queue, so no other lease hands it out again.
+            run(
                 concat!(
-                    "UPDATE leads SET state = 'delivered', delivery = :delivery, dead_at = NULL,
+                    "UPDATE leads SET state = 'delivered', delivery = :delivery,
+                        available_at = NULL, lease_token = NULL, dead_at = NULL,
                         purge_at = COALESCE(purge_at, :purge_at), expires_at = :expires_at,
                         history = ",
                     append_history!(),
-                    " WHERE lead_id = :lead_id"
+                    " WHERE id = :id"
                 ),
                 named_params! {
-                    ":lead_id": lead_id,
+                    ":id": entry_id,
                     ":delivery": record,
                     ":purge_at": now.saturating_add(retention.pii_ms),
                     ":expires_at": now.saturating_add(retention.record_ms),
                     ":attempt": attempt,
                 },
             )?;
-            if take(conn)?.is_none() {
-                stale();
-            }
-            Ok(())
+            held
         }
         SettleRow::Retry {
             delay_ms,
@@ -1098,63 +1061,51 @@ fn settle(
             attempt,
             lead,
         } => {
-            let Some(current) = take(conn)? else {
-                stale();
-                return Ok(());
-            };
-            let next = if *count_attempt {
-                current.saturating_add(1)
-            } else {
-                current
-            };
-            conn.prepare_cached(
-                "INSERT INTO entries (lead_id, attempt, last_error, available_at)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    lead_id,
-                    next,
-                    reason,
-                    now.saturating_add(*delay_ms)
-                ])
-            })
-            .map_err(map_sqlite)?;
-            update(
+            let increment = i64::from(*count_attempt);
+            run(
                 concat!(
-                    "UPDATE leads SET lead = COALESCE(:lead, lead), history = ",
+                    "UPDATE leads SET attempt = attempt + :increment, last_error = :reason,
+                        available_at = :available_at, lease_token = NULL,
+                        lead = COALESCE(:lead, lead), history = ",
                     append_history!(),
-                    " WHERE lead_id = :lead_id"
+                    " WHERE id = :id AND lease_token = :token AND state = 'queued'"
                 ),
                 named_params! {
-                    ":lead_id": lead_id,
+                    ":id": entry_id,
+                    ":token": lease_token,
+                    ":increment": increment,
+                    ":reason": reason,
+                    ":available_at": now.saturating_add(*delay_ms),
                     ":lead": lead,
                     ":attempt": attempt,
                 },
-            )
+            )? == 1
         }
         SettleRow::Dead { reason, attempt } => {
-            let Some(current) = take(conn)? else {
-                stale();
-                return Ok(());
-            };
-            update(
+            run(
                 concat!(
                     "UPDATE leads SET state = 'dead', dead_reason = :reason, dead_at = :now,
-                        attempts = :attempts, history = ",
+                        available_at = NULL, lease_token = NULL, history = ",
                     append_history!(),
-                    " WHERE lead_id = :lead_id"
+                    " WHERE id = :id AND lease_token = :token AND state = 'queued'"
                 ),
                 named_params! {
-                    ":lead_id": lead_id,
+                    ":id": entry_id,
+                    ":token": lease_token,
                     ":reason": reason,
                     ":now": now,
-                    ":attempts": current,
                     ":attempt": attempt,
                 },
-            )
+            )? == 1
         }
+    };
+    if !applied {
+        tracing::info!(
+            lead_id,
+            "A settle came from a lease that had expired and been taken again; it was ignored."
+        );
     }
+    Ok(())
 }
 
 /// Returns false when the lead is not a dead letter.
@@ -1172,15 +1123,12 @@ fn revive(conn: &Connection, now: i64, lead_id: &str, work: &Work) -> Result<boo
         ..lead
     })?;
     conn.prepare_cached(
-        "UPDATE leads SET state = 'queued', lead = ?2, dead_at = NULL, dead_reason = NULL,
-            attempts = 0
+        "UPDATE leads SET state = 'queued', lead = ?2, attempt = 1, last_error = NULL,
+            available_at = ?3, lease_token = NULL, dead_at = NULL, dead_reason = NULL
          WHERE lead_id = ?1",
     )
-    .and_then(|mut s| s.execute(params![lead_id, revived]))
+    .and_then(|mut s| s.execute(params![lead_id, revived, now]))
     .map_err(map_sqlite)?;
-    conn.prepare_cached("INSERT INTO entries (lead_id, attempt, available_at) VALUES (?1, 1, ?2)")
-        .and_then(|mut s| s.execute(params![lead_id, now]))
-        .map_err(map_sqlite)?;
     Ok(true)
 }
 
@@ -1230,7 +1178,7 @@ fn decode_lease(row: LeasedRow, lease_token: i64) -> Option<Lease> {
     let decoded = row
         .lead
         .as_deref()
-        .ok_or_else(|| anyhow::anyhow!("the lead has no record or no data"))
+        .ok_or_else(|| anyhow::anyhow!("the lead has no data"))
         .and_then(|lead| Ok(serde_json::from_str::<QueuedLead>(lead)?))
         .and_then(|lead| Ok((lead, parse_history(&row.history)?)));
     match decoded {
