@@ -29,6 +29,9 @@ pub struct Settings {
     #[serde(default = "defaults::sources")]
     pub sources: PathBuf,
     pub redis_url: Option<SecretString>,
+    /// `LEADGATE_REDIS_URL` lists the seed nodes of a Redis Cluster, comma-separated.
+    #[serde(default)]
+    pub redis_cluster: bool,
     #[serde(default = "defaults::redis_prefix")]
     pub redis_prefix: String,
     #[serde(default = "defaults::data_dir")]
@@ -223,6 +226,12 @@ impl Settings {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
             }
+            // With LEADGATE_REDIS_CLUSTER, a comma-separated list of seed nodes.
+            if !self.redis_cluster && (url.contains(",redis://") || url.contains(",rediss://")) {
+                bail!(
+                    "LEADGATE_REDIS_URL lists several URLs: set LEADGATE_REDIS_CLUSTER=true for a Redis Cluster"
+                );
+            }
         }
         if let Some(proxy) = &self.egress_proxy {
             Url::parse(proxy.expose_secret())
@@ -283,6 +292,8 @@ impl Settings {
             Some(url) => Backend::Redis {
                 url: url.clone(),
                 prefix: self.redis_prefix.clone(),
+                cluster: self.redis_cluster,
+                ca_file: self.ca_file.clone(),
             },
             None => Backend::Embedded {
                 dir: self.data_dir.clone(),
@@ -416,6 +427,19 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("LEADGATE_EGRESS_IP"), "{text}");
         assert!(!text.contains("secret-looking-value"), "{text}");
+    }
+
+    #[test]
+    fn redis_cluster_takes_a_list_of_seed_urls() {
+        let urls = "redis://10.0.0.1:6379,redis://10.0.0.2:6379";
+        let s = env(&[
+            ("LEADGATE_REDIS_URL", urls),
+            ("LEADGATE_REDIS_CLUSTER", "true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.backend(), Backend::Redis { cluster: true, .. }));
+        let err = env(&[("LEADGATE_REDIS_URL", urls)]).err().unwrap();
+        assert!(err.to_string().contains("LEADGATE_REDIS_CLUSTER"), "{err}");
     }
 
     #[test]

@@ -14,86 +14,117 @@
 //! # Schema
 //!
 //! ```sql
-//! -- Queued leads: ready, leased or delayed.
-//! CREATE TABLE entries (
+//! -- One row per lead from its enqueue on: the queue entry and the lead's record (LeadRecord)
+//! -- in one, so an enqueue is one insert and each settle one update.
+//! CREATE TABLE leads (
 //!     id           INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: lease handles name it
-//!     lead_id      TEXT    NOT NULL,                  -- the lead's ULID
-//!     lead         TEXT    NOT NULL,                  -- QueuedLead as JSON
-//!     attempt      INTEGER NOT NULL,                  -- the attempt the next lease makes (1 = first)
+//!     lead_id      TEXT    NOT NULL UNIQUE,           -- the lead's ULID
+//!     source       TEXT    NOT NULL,
+//!     received_at  TEXT    NOT NULL,                  -- RFC 3339, as in the lead's JSON
+//!     state        TEXT    NOT NULL,                  -- queued | delivered | dead
+//!     lead         TEXT,                              -- QueuedLead JSON (the personal data); NULL once purged
+//!     attempt      INTEGER NOT NULL,                  -- the attempt the next lease makes (1 = first);
+//!                                                     -- for a dead letter, the attempt it died at
 //!     last_error   TEXT,                              -- reason of the previous attempt
-//!     available_at INTEGER NOT NULL,                  -- ms since the epoch: leasable from then on
-//!     lease_token  INTEGER                            -- NULL until leased; new random value per lease
+//!     available_at INTEGER,                           -- ms: leasable from then on; NULL unless queued
+//!     lease_token  INTEGER,                           -- NULL until leased; new random value per lease
+//!     history      TEXT    NOT NULL DEFAULT '[]',     -- JSON array of Attempt, oldest first
+//!     delivery     TEXT,                              -- Delivery JSON once delivered
+//!     dead_reason  TEXT,
+//!     dead_at      INTEGER,                           -- ms; set while the lead is a dead letter
+//!     purge_at     INTEGER,                           -- ms: `lead` is purged from then on (pii_ttl after delivery)
+//!     expires_at   INTEGER                            -- ms: the row goes from then on (record_ttl after
+//!                                                     -- delivery or the deletion of its dead letter)
 //! );
-//! CREATE INDEX entries_available ON entries (available_at);
-//! ```
-//!
-//! One column says when an entry may next be leased: a new entry is available at once, a
-//! retry copy when its delay has passed, and a leased entry when its lease expires — so an
-//! expired lease is simply leasable again. States, as `stats` counts them: *ready* = not
-//! leased and available; *delayed* = not leased and not yet available; *leased* = has a
-//! lease token (including expired leases not yet taken again).
-//!
-//! ```sql
-//! -- What Onpipeline answered for delivered leads; rows past expires_at are ignored and purged.
-//! CREATE TABLE delivered (lead_id TEXT PRIMARY KEY, delivery TEXT NOT NULL, expires_at INTEGER NOT NULL);
+//! CREATE INDEX leads_available ON leads (available_at, lease_token) WHERE available_at IS NOT NULL;
+//! CREATE INDEX leads_dead ON leads (dead_at) WHERE dead_at IS NOT NULL;
+//! CREATE INDEX leads_purge ON leads (purge_at) WHERE purge_at IS NOT NULL;
+//! CREATE INDEX leads_expiry ON leads (state, expires_at) WHERE expires_at IS NOT NULL;
 //! -- Idempotency keys: the first lead queued with each (source, key); expired rows are replaced.
 //! CREATE TABLE idempotency (source TEXT NOT NULL, key TEXT NOT NULL, first_lead TEXT NOT NULL,
 //!                           expires_at INTEGER NOT NULL, UNIQUE (source, key));
-//! -- Dead letters, newest last; kept until an operator removes them.
-//! CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, lead_id TEXT NOT NULL,
-//!                            lead TEXT NOT NULL, attempts INTEGER NOT NULL, reason TEXT NOT NULL,
-//!                            at INTEGER NOT NULL);
 //! ```
 //!
-//! A retry deletes the leased row and inserts a new copy (attempt + 1 unless the attempt does
-//! not count) in the same savepoint; a settle only acts when the row still carries the lease's
-//! token, so the settle of a lease that expired and was leased again is ignored — except that a
-//! `Delivered` settle always writes the delivered record. The writer purges expired delivered
-//! records and idempotency keys every [`PURGE_EVERY`].
+//! One column says when a queued lead may next be leased: a new lead is available at once, a
+//! retry when its delay has passed, and a leased lead when its lease expires — so an expired
+//! lease is simply leasable again. States, as `stats` counts them: *ready* = not leased and
+//! available; *delayed* = not leased and not yet available; *leased* = has a lease token
+//! (including expired leases not yet taken again). The oldest ready lead's `available_at` is
+//! when it became ready ([`Stats::oldest_ready_ms`]). Delivered and dead leads have no
+//! `available_at`, so only queued leads are in the index leases read.
+//!
+//! A retry is the same row made available again later, with `attempt + 1` unless the attempt
+//! does not count, its lease token cleared and the attempt appended to its history. A settle
+//! only acts when the row still carries the lease's token, so the settle of a lease that
+//! expired and was leased again is ignored — except that a `Delivered` settle always updates
+//! the record (the lead *was* delivered), which also takes the lead out of the queue. Reads
+//! treat data past `purge_at` and rows past `expires_at` as gone; the writer purges them (and
+//! expired idempotency keys) every [`PURGE_EVERY`].
+//!
+//! `PRAGMA user_version` holds the schema version (2). A database of version 1 (queue entries
+//! holding the leads, no records) is upgraded when it holds no queued lead or dead letter, and
+//! refused otherwise: let the older leadgate deliver them first.
 //!
 //! Times are wall-clock milliseconds of this host.
+//!
+//! # Upstream rate limit
+//!
+//! [`EmbeddedQueue::acquire_upstream`] is a `governor` limiter in this process: one process
+//! uses a data directory, so it is the only one calling upstream for this queue.
 
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, TransactionBehavior, named_params, params,
+};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    DeadLetter, Delivery, Enqueued, Error, Fsync, IdempotencyKey, Lease, LeaseHandle,
-    QueueSettings, Result, Settle, Stats,
+    Attempt, DeadLetter, Delivery, Enqueued, Error, Fsync, IdempotencyKey, LeadRecord, LeadState,
+    Lease, LeaseHandle, QueueSettings, Result, Settle, Stats,
 };
-use crate::lead::{LeadId, QueuedLead};
+use crate::lead::{LeadId, QueuedLead, Work};
 
 /// Commands applied in one transaction.
 pub const MAX_BATCH: usize = 1024;
-/// How often expired delivered records and idempotency keys are purged.
+/// How often expired records, purged data and idempotency keys are removed.
 pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Rows purged per table per pass, so a purge never holds the writer for long.
 const PURGE_LIMIT: i64 = 10_000;
 const DB_FILE: &str = "queue.sqlite3";
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS entries (
+CREATE TABLE IF NOT EXISTS leads (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    lead_id      TEXT    NOT NULL,
-    lead         TEXT    NOT NULL,
+    lead_id      TEXT    NOT NULL UNIQUE,
+    source       TEXT    NOT NULL,
+    received_at  TEXT    NOT NULL,
+    state        TEXT    NOT NULL,
+    lead         TEXT,
     attempt      INTEGER NOT NULL,
     last_error   TEXT,
-    available_at INTEGER NOT NULL,
-    lease_token  INTEGER
+    available_at INTEGER,
+    lease_token  INTEGER,
+    history      TEXT    NOT NULL DEFAULT '[]',
+    delivery     TEXT,
+    dead_reason  TEXT,
+    dead_at      INTEGER,
+    purge_at     INTEGER,
+    expires_at   INTEGER
 );
-CREATE INDEX IF NOT EXISTS entries_available ON entries (available_at);
-CREATE TABLE IF NOT EXISTS delivered (
-    lead_id    TEXT PRIMARY KEY,
-    delivery   TEXT    NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS delivered_expiry ON delivered (expires_at);
+CREATE INDEX IF NOT EXISTS leads_available ON leads (available_at, lease_token)
+    WHERE available_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS leads_dead ON leads (dead_at) WHERE dead_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS leads_purge ON leads (purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS leads_expiry ON leads (state, expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idempotency (
     source     TEXT    NOT NULL,
     key        TEXT    NOT NULL,
@@ -102,15 +133,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     UNIQUE (source, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    lead_id  TEXT    NOT NULL,
-    lead     TEXT    NOT NULL,
-    attempts INTEGER NOT NULL,
-    reason   TEXT    NOT NULL,
-    at       INTEGER NOT NULL
-);
 ";
+
+/// The columns of `leads` a [`LeadRecord`] is read from, in [`RecordRow`] order.
+const RECORD_COLUMNS: &str = "lead_id, source, received_at, state, history, delivery, dead_reason,
+    CASE WHEN purge_at IS NOT NULL AND purge_at <= ?2 THEN NULL ELSE lead END,
+    attempt, dead_at";
 
 #[derive(Clone)]
 pub struct EmbeddedQueue {
@@ -122,6 +150,8 @@ struct Inner {
     reader: Arc<Mutex<Connection>>,
     /// Woken after every commit that added an entry, so waiting leases look again.
     added: Arc<Notify>,
+    /// The upstream rate limit, and the rate it was built for.
+    upstream: Mutex<Option<(NonZeroU32, Arc<DefaultDirectRateLimiter>)>>,
     /// Dropped with the queue, which stops the checkpointer thread.
     _stop_checkpoints: mpsc::Sender<()>,
 }
@@ -130,6 +160,8 @@ struct Inner {
 enum Command {
     Enqueue {
         lead_id: String,
+        source: String,
+        received_at: String,
         lead: String,
         idempotency: Option<IdempotencyKey>,
         answer: oneshot::Sender<Result<Enqueued>>,
@@ -145,6 +177,15 @@ enum Command {
         how: SettleRow,
         answer: oneshot::Sender<Result<()>>,
     },
+    Revive {
+        lead_id: String,
+        work: Box<Work>,
+        answer: oneshot::Sender<Result<bool>>,
+    },
+    DeleteDead {
+        lead_id: String,
+        answer: oneshot::Sender<Result<bool>>,
+    },
     Ping {
         answer: oneshot::Sender<Result<()>>,
     },
@@ -153,14 +194,19 @@ enum Command {
 enum SettleRow {
     Delivered {
         record: String,
+        attempt: Option<String>,
     },
     Retry {
         delay_ms: i64,
         reason: String,
         count_attempt: bool,
+        attempt: Option<String>,
+        /// The lead with its new work, as JSON.
+        lead: Option<String>,
     },
     Dead {
         reason: String,
+        attempt: Option<String>,
     },
 }
 
@@ -173,9 +219,12 @@ struct Leased {
 
 struct LeasedRow {
     id: i64,
-    lead: String,
+    lead_id: String,
     attempt: u32,
     last_error: Option<String>,
+    /// `None` when the lead's data is missing.
+    lead: Option<String>,
+    history: String,
 }
 
 impl EmbeddedQueue {
@@ -224,6 +273,7 @@ impl EmbeddedQueue {
                 writer,
                 reader: Arc::new(Mutex::new(reader)),
                 added,
+                upstream: Mutex::new(None),
                 _stop_checkpoints: stop_checkpoints,
             }),
         })
@@ -237,6 +287,8 @@ impl EmbeddedQueue {
         let json = serde_json::to_string(lead).map_err(anyhow::Error::from)?;
         self.call(|answer| Command::Enqueue {
             lead_id: lead.id.to_string(),
+            source: lead.source.clone(),
+            received_at: timestamp(lead.received_at),
             lead: json,
             idempotency: idempotency.cloned(),
             answer,
@@ -288,21 +340,36 @@ impl EmbeddedQueue {
                 "a lease of another backend was settled on the embedded queue"
             )));
         };
+        let attempt_json = |attempt: Option<Attempt>| attempt.as_ref().map(to_json).transpose();
         let how = match how {
-            Settle::Delivered { delivery, .. } => SettleRow::Delivered {
-                record: serde_json::to_string(&delivery).map_err(anyhow::Error::from)?,
+            Settle::Delivered { delivery, attempt } => SettleRow::Delivered {
+                record: to_json(&delivery)?,
+                attempt: attempt_json(attempt)?,
             },
             Settle::RetryLater {
                 delay,
                 reason,
                 count_attempt,
-                ..
+                attempt,
+                work,
             } => SettleRow::Retry {
                 delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
                 reason,
                 count_attempt,
+                attempt: attempt_json(attempt)?,
+                lead: work
+                    .map(|work| {
+                        to_json(&QueuedLead {
+                            work,
+                            ..lease.lead.clone()
+                        })
+                    })
+                    .transpose()?,
             },
-            Settle::Dead { reason, .. } => SettleRow::Dead { reason },
+            Settle::Dead { reason, attempt } => SettleRow::Dead {
+                reason,
+                attempt: attempt_json(attempt)?,
+            },
         };
         self.call(|answer| Command::Settle {
             entry_id,
@@ -318,104 +385,147 @@ impl EmbeddedQueue {
         let record: Option<String> = self
             .read(move |conn| {
                 conn.prepare_cached(
-                    "SELECT delivery FROM delivered WHERE lead_id = ?1 AND expires_at > ?2",
+                    "SELECT delivery FROM leads
+                     WHERE lead_id = ?1 AND state = 'delivered' AND expires_at > ?2",
                 )?
                 .query_row(params![id.to_string(), now_ms()], |row| row.get(0))
                 .optional()
             })
             .await?;
-        record
-            .map(|r| serde_json::from_str(&r))
-            .transpose()
-            .map_err(|e| Error::Other(anyhow::Error::new(e).context("corrupt delivered record")))
+        record.map(|r| from_json(&r, "delivery")).transpose()
     }
 
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows: Vec<(String, u32, String, i64)> = self
+        let rows: Vec<RecordRow> = self
             .read(move |conn| {
-                conn.prepare_cached(
-                    "SELECT lead, attempts, reason, at FROM dead_letters ORDER BY id DESC LIMIT ?1",
-                )?
-                .query_map([limit], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                })?
+                conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM leads WHERE dead_at IS NOT NULL
+                     ORDER BY dead_at DESC, rowid DESC LIMIT ?1"
+                ))?
+                .query_map(params![limit, now_ms()], RecordRow::read)?
                 .collect()
             })
             .await?;
         rows.into_iter()
-            .map(|(lead, attempts, reason, at)| {
-                Ok(DeadLetter {
-                    history: Vec::new(),
-                    lead: serde_json::from_str(&lead).map_err(|e| {
-                        Error::Other(anyhow::Error::new(e).context("corrupt dead letter"))
-                    })?,
-                    attempts,
-                    reason,
-                    at: DateTime::<Utc>::from_timestamp_millis(at).unwrap_or_default(),
-                })
-            })
+            .filter_map(|row| row.dead_letter().transpose())
             .collect()
     }
 
     pub async fn stats(&self) -> Result<Stats> {
         self.read(|conn| {
             let now = now_ms();
-            let (ready, leased, delayed): (i64, i64, i64) = conn
+            let (ready, leased, delayed, oldest): (i64, i64, i64, Option<i64>) = conn
                 .prepare_cached(
                     "SELECT
                         COALESCE(SUM(lease_token IS NULL AND available_at <= ?1), 0),
                         COALESCE(SUM(lease_token IS NOT NULL), 0),
-                        COALESCE(SUM(lease_token IS NULL AND available_at > ?1), 0)
-                     FROM entries",
+                        COALESCE(SUM(lease_token IS NULL AND available_at > ?1), 0),
+                        MIN(CASE WHEN lease_token IS NULL AND available_at <= ?1
+                                 THEN available_at END)
+                     FROM leads WHERE available_at IS NOT NULL",
                 )?
-                .query_row([now], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+                .query_row([now], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?;
             let dead: i64 = conn
-                .prepare_cached("SELECT COUNT(*) FROM dead_letters")?
+                .prepare_cached("SELECT COUNT(*) FROM leads WHERE dead_at IS NOT NULL")?
                 .query_row([], |row| row.get(0))?;
+            let delivered: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM leads WHERE state = 'delivered' AND expires_at > ?1",
+                )?
+                .query_row([now], |row| row.get(0))?;
             let count = |n: i64| u64::try_from(n).unwrap_or(0);
             Ok(Stats {
-                delivered: 0,
-                oldest_ready_ms: 0,
                 ready: count(ready),
                 leased: count(leased),
                 delayed: count(delayed),
                 dead: count(dead),
+                delivered: count(delivered),
+                oldest_ready_ms: oldest.map_or(0, |at| count(now - at)),
             })
         })
         .await
     }
 
-    /// Goes through the writer, so it also proves the writer thread is alive.
-    pub async fn lead(&self, id: LeadId) -> Result<Option<super::LeadRecord>> {
-        let _ = id;
-        unimplemented!("issue 4: lead records")
+    pub async fn lead(&self, id: LeadId) -> Result<Option<LeadRecord>> {
+        let row: Option<RecordRow> = self
+            .read(move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM leads
+                     WHERE lead_id = ?1 AND (expires_at IS NULL OR expires_at > ?2)"
+                ))?
+                .query_row(params![id.to_string(), now_ms()], RecordRow::read)
+                .optional()
+            })
+            .await?;
+        row.map(RecordRow::record).transpose()
     }
 
     pub async fn dead_letter(&self, id: LeadId) -> Result<Option<DeadLetter>> {
-        let _ = id;
-        unimplemented!("issue 4: dead_letter")
+        let row: Option<RecordRow> = self
+            .read(move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM leads
+                     WHERE lead_id = ?1 AND dead_at IS NOT NULL"
+                ))?
+                .query_row(params![id.to_string(), now_ms()], RecordRow::read)
+                .optional()
+            })
+            .await?;
+        Ok(row.map(RecordRow::dead_letter).transpose()?.flatten())
     }
 
-    pub async fn revive(&self, id: LeadId, work: crate::lead::Work) -> Result<bool> {
-        let _ = (id, work);
-        unimplemented!("issue 4: revive")
+    pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
+        self.call(|answer| Command::Revive {
+            lead_id: id.to_string(),
+            work: Box::new(work),
+            answer,
+        })
+        .await
     }
 
     pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
-        let _ = id;
-        unimplemented!("issue 4: delete_dead")
+        self.call(|answer| Command::DeleteDead {
+            lead_id: id.to_string(),
+            answer,
+        })
+        .await
     }
 
-    pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
-        let _ = per_second;
-        unimplemented!("issue 4: shared upstream rate limit")
+    /// In this process only (one process per data directory).
+    pub async fn acquire_upstream(&self, per_second: NonZeroU32) -> Result<Duration> {
+        let limiter = {
+            let mut upstream = self
+                .inner
+                .upstream
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match &*upstream {
+                Some((rate, limiter)) if *rate == per_second => limiter.clone(),
+                _ => {
+                    // One slot per period and no burst, like the Redis limiter.
+                    let quota = Quota::per_second(per_second).allow_burst(NonZeroU32::MIN);
+                    let limiter = Arc::new(RateLimiter::direct(quota));
+                    *upstream = Some((per_second, limiter.clone()));
+                    limiter
+                }
+            }
+        };
+        Ok(match limiter.check() {
+            Ok(()) => Duration::ZERO,
+            Err(not_until) => not_until.wait_time_from(DefaultClock::default().now()),
+        })
     }
 
+    /// SQLite's durability is set by this process (`LEADGATE_EMBEDDED_FSYNC`), not by a server
+    /// whose settings could surprise us.
     pub async fn durability_warning(&self) -> Result<Option<String>> {
-        unimplemented!("issue 4: durability warning")
+        Ok(None)
     }
 
+    /// Goes through the writer, so it also proves the writer thread is alive.
     pub async fn ping(&self) -> Result<()> {
         self.call(|answer| Command::Ping { answer }).await
     }
@@ -479,7 +589,10 @@ fn prepare_writer(conn: &mut Connection, fsync: Fsync) -> Result<()> {
         .map_err(map_sqlite)?;
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(map_sqlite)?;
-    let version: i64 = conn
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_sqlite)?;
+    let version: i64 = tx
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(map_sqlite)?;
     if version > SCHEMA_VERSION {
@@ -487,11 +600,35 @@ fn prepare_writer(conn: &mut Connection, fsync: Fsync) -> Result<()> {
             "the queue database has schema version {version}, newer than this build knows ({SCHEMA_VERSION})"
         )));
     }
-    let tx = conn.transaction().map_err(map_sqlite)?;
+    if version == 1 {
+        upgrade_from_v1(&tx)?;
+    }
     tx.execute_batch(SCHEMA).map_err(map_sqlite)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(map_sqlite)?;
     tx.commit().map_err(map_sqlite)
+}
+
+/// Version 1 kept each lead's data in its entry and had no records. Its tables are replaced
+/// when they hold no lead still to deliver; its delivered records then protect nothing (no
+/// entry can be redelivered) and go with them.
+fn upgrade_from_v1(tx: &Connection) -> Result<()> {
+    let waiting: i64 = tx
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM entries) + (SELECT COUNT(*) FROM dead_letters)",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(map_sqlite)?;
+    if waiting > 0 {
+        return Err(Error::Other(anyhow::anyhow!(
+            "the queue database holds {waiting} queued leads or dead letters in the format of an \
+             older leadgate (schema version 1); let that version deliver them (or move the \
+             database away), then start this one"
+        )));
+    }
+    tx.execute_batch("DROP TABLE entries; DROP TABLE dead_letters; DROP TABLE IF EXISTS delivered;")
+        .map_err(map_sqlite)
 }
 
 /// The writer thread: group-commits commands until every [`EmbeddedQueue`] clone is dropped.
@@ -558,6 +695,7 @@ enum Outcome {
     Enqueued(Result<Enqueued>),
     Leased(Result<Leased>),
     Done(Result<()>),
+    Changed(Result<bool>),
 }
 
 impl Outcome {
@@ -566,7 +704,25 @@ impl Outcome {
             Outcome::Enqueued(r) => r.is_err(),
             Outcome::Leased(r) => r.is_err(),
             Outcome::Done(r) => r.is_err(),
+            Outcome::Changed(r) => r.is_err(),
         }
+    }
+
+    /// Whether the command made an entry ready or due later (waiting leases should look again).
+    fn added_entry(&self, command: &Command) -> bool {
+        matches!(
+            (command, self),
+            (
+                Command::Enqueue { .. },
+                Outcome::Enqueued(Ok(Enqueued::Queued))
+            ) | (
+                Command::Settle {
+                    how: SettleRow::Retry { .. },
+                    ..
+                },
+                Outcome::Done(Ok(())),
+            ) | (Command::Revive { .. }, Outcome::Changed(Ok(true)))
+        )
     }
 }
 
@@ -583,21 +739,10 @@ fn apply_batch(conn: &mut Connection, batch: Vec<Command>, settings: &QueueSetti
     };
     match outcomes {
         Ok(outcomes) => {
-            let added = batch.iter().zip(&outcomes).any(|(command, outcome)| {
-                matches!(
-                    (command, outcome),
-                    (
-                        Command::Enqueue { .. },
-                        Outcome::Enqueued(Ok(Enqueued::Queued))
-                    ) | (
-                        Command::Settle {
-                            how: SettleRow::Retry { .. },
-                            ..
-                        },
-                        Outcome::Done(Ok(()))
-                    )
-                )
-            });
+            let added = batch
+                .iter()
+                .zip(&outcomes)
+                .any(|(command, outcome)| outcome.added_entry(command));
             for (command, outcome) in batch.into_iter().zip(outcomes) {
                 answer(command, outcome);
             }
@@ -624,6 +769,10 @@ fn run_batch(
 ) -> Result<Vec<Outcome>> {
     let now = now_ms();
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2);
+    let retention = Retention {
+        pii_ms: ms(settings.pii_ttl.min(settings.record_ttl)),
+        record_ms: ms(settings.record_ttl),
+    };
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(map_sqlite)?;
@@ -632,12 +781,25 @@ fn run_batch(
         let outcome = match command {
             Command::Enqueue {
                 lead_id,
+                source,
+                received_at,
                 lead,
                 idempotency,
                 ..
             } => Outcome::Enqueued(guarded(&tx, savepoints, |conn| {
-                let ttl = ms(settings.idempotency_ttl);
-                enqueue(conn, now, ttl, lead_id, lead, idempotency.as_ref())
+                let row = NewLead {
+                    lead_id,
+                    source,
+                    received_at,
+                    lead,
+                };
+                enqueue(
+                    conn,
+                    now,
+                    ms(settings.idempotency_ttl),
+                    &row,
+                    idempotency.as_ref(),
+                )
             })),
             Command::Lease { max, .. } => Outcome::Leased(guarded(&tx, savepoints, |conn| {
                 lease(conn, now, ms(settings.lease_timeout), *max)
@@ -649,9 +811,18 @@ fn run_batch(
                 how,
                 ..
             } => Outcome::Done(guarded(&tx, savepoints, |conn| {
-                let ttl = ms(settings.record_ttl);
-                settle(conn, now, ttl, *entry_id, *lease_token, lead_id, how).map(drop)
+                settle(conn, now, retention, *entry_id, *lease_token, lead_id, how)
             })),
+            Command::Revive { lead_id, work, .. } => {
+                Outcome::Changed(guarded(&tx, savepoints, |conn| {
+                    revive(conn, now, lead_id, work)
+                }))
+            }
+            Command::DeleteDead { lead_id, .. } => {
+                Outcome::Changed(guarded(&tx, savepoints, |conn| {
+                    delete_dead(conn, now, retention, lead_id)
+                }))
+            }
             Command::Ping { .. } => Outcome::Done(Ok(())),
         };
         if !savepoints && outcome.is_err() {
@@ -699,12 +870,12 @@ fn answer(command: Command, outcome: Outcome) {
         (Command::Settle { answer, .. } | Command::Ping { answer }, Outcome::Done(r)) => {
             answer.send(r).map_err(drop)
         }
+        (
+            Command::Revive { answer, .. } | Command::DeleteDead { answer, .. },
+            Outcome::Changed(r),
+        ) => answer.send(r).map_err(drop),
         (command, Outcome::Done(Err(e))) => fail(command, &e),
-        (Command::Enqueue { answer, .. }, _) => answer.send(mismatch()).map_err(drop),
-        (Command::Lease { answer, .. }, _) => answer.send(mismatch()).map_err(drop),
-        (Command::Settle { answer, .. } | Command::Ping { answer }, _) => {
-            answer.send(mismatch()).map_err(drop)
-        }
+        (command, _) => fail(command, &mismatch::<()>().unwrap_err()),
     };
 }
 
@@ -715,15 +886,32 @@ fn fail(command: Command, e: &Error) -> std::result::Result<(), ()> {
         Command::Settle { answer, .. } | Command::Ping { answer } => {
             answer.send(Err(copy_error(e))).map_err(drop)
         }
+        Command::Revive { answer, .. } | Command::DeleteDead { answer, .. } => {
+            answer.send(Err(copy_error(e))).map_err(drop)
+        }
     }
+}
+
+/// How long data and records are kept after delivery, in ms.
+#[derive(Clone, Copy)]
+struct Retention {
+    pii_ms: i64,
+    record_ms: i64,
+}
+
+/// A lead to enqueue, as its columns.
+struct NewLead<'a> {
+    lead_id: &'a str,
+    source: &'a str,
+    received_at: &'a str,
+    lead: &'a str,
 }
 
 fn enqueue(
     conn: &Connection,
     now: i64,
     idempotency_ms: i64,
-    lead_id: &str,
-    lead: &str,
+    row: &NewLead<'_>,
     idempotency: Option<&IdempotencyKey>,
 ) -> Result<Enqueued> {
     if let Some(key) = idempotency {
@@ -741,7 +929,7 @@ fn enqueue(
                 s.execute(params![
                     key.source,
                     key.key,
-                    lead_id,
+                    row.lead_id,
                     now.saturating_add(idempotency_ms),
                     now
                 ])
@@ -759,9 +947,18 @@ fn enqueue(
         }
     }
     conn.prepare_cached(
-        "INSERT INTO entries (lead_id, lead, attempt, available_at) VALUES (?1, ?2, 1, ?3)",
+        "INSERT INTO leads (lead_id, source, received_at, state, lead, attempt, available_at)
+         VALUES (?1, ?2, ?3, 'queued', ?4, 1, ?5)",
     )
-    .and_then(|mut s| s.execute(params![lead_id, lead, now]))
+    .and_then(|mut s| {
+        s.execute(params![
+            row.lead_id,
+            row.source,
+            row.received_at,
+            row.lead,
+            now
+        ])
+    })
     .map_err(map_sqlite)?;
     Ok(Enqueued::Queued)
 }
@@ -771,10 +968,10 @@ fn lease(conn: &Connection, now: i64, lease_ms: i64, max: usize) -> Result<Lease
     let max = i64::try_from(max).unwrap_or(i64::MAX);
     let rows = conn
         .prepare_cached(
-            "UPDATE entries SET lease_token = ?1, available_at = ?2
-             WHERE id IN (SELECT id FROM entries WHERE available_at <= ?3
+            "UPDATE leads SET lease_token = ?1, available_at = ?2
+             WHERE id IN (SELECT id FROM leads WHERE available_at <= ?3
                           ORDER BY available_at, id LIMIT ?4)
-             RETURNING id, lead, attempt, last_error",
+             RETURNING id, lead_id, attempt, last_error, lead, history",
         )
         .and_then(|mut s| {
             s.query_map(
@@ -782,9 +979,11 @@ fn lease(conn: &Connection, now: i64, lease_ms: i64, max: usize) -> Result<Lease
                 |row| {
                     Ok(LeasedRow {
                         id: row.get(0)?,
-                        lead: row.get(1)?,
+                        lead_id: row.get(1)?,
                         attempt: row.get(2)?,
                         last_error: row.get(3)?,
+                        lead: row.get(4)?,
+                        history: row.get(5)?,
                     })
                 },
             )?
@@ -792,7 +991,7 @@ fn lease(conn: &Connection, now: i64, lease_ms: i64, max: usize) -> Result<Lease
         })
         .map_err(map_sqlite)?;
     let next: Option<i64> = conn
-        .prepare_cached("SELECT MIN(available_at) FROM entries")
+        .prepare_cached("SELECT MIN(available_at) FROM leads WHERE available_at IS NOT NULL")
         .and_then(|mut s| s.query_row([], |row| row.get(0)))
         .map_err(map_sqlite)?;
     Ok(Leased {
@@ -802,114 +1001,169 @@ fn lease(conn: &Connection, now: i64, lease_ms: i64, max: usize) -> Result<Lease
     })
 }
 
-/// Returns whether an entry was added (a retry copy).
+/// SQL appending the `:attempt` JSON, when not NULL, to a record's history.
+macro_rules! append_history {
+    () => {
+        "CASE WHEN :attempt IS NULL THEN history
+              ELSE json_insert(history, '$[#]', json(:attempt)) END"
+    };
+}
+
 fn settle(
     conn: &Connection,
     now: i64,
-    delivered_ms: i64,
+    retention: Retention,
     entry_id: i64,
     lease_token: i64,
     lead_id: &str,
     how: &SettleRow,
-) -> Result<bool> {
-    let take = |conn: &Connection| -> Result<Option<(String, u32)>> {
-        conn.prepare_cached(
-            "DELETE FROM entries WHERE id = ?1 AND lease_token = ?2 RETURNING lead, attempt",
-        )
-        .and_then(|mut s| {
-            s.query_row(params![entry_id, lease_token], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()
-        })
-        .map_err(map_sqlite)
+) -> Result<()> {
+    let run = |sql: &str, values: &[(&str, &dyn rusqlite::ToSql)]| -> Result<usize> {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute(values))
+            .map_err(map_sqlite)
     };
-    let stale = || {
-        tracing::info!(
-            lead_id,
-            "A settle came from a lease that had expired and been taken again; it was ignored."
-        );
-    };
-    match how {
-        SettleRow::Delivered { record } => {
-            conn.prepare_cached(
-                "INSERT INTO delivered (lead_id, delivery, expires_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (lead_id) DO UPDATE
-                 SET delivery = excluded.delivery, expires_at = excluded.expires_at",
-            )
-            .and_then(|mut s| s.execute(params![lead_id, record, now.saturating_add(delivered_ms)]))
-            .map_err(map_sqlite)?;
-            if take(conn)?.is_none() {
-                stale();
-            }
-            Ok(false)
+    let applied = match how {
+        SettleRow::Delivered { record, attempt } => {
+            let held: bool = conn
+                .prepare_cached("SELECT lease_token IS ?2 FROM leads WHERE id = ?1")
+                .and_then(|mut s| {
+                    s.query_row(params![entry_id, lease_token], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(map_sqlite)?
+                .unwrap_or(false);
+            // Recorded even when the lease is stale: the lead *was* delivered. This also takes
+            // it out of the queue, so no other lease hands it out again.
+            run(
+                concat!(
+                    "UPDATE leads SET state = 'delivered', delivery = :delivery,
+                        available_at = NULL, lease_token = NULL, dead_at = NULL,
+                        purge_at = COALESCE(purge_at, :purge_at), expires_at = :expires_at,
+                        history = ",
+                    append_history!(),
+                    " WHERE id = :id"
+                ),
+                named_params! {
+                    ":id": entry_id,
+                    ":delivery": record,
+                    ":purge_at": now.saturating_add(retention.pii_ms),
+                    ":expires_at": now.saturating_add(retention.record_ms),
+                    ":attempt": attempt,
+                },
+            )?;
+            held
         }
         SettleRow::Retry {
             delay_ms,
             reason,
             count_attempt,
+            attempt,
+            lead,
         } => {
-            let Some((lead, attempt)) = take(conn)? else {
-                stale();
-                return Ok(false);
-            };
-            let attempt = if *count_attempt {
-                attempt.saturating_add(1)
-            } else {
-                attempt
-            };
-            conn.prepare_cached(
-                "INSERT INTO entries (lead_id, lead, attempt, last_error, available_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    lead_id,
-                    lead,
-                    attempt,
-                    reason,
-                    now.saturating_add(*delay_ms)
-                ])
-            })
-            .map_err(map_sqlite)?;
-            Ok(true)
+            let increment = i64::from(*count_attempt);
+            run(
+                concat!(
+                    "UPDATE leads SET attempt = attempt + :increment, last_error = :reason,
+                        available_at = :available_at, lease_token = NULL,
+                        lead = COALESCE(:lead, lead), history = ",
+                    append_history!(),
+                    " WHERE id = :id AND lease_token = :token AND state = 'queued'"
+                ),
+                named_params! {
+                    ":id": entry_id,
+                    ":token": lease_token,
+                    ":increment": increment,
+                    ":reason": reason,
+                    ":available_at": now.saturating_add(*delay_ms),
+                    ":lead": lead,
+                    ":attempt": attempt,
+                },
+            )? == 1
         }
-        SettleRow::Dead { reason } => {
-            let Some((lead, attempt)) = take(conn)? else {
-                stale();
-                return Ok(false);
-            };
-            conn.prepare_cached(
-                "INSERT INTO dead_letters (lead_id, lead, attempts, reason, at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut s| s.execute(params![lead_id, lead, attempt, reason, now]))
-            .map_err(map_sqlite)?;
-            Ok(false)
+        SettleRow::Dead { reason, attempt } => {
+            run(
+                concat!(
+                    "UPDATE leads SET state = 'dead', dead_reason = :reason, dead_at = :now,
+                        available_at = NULL, lease_token = NULL, history = ",
+                    append_history!(),
+                    " WHERE id = :id AND lease_token = :token AND state = 'queued'"
+                ),
+                named_params! {
+                    ":id": entry_id,
+                    ":token": lease_token,
+                    ":reason": reason,
+                    ":now": now,
+                    ":attempt": attempt,
+                },
+            )? == 1
         }
+    };
+    if !applied {
+        tracing::info!(
+            lead_id,
+            "A settle came from a lease that had expired and been taken again; it was ignored."
+        );
     }
+    Ok(())
+}
+
+/// Returns false when the lead is not a dead letter.
+fn revive(conn: &Connection, now: i64, lead_id: &str, work: &Work) -> Result<bool> {
+    let lead: Option<Option<String>> = conn
+        .prepare_cached("SELECT lead FROM leads WHERE lead_id = ?1 AND dead_at IS NOT NULL")
+        .and_then(|mut s| s.query_row([lead_id], |row| row.get(0)).optional())
+        .map_err(map_sqlite)?;
+    let Some(Some(lead)) = lead else {
+        return Ok(false);
+    };
+    let lead: QueuedLead = from_json(&lead, "dead letter")?;
+    let revived = to_json(&QueuedLead {
+        work: work.clone(),
+        ..lead
+    })?;
+    conn.prepare_cached(
+        "UPDATE leads SET state = 'queued', lead = ?2, attempt = 1, last_error = NULL,
+            available_at = ?3, lease_token = NULL, dead_at = NULL, dead_reason = NULL
+         WHERE lead_id = ?1",
+    )
+    .and_then(|mut s| s.execute(params![lead_id, revived, now]))
+    .map_err(map_sqlite)?;
+    Ok(true)
+}
+
+/// Drops a dead letter's data at once; its record stays for `record_ttl`.
+fn delete_dead(conn: &Connection, now: i64, retention: Retention, lead_id: &str) -> Result<bool> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE leads SET lead = NULL, dead_at = NULL, purge_at = NULL, expires_at = ?2
+             WHERE lead_id = ?1 AND dead_at IS NOT NULL",
+        )
+        .and_then(|mut s| s.execute(params![lead_id, now.saturating_add(retention.record_ms)]))
+        .map_err(map_sqlite)?;
+    Ok(changed == 1)
 }
 
 fn purge(conn: &mut Connection) {
     let now = now_ms();
-    let purged = conn
-        .execute(
-            "DELETE FROM idempotency WHERE rowid IN
-             (SELECT rowid FROM idempotency WHERE expires_at <= ?1 LIMIT ?2)",
-            params![now, PURGE_LIMIT],
-        )
-        .and_then(|keys| {
-            conn.execute(
-                "DELETE FROM delivered WHERE rowid IN
-                 (SELECT rowid FROM delivered WHERE expires_at <= ?1 LIMIT ?2)",
-                params![now, PURGE_LIMIT],
-            )
-            .map(|records| (keys, records))
-        });
+    let run = |sql: &str| conn.execute(sql, params![now, PURGE_LIMIT]);
+    let purged = run("DELETE FROM idempotency WHERE rowid IN
+                      (SELECT rowid FROM idempotency WHERE expires_at <= ?1 LIMIT ?2)")
+    .and_then(|keys| {
+        let data = run(
+            "UPDATE leads SET lead = NULL, purge_at = NULL WHERE rowid IN
+                            (SELECT rowid FROM leads WHERE purge_at <= ?1 LIMIT ?2)",
+        )?;
+        let records = run("DELETE FROM leads WHERE rowid IN
+                               (SELECT rowid FROM leads WHERE state IN ('delivered', 'dead')
+                                AND expires_at <= ?1 LIMIT ?2)")?;
+        Ok((keys, data, records))
+    });
     match purged {
-        Ok((keys, records)) if keys + records > 0 => tracing::debug!(
+        Ok((keys, data, records)) if keys + data + records > 0 => tracing::debug!(
             idempotency_keys = keys,
-            delivered_records = records,
+            lead_data = data,
+            lead_records = records,
             "Expired queue records were purged."
         ),
         Ok(_) => {}
@@ -917,25 +1171,136 @@ fn purge(conn: &mut Connection) {
     }
 }
 
-/// A corrupt row is logged and skipped: it stays leased, so it is never lost, and comes back
-/// (and is logged again) after each lease timeout until an operator removes it.
+/// A lead whose record cannot be read is logged and skipped: its entry stays leased, so it is
+/// never lost, and comes back (and is logged again) after each lease timeout until an
+/// operator removes it.
 fn decode_lease(row: LeasedRow, lease_token: i64) -> Option<Lease> {
-    match serde_json::from_str(&row.lead) {
-        Ok(lead) => Some(Lease {
-            history: Vec::new(),
+    let decoded = row
+        .lead
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("the lead has no data"))
+        .and_then(|lead| Ok(serde_json::from_str::<QueuedLead>(lead)?))
+        .and_then(|lead| Ok((lead, parse_history(&row.history)?)));
+    match decoded {
+        Ok((lead, history)) => Some(Lease {
             lead,
             attempt: row.attempt,
             last_error: row.last_error,
+            history,
             handle: LeaseHandle::Embedded {
                 entry_id: row.id,
                 lease_token,
             },
         }),
         Err(e) => {
-            tracing::error!(entry_id = row.id, error = %e, "A queue entry could not be read; it is left leased.");
+            tracing::error!(entry_id = row.id, lead_id = row.lead_id, error = %e, "A queue entry could not be read; it is left leased.");
             None
         }
     }
+}
+
+/// One row of [`RECORD_COLUMNS`].
+struct RecordRow {
+    lead_id: String,
+    source: String,
+    received_at: String,
+    state: String,
+    history: String,
+    delivery: Option<String>,
+    dead_reason: Option<String>,
+    lead: Option<String>,
+    attempts: u32,
+    dead_at: Option<i64>,
+}
+
+impl RecordRow {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            lead_id: row.get(0)?,
+            source: row.get(1)?,
+            received_at: row.get(2)?,
+            state: row.get(3)?,
+            history: row.get(4)?,
+            delivery: row.get(5)?,
+            dead_reason: row.get(6)?,
+            lead: row.get(7)?,
+            attempts: row.get(8)?,
+            dead_at: row.get(9)?,
+        })
+    }
+
+    fn record(self) -> Result<LeadRecord> {
+        let corrupt = |e: anyhow::Error| {
+            Error::Other(e.context(format!("corrupt record of lead {}", self.lead_id)))
+        };
+        let state = match self.state.as_str() {
+            "queued" => LeadState::Queued,
+            "delivered" => LeadState::Delivered,
+            "dead" => LeadState::Dead,
+            other => return Err(corrupt(anyhow::anyhow!("unknown state {other:?}"))),
+        };
+        Ok(LeadRecord {
+            id: self
+                .lead_id
+                .parse()
+                .map_err(|e| corrupt(anyhow::Error::new(e)))?,
+            received_at: DateTime::parse_from_rfc3339(&self.received_at)
+                .map_err(|e| corrupt(anyhow::Error::new(e)))?
+                .with_timezone(&Utc),
+            state,
+            attempts: parse_history(&self.history).map_err(corrupt)?,
+            delivery: self
+                .delivery
+                .as_deref()
+                .map(|d| from_json(d, "delivery"))
+                .transpose()?,
+            dead_reason: self.dead_reason.clone(),
+            work: self
+                .lead
+                .as_deref()
+                .map(|l| from_json::<QueuedLead>(l, "lead").map(|lead| lead.work))
+                .transpose()?,
+            source: self.source,
+        })
+    }
+
+    /// `None` when the dead letter's data is gone.
+    fn dead_letter(self) -> Result<Option<DeadLetter>> {
+        let Some(lead) = self.lead.as_deref() else {
+            return Ok(None);
+        };
+        Ok(Some(DeadLetter {
+            lead: from_json(lead, "dead letter")?,
+            attempts: self.attempts,
+            reason: self.dead_reason.unwrap_or_default(),
+            at: DateTime::<Utc>::from_timestamp_millis(self.dead_at.unwrap_or(0))
+                .unwrap_or_default(),
+            history: parse_history(&self.history).map_err(|e| {
+                Error::Other(e.context(format!("corrupt record of lead {}", self.lead_id)))
+            })?,
+        }))
+    }
+}
+
+fn parse_history(json: &str) -> anyhow::Result<Vec<Attempt>> {
+    if json.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(serde_json::from_str(json)?)
+}
+
+/// The lead's receipt time as stored in its record: RFC 3339, as in the lead's JSON.
+fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    Ok(serde_json::to_string(value).map_err(anyhow::Error::from)?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Other(anyhow::Error::new(e).context(format!("corrupt {what} record"))))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -5,27 +5,43 @@
 //! 1. **Enqueue is durable before the 2xx.** [`Queue::enqueue`] returns only once the lead is
 //!    written where a crash of this process cannot lose it (a committed SQLite transaction on
 //!    disk; a Redis write acknowledged by the server — its own persistence settings decide the
-//!    rest, see the README). An enqueue that fails or times out is answered `503`: it may still
-//!    have landed, which is why idempotency keys exist.
+//!    rest, see [`Queue::durability_warning`] and the README). An enqueue that fails or times out
+//!    is answered `503`: it may still have landed, which is why idempotency keys exist.
 //! 2. **Idempotency.** An enqueue carrying an [`IdempotencyKey`] already seen within its time to
-//!    live queues nothing and returns [`Enqueued::Replayed`] with the first lead's id. The key
-//!    and the lead are written atomically.
+//!    live queues nothing and returns [`Enqueued::Replayed`] with the first lead's id. The key,
+//!    the lead and its [`LeadRecord`] are written atomically.
 //! 3. **Leases.** A consumer leases ready entries with [`Queue::lease`]. An entry is ready when it
 //!    is new, when its retry delay has passed, or when a lease on it was not settled within the
-//!    visibility timeout (the consumer died): then it is redelivered to any consumer.
-//! 4. **Each lease settles exactly once**, with [`Queue::settle`]:
+//!    visibility timeout (the consumer died): then it is redelivered to any consumer. A lease
+//!    carries the lead's attempt history ([`Lease::history`]).
+//! 4. **Each lease settles exactly once**, with [`Queue::settle`]; the settle's [`Attempt`], when
+//!    it has one, is appended to the lead's history in the same atomic step:
 //!    * [`Settle::Delivered`] records the delivery (see [`Queue::delivery_of`]) and removes the
 //!      entry, atomically: a redelivered lease of a lead already recorded as delivered is
-//!      recognised by the forwarder and not sent again;
+//!      recognised by the forwarder and not sent again (and a copy of a delivered lead met by a
+//!      later lease is dropped by the queue itself);
 //!    * [`Settle::RetryLater`] replaces the entry with a new copy that becomes ready after the
 //!      delay, with `attempt + 1` when the attempt counts (it does not when delivery is paused
-//!      or the process is shutting down);
-//!    * [`Settle::Dead`] moves the entry to the dead letters with its reason.
+//!      or the process is shutting down), the history so far, and the new [`Work`] when one is
+//!      given;
+//!    * [`Settle::Dead`] moves the entry to the dead letters with its reason and history.
 //!
-//!    Settling a lease that has expired and been redelivered meanwhile is harmless: the
-//!    delivered record makes the second delivery a no-op.
-//! 5. Nothing else removes an entry. No lead is dropped.
-
+//!    Settling a lease that has expired and been redelivered meanwhile is harmless: it is
+//!    ignored, except that a `Delivered` settle is always recorded (the lead *was* delivered),
+//!    which makes the second delivery a no-op.
+//! 5. Nothing else removes an entry. No lead is dropped. A dead letter stays, with its data,
+//!    until an operator revives it ([`Queue::revive`]: a fresh ready copy, attempt 1, history
+//!    kept) or deletes it ([`Queue::delete_dead`]).
+//! 6. **Records and retention.** Every lead has a [`LeadRecord`] from its enqueue on (state,
+//!    source, received_at, attempts, delivery, dead reason, data), changed in the same atomic
+//!    step as each settle. After delivery the lead's personal data (its [`Work`]) is kept for
+//!    [`QueueSettings::pii_ttl`] and then purged; the rest of the record — which is what
+//!    [`Queue::delivery_of`] reads to prevent a second delivery — is kept for
+//!    [`QueueSettings::record_ttl`]. A deleted dead letter loses its data at once and keeps a
+//!    record for `record_ttl`. Records of queued and dead leads never expire.
+//! 7. **Shared upstream rate.** [`Queue::acquire_upstream`] hands out request slots at no more
+//!    than the given rate across every process using the same store (Redis), or across the
+//!    process (embedded, one process per data directory).
 pub mod embedded;
 pub mod redis;
 
@@ -80,8 +96,14 @@ impl Default for QueueSettings {
 pub enum Backend {
     /// `redis://` or `rediss://` URL (may carry a password: never logged), and the key prefix.
     Redis {
+        /// With `cluster`, a comma-separated list of seed node URLs.
         url: secrecy::SecretString,
         prefix: String,
+        /// Talk to a Redis Cluster (every key of the queue lives in the slot of `{prefix}`).
+        cluster: bool,
+        /// PEM CA certificate(s) a `rediss://` server's certificate must chain to; without it,
+        /// the system's trust store is used.
+        ca_file: Option<PathBuf>,
     },
     /// Directory holding the SQLite database, and when commits reach the disk.
     Embedded { dir: PathBuf, fsync: Fsync },
@@ -251,13 +273,20 @@ pub struct LeadRecord {
 /// Counts by state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
+    /// Entries a lease would take now: new leads, and retry copies whose delay has passed.
     pub ready: u64,
+    /// Entries leased and not yet settled (including leases that expired and wait to be taken
+    /// again).
     pub leased: u64,
+    /// Retry copies whose delay has not passed.
     pub delayed: u64,
     pub dead: u64,
     /// Delivered leads whose record is still kept (`record_ttl`).
     pub delivered: u64,
-    /// Age of the oldest lead that is ready now, in milliseconds (0 when none is).
+    /// How long the longest-waiting ready entry has been ready, in milliseconds (0 when none
+    /// is): since its enqueue for a new lead (or its revival), since its retry delay ended for
+    /// a retry copy. This is the forwarders' lag — it grows when nothing leases — and not the
+    /// lead's age: a lead received days ago whose retry just came due counts from its due time.
     pub oldest_ready_ms: u64,
 }
 
@@ -282,9 +311,24 @@ impl Queue {
     /// sharing the queue (unique per replica).
     pub async fn open(backend: &Backend, settings: QueueSettings, consumer: &str) -> Result<Self> {
         Ok(match backend {
-            Backend::Redis { url, prefix } => {
-                Queue::Redis(redis::RedisQueue::open(url, prefix, settings, consumer).await?)
-            }
+            Backend::Redis {
+                url,
+                prefix,
+                cluster,
+                ca_file,
+            } => Queue::Redis(
+                redis::RedisQueue::open(
+                    &redis::Connect {
+                        url,
+                        cluster: *cluster,
+                        ca_file: ca_file.as_deref(),
+                    },
+                    prefix,
+                    settings,
+                    consumer,
+                )
+                .await?,
+            ),
             Backend::Embedded { dir, fsync } => {
                 Queue::Embedded(embedded::EmbeddedQueue::open(dir, *fsync, settings).await?)
             }

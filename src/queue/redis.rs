@@ -1,66 +1,92 @@
 //! The Redis backend: a stream with a consumer group for ready leads, a sorted set for delayed
-//! retries, a stream of dead letters, and plain string keys for delivered records and
-//! idempotency keys. Every change that touches more than one key runs in one Lua script.
+//! retries, one hash per lead holding its data and record, and sorted sets indexing dead letters
+//! and delivered records. Every change that touches more than one key runs in one Lua script.
 //!
 //! # Key layout
 //!
 //! `P` is the configured prefix. Every key starts with the hash tag `{P}`, so all keys of one
 //! queue live in the same Redis Cluster slot and the scripts below are legal in a cluster.
+//! Scripts only touch keys passed to them in `KEYS`.
 //!
 //! | key | type | contents | written by | TTL |
 //! |-----|------|----------|------------|-----|
-//! | `{P}:ready` | stream, consumer group `forwarders` | one entry per queued lead, field `e` = entry JSON `{"lead": QueuedLead, "attempt": n, "last_error": …}`; the group's pending list holds the leased entries, each entry's delivery count is its lease token | enqueue (`XADD`), lease (promotion, `XAUTOCLAIM`, `XREADGROUP`), settle (`XACK` + `XDEL`) | none |
-//! | `{P}:delayed` | sorted set | member = entry JSON (as above) of a retry copy, score = due time in ms (Redis server clock) | settle `RetryLater` (`ZADD`); lease moves due members into `{P}:ready` | none |
-//! | `{P}:dead` | stream | field `d` = [`DeadLetter`] JSON | settle `Dead` (`XADD`) | none (kept until an operator trims it) |
-//! | `{P}:delivered:<lead id>` | string | [`Delivery`] JSON | settle `Delivered` | `record_ttl` |
+//! | `{P}:schema` | string | `2`, the version of this layout | open | none |
+//! | `{P}:ready` | stream, consumer group `forwarders` | one entry per ready or leased copy of a lead, field `i` = the lead id (the data lives in its record); the group's pending list holds the leased entries, each entry's delivery count is its lease token | enqueue (`XADD`), lease (promotion, `XAUTOCLAIM`, `XREADGROUP`), settle (`XACK` + `XDEL`), revive | none |
+//! | `{P}:delayed` | sorted set | member = lead id of a retry copy, score = due time in ms (Redis server clock) | settle `RetryLater`; lease moves due members into `{P}:ready` | none |
+//! | `{P}:lead:<id>` | hash | the lead's record: `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `state` (`queued`, `delivered`, `dead`; absent = `queued`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter; absent = 1); `last_error`; `history` (JSON array of [`Attempt`]); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms); `source` and `received_at` (RFC 3339), written when `lead` goes (until then they are read from it) | enqueue (`HSET lead`, the only extra write per lead), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
+//! | `{P}:work:<id>` | string | the [`QueuedLead`] JSON of a delivered lead, moved out of its record at delivery | settle `Delivered` | `pii_ttl` |
+//! | `{P}:dead` | sorted set | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
+//! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
 //! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
+//! | `{P}:upstream` | string | the shared upstream rate limit's theoretical arrival time (GCRA), µs on the Redis server clock | acquire_upstream | a second past it |
 //!
-//! A settle only acts when the entry is still pending with the delivery count its lease saw;
-//! a lease that expired and was claimed again is stale and its settle is ignored, except that
-//! a `Delivered` settle always writes the delivered record (the lead *was* delivered).
+//! A lead has at most one entry (in `{P}:ready` or `{P}:delayed`) at a time. A settle only acts
+//! when the entry is still pending with the delivery count its lease saw; a lease that expired
+//! and was claimed again is stale and its settle is ignored, except that a `Delivered` settle
+//! always updates the record (the lead *was* delivered). A lease that meets the entry of a lead
+//! already recorded as delivered drops the entry instead of handing it out.
 //!
-//! Time for due dates comes from the Redis server (`TIME` inside the scripts), so replicas
-//! with skewed clocks agree on when a retry is due.
+//! Time for due dates, records and the rate limit comes from the Redis server (`TIME` inside
+//! the scripts), so replicas with skewed clocks agree.
+//!
+//! [`Stats::oldest_ready_ms`] is read from the stream: the first entry after the group's
+//! last-delivered id is the oldest one nobody leased, and its id carries the server time it
+//! was added. A retry copy is added when a lease promotes it, within [`MAX_BLOCK`] of its due
+//! time while a forwarder runs; due copies not yet promoted count from their due time.
 //!
 //! # Connections
 //!
 //! Commands go through one [`ConnectionManager`] (a multiplexed connection that reconnects by
-//! itself). Enqueues are batched: a writer task drains a channel and sends everything pending
-//! as one script call (up to [`MAX_BATCH`] leads, [`MAX_BATCHES_IN_FLIGHT`] calls in flight),
-//! answering each caller through a oneshot. A blocking `XREADGROUP` would stall every other
-//! command on a multiplexed connection, so waiting leases use a small pool of dedicated
-//! connections.
+//! itself), or with `cluster` one cluster connection (which follows the slot map and
+//! redirections by itself). Enqueues are batched: a writer task drains a channel and sends
+//! everything pending as one script call (up to [`MAX_BATCH`] leads, [`MAX_BATCHES_IN_FLIGHT`]
+//! calls in flight), answering each caller through a oneshot. A blocking `XREADGROUP` would
+//! stall every other command on a multiplexed connection, so waiting leases use a small pool
+//! of dedicated connections (in a cluster, dedicated cluster connections: the read goes to the
+//! node serving the slot).
+//!
+//! `rediss://` URLs use TLS (rustls); the server's certificate must chain to the CA file given
+//! (`LEADGATE_CA_FILE`), or to the system's trust store when none is.
 //!
 //! # Limits
 //!
-//! * Needs Redis 6.2 or newer (`XAUTOCLAIM`); tested against 7.0.
+//! * Needs Redis 6.2 or newer (`XAUTOCLAIM`, exclusive `XRANGE`); tested against 7.0.
 //! * Durability is Redis's: an acknowledged enqueue survives a Redis crash only with
-//!   `appendonly yes` and `appendfsync always` (`everysec` may lose the last second).
-//! * The keys are Cluster-ready (one slot per queue), but the client is a single-node
-//!   [`ConnectionManager`]; a cluster client is not wired in.
+//!   `appendonly yes` and `appendfsync always` (`everysec` may lose the last second);
+//!   [`RedisQueue::durability_warning`] says so at start-up when it is not the case.
+//! * Records of delivered leads are kept in memory for `record_ttl` (90 days by default):
+//!   about 0.5 KB each plus their data for `pii_ttl`; size `maxmemory` for it.
+//! * A queue written by an older leadgate (before lead records, no `{P}:schema`) is opened only
+//!   once it is empty: let the older version drain it first.
 //! * Consumers stay registered in the group after their process is gone (harmless: their
 //!   pending entries are claimed by others); name consumers stably per replica.
 
+use std::num::NonZeroU32;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind};
-use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
+use redis::{AsyncCommands, ErrorKind, RedisError, Script, ServerErrorKind, TlsCertificates};
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    DeadLetter, Delivery, Enqueued, Error, IdempotencyKey, Lease, LeaseHandle, QueueSettings,
-    Result, Settle, Stats,
+    Attempt, DeadLetter, Delivery, Enqueued, Error, IdempotencyKey, LeadRecord, LeadState, Lease,
+    LeaseHandle, QueueSettings, Result, Settle, Stats,
 };
-use crate::lead::{LeadId, QueuedLead};
+use crate::lead::{LeadId, QueuedLead, Work};
 
 /// The consumer group every forwarder joins.
 const GROUP: &str = "forwarders";
+/// The key layout version this build writes (`{P}:schema`).
+const SCHEMA_VERSION: i64 = 2;
 /// How long establishing a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long Redis may take to answer a command. A command that times out may still have been
@@ -86,18 +112,47 @@ const MAX_PROMOTIONS: usize = 1000;
 const MAX_BLOCK: Duration = Duration::from_secs(1);
 /// Idle dedicated connections kept for blocking reads.
 const MAX_IDLE_BLOCKING: usize = 4;
+/// Longest time to live handed to Redis (`PX` refuses values that overflow its clock).
+const MAX_TTL_MS: u64 = 1 << 50;
 
-/// Appends one lead per `(id, entry, key index)` triple, claiming its idempotency key first.
+/// Stamps the layout version, or refuses a queue that still holds data of the older layout.
+/// The older layout is recognised by its contents (stream entries with an `e` field, delayed
+/// members that are JSON, a dead-letter stream), not by the missing stamp: a Redis restarted
+/// without persistence loses the stamp while replicas go on writing this layout.
+const OPEN_LUA: &str = r#"
+-- KEYS[1] schema, KEYS[2] ready stream, KEYS[3] delayed set, KEYS[4] dead letters
+-- ARGV[1] the version this build writes
+-- Returns the version found ('' when there was none and ours is now written), or 'old'.
+local found = redis.call('GET', KEYS[1])
+if found then return found end
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if first[1] and first[1][2][1] == 'e' then return 'old' end
+local delayed = redis.call('ZRANGE', KEYS[3], 0, 0)
+if delayed[1] and string.sub(delayed[1], 1, 1) == '{' then return 'old' end
+if redis.call('TYPE', KEYS[4])['ok'] == 'stream' then
+  if redis.call('XLEN', KEYS[4]) > 0 then return 'old' end
+  -- An empty dead-letter stream of the older layout: the dead letters are a sorted set now.
+  redis.call('DEL', KEYS[4])
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return ''
+"#;
+
+/// Appends one lead per argument group, claiming its idempotency key first.
 const ENQUEUE_LUA: &str = r#"
 -- KEYS[1]   ready stream
--- KEYS[2..] idempotency keys of the leads that carry one
+-- KEYS[2..] per lead: its record, then its idempotency key when it carries one
 -- ARGV[1]   idempotency TTL in ms
--- ARGV[2..] per lead: lead id, entry JSON, index into KEYS of its idempotency key (0 = none)
+-- ARGV[2..] per lead: lead id, lead JSON, index into KEYS of its record, index into KEYS of
+--           its idempotency key (0 = none)
 -- Returns one string per lead: '' when queued, else the id of the first lead with that key.
+-- The record starts as the lead alone (state queued, attempt 1 are implied): one field is the
+-- cheapest hash to create, and enqueue is the hot path.
 local ttl = ARGV[1]
 local answers = {}
-for i = 2, #ARGV, 3 do
-  local id, entry, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+for i = 2, #ARGV, 4 do
+  local id, lead = ARGV[i], ARGV[i + 1]
+  local r, k = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first = false
   if k > 0 and not redis.call('SET', KEYS[k], id, 'NX', 'PX', ttl) then
     first = redis.call('GET', KEYS[k])
@@ -105,30 +160,33 @@ for i = 2, #ARGV, 3 do
   if first then
     answers[#answers + 1] = first
   else
-    redis.call('XADD', KEYS[1], '*', 'e', entry)
+    redis.call('HSET', KEYS[r], 'lead', lead)
+    redis.call('XADD', KEYS[1], '*', 'i', id)
     answers[#answers + 1] = ''
   end
 end
 return answers
 "#;
 
-/// Promotes due retries, reclaims expired leases, then reads new entries.
+/// Promotes due retries, reclaims expired leases, then reads new entries. The leads' records
+/// are read by [`HYDRATE_LUA`], whose keys are known once this returns.
 const LEASE_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] delayed set
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] max entries, ARGV[4] lease timeout in ms,
 -- ARGV[5] XAUTOCLAIM cursor, ARGV[6] max promotions
--- Returns {next cursor, ms until the next delayed entry is due (-1: none), {{id, deliveries, entry}, ...}}
+-- Returns {next cursor, ms until the next delayed entry is due (-1: none),
+--          {{stream id, deliveries, lead id}, ...}}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, ARGV[6])
-for _, entry in ipairs(due) do
-  redis.call('XADD', KEYS[1], '*', 'e', entry)
-  redis.call('ZREM', KEYS[2], entry)
+for _, id in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'i', id)
+  redis.call('ZREM', KEYS[2], id)
 end
 
 local function field(fields)
   for i = 1, #fields, 2 do
-    if fields[i] == 'e' then return fields[i + 1] end
+    if fields[i] == 'i' then return fields[i + 1] end
   end
   return ''
 end
@@ -167,70 +225,214 @@ if first[2] then next_due = math.max(0, tonumber(first[2]) - now) end
 return {cursor, next_due, leased}
 "#;
 
-/// Shared by the settle scripts: is entry `id` still pending with the delivery count the lease saw?
-const HOLDS_LUA: &str = r#"
+/// Reads the records of freshly leased entries; drops entries of leads already delivered.
+const HYDRATE_LUA: &str = r#"
+-- KEYS[1] ready stream, KEYS[2..] the records of the leased entries, in order
+-- ARGV[1] group, ARGV[2..] the entries' stream ids
+-- Returns per entry {'ok', lead JSON, attempt, last error, history JSON}, {'delivered'} (the
+-- entry was removed) or {'missing'} (no record or no data: left pending, logged by the caller).
+local out = {}
+for i = 2, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 'state', 'lead', 'attempt', 'last_error', 'history')
+  if f[1] == 'delivered' then
+    redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    out[#out + 1] = {'delivered'}
+  elseif not f[2] then
+    out[#out + 1] = {'missing'}
+  else
+    out[#out + 1] = {'ok', f[2], f[3] or '1', f[4] or '', f[5] or ''}
+  end
+end
+return out
+"#;
+
+/// Shared by the settle scripts.
+const SETTLE_COMMON_LUA: &str = r#"
+-- Is entry `id` still pending with the delivery count the lease saw?
 local function holds(ready, group, id, deliveries)
   local p = redis.pcall('XPENDING', ready, group, id, id, 1)
   if p.err or not p[1] then return false end
   return tonumber(p[1][4]) == tonumber(deliveries)
 end
+
+local function remove(ready, group, id)
+  redis.call('XACK', ready, group, id)
+  redis.call('XDEL', ready, id)
+end
+
+-- Appends one Attempt JSON object to the record's JSON array, without decoding it.
+local function append_history(record, attempt)
+  if attempt == '' then return end
+  local h = redis.call('HGET', record, 'history')
+  if not h or h == '' or h == '[]' then
+    h = '[' .. attempt .. ']'
+  else
+    h = string.sub(h, 1, -2) .. ',' .. attempt .. ']'
+  end
+  redis.call('HSET', record, 'history', h)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 "#;
 
 const SETTLE_DELIVERED_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] delivered record
--- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] Delivery JSON, ARGV[5] TTL ms
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+-- KEYS[1] ready stream, KEYS[2] record, KEYS[3] work, KEYS[4] delivered index, KEYS[5] dead set
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] Delivery JSON,
+-- ARGV[5] Attempt JSON or '', ARGV[6] pii TTL ms, ARGV[7] record TTL ms, ARGV[8] lead id,
+-- ARGV[9] source, ARGV[10] received_at (kept in the record once the lead's data leaves it)
+-- The lead was delivered whether or not this lease still holds the entry: record it always.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local now = now_ms()
+  local lead = redis.call('HGET', KEYS[2], 'lead')
+  if lead then
+    redis.call('SET', KEYS[3], lead, 'PX', ARGV[6])
+    redis.call('HDEL', KEYS[2], 'lead')
+  end
+  append_history(KEYS[2], ARGV[5])
+  redis.call('HSET', KEYS[2], 'state', 'delivered', 'delivery', ARGV[4], 'source', ARGV[9],
+    'received_at', ARGV[10])
+  redis.call('HDEL', KEYS[2], 'dead_at')
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('ZREM', KEYS[5], ARGV[8])
+  redis.call('ZADD', KEYS[4], now, ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%.0f', now - tonumber(ARGV[7])))
+end
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
 const SETTLE_RETRY_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] delayed set
--- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] new entry JSON, ARGV[5] delay ms
+-- KEYS[1] ready stream, KEYS[2] delayed set, KEYS[3] record
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] delay ms, ARGV[5] reason,
+-- ARGV[6] the next attempt's number, ARGV[7] Attempt JSON or '', ARGV[8] new lead JSON or '',
+-- ARGV[9] lead id
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+append_history(KEYS[3], ARGV[7])
+redis.call('HSET', KEYS[3], 'attempt', ARGV[6], 'last_error', ARGV[5])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], 'lead', ARGV[8]) end
+redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[4]), ARGV[9])
+remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
 const SETTLE_DEAD_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] dead stream
--- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] DeadLetter JSON
+-- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
+-- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] reason, ARGV[5] Attempt JSON
+-- or '', ARGV[6] lead id
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'd', ARGV[4])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+local now = now_ms()
+append_history(KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[2], 'state', 'dead', 'dead_reason', ARGV[4], 'dead_at', now)
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
-const STATS_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] delayed set, KEYS[3] dead stream; ARGV[1] group
-local len = redis.call('XLEN', KEYS[1])
-local pending = 0
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1])
-if not p.err then pending = p[1] end
-return {len - pending, pending, redis.call('ZCARD', KEYS[2]), redis.call('XLEN', KEYS[3])}
+const REVIVE_LUA: &str = r#"
+-- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
+-- ARGV[1] lead id, ARGV[2] lead JSON with the new work
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', 1, 'lead', ARGV[2])
+redis.call('HDEL', KEYS[2], 'last_error', 'dead_reason', 'dead_at')
+redis.call('XADD', KEYS[1], '*', 'i', ARGV[1])
+return 1
 "#;
 
-/// What one stream entry or delayed member holds.
-#[derive(Serialize, Deserialize)]
-struct Entry<'a> {
-    lead: std::borrow::Cow<'a, QueuedLead>,
-    attempt: u32,
-    last_error: Option<std::borrow::Cow<'a, str>>,
+const DELETE_DEAD_LUA: &str = r#"
+-- KEYS[1] record, KEYS[2] dead set
+-- ARGV[1] lead id, ARGV[2] record TTL ms, ARGV[3] source, ARGV[4] received_at
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], 'lead')
+redis.call('HSET', KEYS[1], 'source', ARGV[3], 'received_at', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// The fields of [`RecordRow`], in order.
+const READ_LUA: &str = r#"
+-- KEYS[1] dead set, then per lead: its record and its work key
+-- ARGV: the lead ids
+-- Returns per lead the fields source, received_at, state, attempt, last_error, history, lead,
+-- delivery, dead_reason, dead_at, work, dead letter score ('' for each one missing).
+local out = {}
+for i = 1, #ARGV do
+  local record, work = KEYS[2 * i], KEYS[2 * i + 1]
+  local f = redis.call('HMGET', record, 'source', 'received_at', 'state', 'attempt',
+    'last_error', 'history', 'lead', 'delivery', 'dead_reason', 'dead_at')
+  local row = {}
+  for j = 1, 10 do row[j] = f[j] or '' end
+  row[11] = redis.call('GET', work) or ''
+  row[12] = redis.call('ZSCORE', KEYS[1], ARGV[i]) or ''
+  out[i] = row
+end
+return out
+"#;
+
+const STATS_LUA: &str = r#"
+-- KEYS[1] ready stream, KEYS[2] delayed set, KEYS[3] dead set, KEYS[4] delivered index
+-- ARGV[1] group, ARGV[2] record TTL ms
+-- Returns {ready, leased, delayed, dead, delivered, oldest ready age in ms (-1: none)}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local len = redis.call('XLEN', KEYS[1])
+local pending, last = 0, '0-0'
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if not groups.err then
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == ARGV[1] then
+      pending = tonumber(info['pending'])
+      last = info['last-delivered-id']
+    end
+  end
+end
+local oldest = nil
+local first = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+if first[1] then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1)
+if due[2] and (not oldest or tonumber(due[2]) < oldest) then oldest = tonumber(due[2]) end
+local due_count = redis.call('ZCOUNT', KEYS[2], '-inf', now)
+local kept_since = string.format('%.0f', now - tonumber(ARGV[2]))
+return {
+  len - pending + due_count,
+  pending,
+  redis.call('ZCARD', KEYS[2]) - due_count,
+  redis.call('ZCARD', KEYS[3]),
+  redis.call('ZCOUNT', KEYS[4], '(' .. kept_since, '+inf'),
+  oldest and math.max(0, now - oldest) or -1,
 }
+"#;
+
+/// GCRA without burst: a slot every `interval` µs, on the server's clock.
+const ACQUIRE_LUA: &str = r#"
+-- KEYS[1] the limiter's theoretical arrival time (µs)
+-- ARGV[1] interval between slots in µs
+-- Returns 0 when the slot is taken, else the µs to wait before asking again.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat > now then return tat - now end
+redis.call('SET', KEYS[1], string.format('%.0f', now + interval), 'PX',
+  math.ceil(interval / 1000) + 1000)
+return 0
+"#;
 
 /// The names of a queue's keys.
 struct Keys {
     tag: String,
+    schema: String,
     ready: String,
     delayed: String,
     dead: String,
+    delivered: String,
+    upstream: String,
 }
 
 impl Keys {
@@ -242,15 +444,22 @@ impl Keys {
         }
         let tag = format!("{{{prefix}}}");
         Ok(Self {
+            schema: format!("{tag}:schema"),
             ready: format!("{tag}:ready"),
             delayed: format!("{tag}:delayed"),
             dead: format!("{tag}:dead"),
+            delivered: format!("{tag}:delivered"),
+            upstream: format!("{tag}:upstream"),
             tag,
         })
     }
 
-    fn delivered(&self, id: LeadId) -> String {
-        format!("{}:delivered:{id}", self.tag)
+    fn record(&self, id: impl std::fmt::Display) -> String {
+        format!("{}:lead:{id}", self.tag)
+    }
+
+    fn work(&self, id: impl std::fmt::Display) -> String {
+        format!("{}:work:{id}", self.tag)
     }
 
     fn idempotency(&self, key: &IdempotencyKey) -> String {
@@ -265,23 +474,114 @@ impl Keys {
 }
 
 struct Scripts {
+    open: Script,
     enqueue: Script,
     lease: Script,
+    hydrate: Script,
     delivered: Script,
     retry: Script,
     dead: Script,
+    revive: Script,
+    delete_dead: Script,
+    read: Script,
     stats: Script,
+    acquire: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         Self {
+            open: Script::new(OPEN_LUA),
             enqueue: Script::new(ENQUEUE_LUA),
             lease: Script::new(LEASE_LUA),
-            delivered: Script::new(&format!("{HOLDS_LUA}{SETTLE_DELIVERED_LUA}")),
-            retry: Script::new(&format!("{HOLDS_LUA}{SETTLE_RETRY_LUA}")),
-            dead: Script::new(&format!("{HOLDS_LUA}{SETTLE_DEAD_LUA}")),
+            hydrate: Script::new(HYDRATE_LUA),
+            delivered: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_DELIVERED_LUA}")),
+            retry: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_RETRY_LUA}")),
+            dead: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_DEAD_LUA}")),
+            revive: Script::new(REVIVE_LUA),
+            delete_dead: Script::new(DELETE_DEAD_LUA),
+            read: Script::new(READ_LUA),
             stats: Script::new(STATS_LUA),
+            acquire: Script::new(ACQUIRE_LUA),
+        }
+    }
+}
+
+/// How to reach Redis.
+pub struct Connect<'a> {
+    /// One URL, or with `cluster` a comma-separated list of seed node URLs.
+    pub url: &'a SecretString,
+    pub cluster: bool,
+    /// Trusted CA certificates (PEM) for `rediss://`.
+    pub ca_file: Option<&'a Path>,
+}
+
+/// A connection of any kind; every command of the queue goes through one of these.
+#[derive(Clone)]
+enum Conn {
+    Manager(ConnectionManager),
+    Multiplexed(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Manager(c) => c.req_packed_command(cmd),
+            Conn::Multiplexed(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Manager(c) => c.get_db(),
+            Conn::Multiplexed(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Opens the dedicated connections for blocking reads.
+#[allow(clippy::large_enum_variant, reason = "one per queue")]
+enum Dialer {
+    Single(redis::Client),
+    /// Built without a response timeout: each blocking read has its own.
+    Cluster(ClusterClient),
+}
+
+impl Dialer {
+    async fn dial(&self) -> Result<Conn> {
+        match self {
+            Dialer::Single(client) => {
+                // Response timeouts are enforced per read, since each read blocks for a
+                // different time.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                timed(client.get_multiplexed_async_connection_with_config(&config))
+                    .await
+                    .map(Conn::Multiplexed)
+            }
+            Dialer::Cluster(client) => timed(client.get_async_connection())
+                .await
+                .map(Conn::Cluster),
         }
     }
 }
@@ -289,7 +589,8 @@ impl Scripts {
 /// One enqueue waiting for the writer task.
 struct EnqueueRequest {
     lead_id: String,
-    entry: String,
+    lead: String,
+    record_key: String,
     idempotency_key: Option<String>,
     answer: oneshot::Sender<Result<Enqueued>>,
 }
@@ -300,44 +601,55 @@ pub struct RedisQueue {
 }
 
 struct Inner {
-    client: redis::Client,
-    conn: ConnectionManager,
+    dialer: Dialer,
+    conn: Conn,
     keys: Keys,
     scripts: Arc<Scripts>,
     consumer: String,
     settings: QueueSettings,
     enqueues: mpsc::Sender<EnqueueRequest>,
     /// Idle dedicated connections for blocking reads.
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    blocking: Mutex<Vec<Conn>>,
     /// Where the next `XAUTOCLAIM` scan of the pending list starts.
     claim_cursor: Mutex<String>,
 }
 
 impl RedisQueue {
     pub async fn open(
-        url: &secrecy::SecretString,
+        connect: &Connect<'_>,
         prefix: &str,
         settings: QueueSettings,
         consumer: &str,
     ) -> Result<Self> {
+        // The Redis client's TLS builds its rustls configuration with the process default
+        // provider.
+        crate::tls::install_default_provider();
         let keys = Keys::new(prefix)?;
-        // The URL may carry a password: errors about it must not echo it.
-        let client = redis::Client::open(url.expose_secret()).map_err(|e| {
-            Error::Other(anyhow::anyhow!(
-                "the redis URL is not valid ({:?})",
-                e.kind()
-            ))
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            // Fail the waiting command quickly while Redis is down; the next command starts a
-            // new reconnection attempt, so the queue recovers by itself.
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = timed(client.get_connection_manager_with_config(config)).await?;
+        let certs = match connect.ca_file {
+            Some(path) => Some(read_ca(path)?),
+            None => None,
+        };
+        let url = connect.url.expose_secret();
+        let (conn, dialer) = if connect.cluster {
+            open_cluster(url, certs).await?
+        } else {
+            open_single(url, certs).await?
+        };
+
+        let scripts = Arc::new(Scripts::new());
         let mut setup = conn.clone();
+        let found: String = timed(
+            scripts
+                .open
+                .key(&keys.schema)
+                .key(&keys.ready)
+                .key(&keys.delayed)
+                .key(&keys.dead)
+                .arg(SCHEMA_VERSION)
+                .invoke_async(&mut setup),
+        )
+        .await?;
+        check_schema(&found, prefix)?;
         let created: redis::RedisResult<()> =
             setup.xgroup_create_mkstream(&keys.ready, GROUP, "0").await;
         match created {
@@ -346,7 +658,6 @@ impl RedisQueue {
             Err(e) => return Err(map_err(e)),
         }
 
-        let scripts = Arc::new(Scripts::new());
         let (enqueues, requests) = mpsc::channel(ENQUEUE_CHANNEL);
         tokio::spawn(write_enqueues(
             conn.clone(),
@@ -357,7 +668,7 @@ impl RedisQueue {
         ));
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                dialer,
                 conn,
                 keys,
                 scripts,
@@ -375,11 +686,12 @@ impl RedisQueue {
         lead: &QueuedLead,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<Enqueued> {
-        let entry = encode_entry(lead, 1, None)?;
+        let json = serde_json::to_string(lead).map_err(anyhow::Error::from)?;
         let (answer, answered) = oneshot::channel();
         let request = EnqueueRequest {
             lead_id: lead.id.to_string(),
-            entry,
+            lead: json,
+            record_key: self.inner.keys.record(lead.id),
             idempotency_key: idempotency.map(|k| self.inner.keys.idempotency(k)),
             answer,
         };
@@ -434,20 +746,29 @@ impl RedisQueue {
         };
         let keys = &self.inner.keys;
         let scripts = &self.inner.scripts;
+        let settings = &self.inner.settings;
+        let id = lease.lead.id;
         let mut conn = self.inner.conn.clone();
         let applied: i64 = match how {
-            Settle::Delivered { delivery, .. } => {
-                let record = serde_json::to_string(&delivery).map_err(anyhow::Error::from)?;
+            Settle::Delivered { delivery, attempt } => {
                 timed(
                     scripts
                         .delivered
                         .key(&keys.ready)
-                        .key(keys.delivered(lease.lead.id))
+                        .key(keys.record(id))
+                        .key(keys.work(id))
+                        .key(&keys.delivered)
+                        .key(&keys.dead)
                         .arg(GROUP)
                         .arg(stream_id)
                         .arg(deliveries)
-                        .arg(record)
-                        .arg(ttl_ms(self.inner.settings.record_ttl))
+                        .arg(to_json(&delivery)?)
+                        .arg(attempt_json(attempt.as_ref())?)
+                        .arg(ttl_ms(settings.pii_ttl.min(settings.record_ttl)))
+                        .arg(ttl_ms(settings.record_ttl))
+                        .arg(id.to_string())
+                        .arg(&lease.lead.source)
+                        .arg(timestamp(lease.lead.received_at))
                         .invoke_async(&mut conn),
                 )
                 .await?
@@ -456,46 +777,57 @@ impl RedisQueue {
                 delay,
                 reason,
                 count_attempt,
-                ..
+                attempt,
+                work,
             } => {
-                let attempt = if count_attempt {
+                let next = if count_attempt {
                     lease.attempt.saturating_add(1)
                 } else {
                     lease.attempt
                 };
-                let entry = encode_entry(&lease.lead, attempt, Some(&reason))?;
+                let lead = match work {
+                    Some(work) => to_json(&QueuedLead {
+                        work,
+                        ..lease.lead.clone()
+                    })?,
+                    None => String::new(),
+                };
                 timed(
                     scripts
                         .retry
                         .key(&keys.ready)
                         .key(&keys.delayed)
+                        .key(keys.record(id))
                         .arg(GROUP)
                         .arg(stream_id)
                         .arg(deliveries)
-                        .arg(entry)
-                        .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                        .arg(
+                            u64::try_from(delay.as_millis())
+                                .unwrap_or(MAX_TTL_MS)
+                                .min(MAX_TTL_MS),
+                        )
+                        .arg(reason)
+                        .arg(next)
+                        .arg(attempt_json(attempt.as_ref())?)
+                        .arg(lead)
+                        .arg(id.to_string())
                         .invoke_async(&mut conn),
                 )
                 .await?
             }
-            Settle::Dead { reason, .. } => {
-                let letter = DeadLetter {
-                    history: Vec::new(),
-                    lead: lease.lead.clone(),
-                    attempts: lease.attempt,
-                    reason,
-                    at: Utc::now(),
-                };
-                let letter = serde_json::to_string(&letter).map_err(anyhow::Error::from)?;
+            Settle::Dead { reason, attempt } => {
                 timed(
                     scripts
                         .dead
                         .key(&keys.ready)
+                        .key(keys.record(id))
                         .key(&keys.dead)
                         .arg(GROUP)
                         .arg(stream_id)
                         .arg(deliveries)
-                        .arg(letter)
+                        .arg(reason)
+                        .arg(attempt_json(attempt.as_ref())?)
+                        .arg(id.to_string())
                         .invoke_async(&mut conn),
                 )
                 .await?
@@ -503,7 +835,7 @@ impl RedisQueue {
         };
         if applied == 0 {
             tracing::info!(
-                lead_id = %lease.lead.id,
+                lead_id = %id,
                 "A settle came from a lease that had expired and been taken again; it was ignored."
             );
         }
@@ -512,87 +844,250 @@ impl RedisQueue {
 
     pub async fn delivery_of(&self, id: LeadId) -> Result<Option<Delivery>> {
         let mut conn = self.inner.conn.clone();
-        let record: Option<String> = timed(conn.get(self.inner.keys.delivered(id))).await?;
-        record
-            .map(|r| serde_json::from_str(&r))
-            .transpose()
-            .map_err(|e| Error::Other(anyhow::Error::new(e).context("corrupt delivered record")))
+        let (state, delivery): (Option<String>, Option<String>) = timed(
+            redis::cmd("HMGET")
+                .arg(self.inner.keys.record(id))
+                .arg("state")
+                .arg("delivery")
+                .query_async(&mut conn),
+        )
+        .await?;
+        match (state.as_deref(), delivery) {
+            (Some("delivered"), Some(delivery)) => Ok(Some(from_json(&delivery, "delivery")?)),
+            _ => Ok(None),
+        }
     }
 
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut conn = self.inner.conn.clone();
-        let reply: redis::streams::StreamRangeReply =
-            timed(conn.xrevrange_count(&self.inner.keys.dead, "+", "-", limit)).await?;
-        reply
-            .ids
+        let ids: Vec<String> = timed(conn.zrevrange(
+            &self.inner.keys.dead,
+            0,
+            isize::try_from(limit - 1).unwrap_or(isize::MAX),
+        ))
+        .await?;
+        let rows = self.read_records(&ids).await?;
+        // A dead letter revived or deleted between the two reads is simply not listed.
+        Ok(ids
             .iter()
-            .map(|entry| {
-                let letter: String = entry.get("d").unwrap_or_default();
-                serde_json::from_str(&letter).map_err(|e| {
-                    Error::Other(
-                        anyhow::Error::new(e).context(format!("corrupt dead letter {}", entry.id)),
-                    )
-                })
+            .zip(rows)
+            .filter_map(|(id, row)| match row.dead_letter(id) {
+                Ok(letter) => letter,
+                Err(e) => {
+                    tracing::error!(lead_id = %id, error = %e, "A dead letter could not be read.");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     pub async fn stats(&self) -> Result<Stats> {
         let keys = &self.inner.keys;
         let mut conn = self.inner.conn.clone();
-        let (ready, leased, delayed, dead): (u64, u64, u64, u64) = timed(
-            self.inner
-                .scripts
-                .stats
-                .key(&keys.ready)
-                .key(&keys.delayed)
-                .key(&keys.dead)
-                .arg(GROUP)
-                .invoke_async(&mut conn),
-        )
-        .await?;
+        let (ready, leased, delayed, dead, delivered, oldest): (u64, u64, u64, u64, u64, i64) =
+            timed(
+                self.inner
+                    .scripts
+                    .stats
+                    .key(&keys.ready)
+                    .key(&keys.delayed)
+                    .key(&keys.dead)
+                    .key(&keys.delivered)
+                    .arg(GROUP)
+                    .arg(ttl_ms(self.inner.settings.record_ttl))
+                    .invoke_async(&mut conn),
+            )
+            .await?;
         Ok(Stats {
-            delivered: 0,
-            oldest_ready_ms: 0,
             ready,
             leased,
             delayed,
             dead,
+            delivered,
+            oldest_ready_ms: u64::try_from(oldest).unwrap_or(0),
         })
     }
 
-    pub async fn lead(&self, id: LeadId) -> Result<Option<super::LeadRecord>> {
-        let _ = id;
-        unimplemented!("issue 4: lead records")
+    pub async fn lead(&self, id: LeadId) -> Result<Option<LeadRecord>> {
+        let id = id.to_string();
+        let row = self.read_records(std::slice::from_ref(&id)).await?;
+        match row.into_iter().next() {
+            Some(row) => row.record(&id),
+            None => Ok(None),
+        }
     }
 
     pub async fn dead_letter(&self, id: LeadId) -> Result<Option<DeadLetter>> {
-        let _ = id;
-        unimplemented!("issue 4: dead_letter")
+        let id = id.to_string();
+        let row = self.read_records(std::slice::from_ref(&id)).await?;
+        match row.into_iter().next() {
+            Some(row) => row.dead_letter(&id),
+            None => Ok(None),
+        }
     }
 
-    pub async fn revive(&self, id: LeadId, work: crate::lead::Work) -> Result<bool> {
-        let _ = (id, work);
-        unimplemented!("issue 4: revive")
+    pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
+        // The record's source and receipt time are fixed at enqueue, so reading them first
+        // cannot race with anything; the script re-checks that the dead letter is still there.
+        let Some(letter) = self.dead_letter(id).await? else {
+            return Ok(false);
+        };
+        let lead = QueuedLead {
+            work,
+            ..letter.lead
+        };
+        let keys = &self.inner.keys;
+        let mut conn = self.inner.conn.clone();
+        let revived: i64 = timed(
+            self.inner
+                .scripts
+                .revive
+                .key(&keys.ready)
+                .key(keys.record(id))
+                .key(&keys.dead)
+                .arg(id.to_string())
+                .arg(to_json(&lead)?)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(revived == 1)
     }
 
     pub async fn delete_dead(&self, id: LeadId) -> Result<bool> {
-        let _ = id;
-        unimplemented!("issue 4: delete_dead")
+        // The record keeps where and when the lead came from once its data is gone; they are
+        // fixed at enqueue, so reading them first cannot race.
+        let Some(letter) = self.dead_letter(id).await? else {
+            return Ok(false);
+        };
+        let keys = &self.inner.keys;
+        let mut conn = self.inner.conn.clone();
+        let deleted: i64 = timed(
+            self.inner
+                .scripts
+                .delete_dead
+                .key(keys.record(id))
+                .key(&keys.dead)
+                .arg(id.to_string())
+                .arg(ttl_ms(self.inner.settings.record_ttl))
+                .arg(&letter.lead.source)
+                .arg(timestamp(letter.lead.received_at))
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(deleted == 1)
     }
 
-    pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
-        let _ = per_second;
-        unimplemented!("issue 4: shared upstream rate limit")
+    pub async fn acquire_upstream(&self, per_second: NonZeroU32) -> Result<Duration> {
+        // Rounded up: the limit is never exceeded, at the cost of a slightly lower rate when a
+        // second does not divide evenly.
+        let interval_us = 1_000_000u64.div_ceil(u64::from(per_second.get()));
+        let mut conn = self.inner.conn.clone();
+        let wait_us: u64 = timed(
+            self.inner
+                .scripts
+                .acquire
+                .key(&self.inner.keys.upstream)
+                .arg(interval_us)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        Ok(Duration::from_micros(wait_us))
     }
 
+    /// Reads the server's persistence and eviction settings (on a cluster, those of the node
+    /// holding the queue's slot).
     pub async fn durability_warning(&self) -> Result<Option<String>> {
-        unimplemented!("issue 4: durability warning")
+        let mut config = Vec::new();
+        for name in [
+            "appendonly",
+            "appendfsync",
+            "save",
+            "maxmemory",
+            "maxmemory-policy",
+        ] {
+            match self.config_get(name).await {
+                Ok(value) => config.push(value),
+                Err(e) if is_refusal(&e) => {
+                    return Ok(Some(format!(
+                        "Redis refused CONFIG GET ({}), so leadgate could not check how it \
+                         persists and evicts (managed Redis often disables CONFIG). Make sure it \
+                         runs with appendonly yes, appendfsync everysec or always, and \
+                         maxmemory-policy noeviction: otherwise accepted leads can be lost.",
+                        e.code().unwrap_or("an error")
+                    )));
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        let [appendonly, appendfsync, save, maxmemory, policy] =
+            <[String; 5]>::try_from(config).unwrap_or_default();
+        Ok(durability_findings(
+            &appendonly,
+            &appendfsync,
+            &save,
+            &maxmemory,
+            &policy,
+        ))
     }
 
     pub async fn ping(&self) -> Result<()> {
         let mut conn = self.inner.conn.clone();
+        if let Conn::Cluster(cluster) = &mut conn {
+            // A bare PING goes to any node; ask the one that holds the queue.
+            let route = self.slot_route();
+            return timed(cluster.route_command(redis::cmd("PING"), route))
+                .await
+                .map(drop);
+        }
         timed(redis::cmd("PING").query_async::<()>(&mut conn)).await
+    }
+
+    fn slot_route(&self) -> RoutingInfo {
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
+            self.inner.keys.tag.as_bytes(),
+            SlotAddr::Master,
+        )))
+    }
+
+    async fn config_get(&self, name: &str) -> redis::RedisResult<String> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg(name);
+        let mut conn = self.inner.conn.clone();
+        let reply = tokio::time::timeout(OPERATION_TIMEOUT, async {
+            match &mut conn {
+                Conn::Cluster(cluster) => {
+                    let value = cluster.route_command(cmd, self.slot_route()).await?;
+                    redis::from_redis_value::<std::collections::HashMap<String, String>>(value)
+                        .map_err(RedisError::from)
+                }
+                _ => {
+                    cmd.query_async::<std::collections::HashMap<String, String>>(&mut conn)
+                        .await
+                }
+            }
+        })
+        .await
+        .map_err(|_| RedisError::from((ErrorKind::Io, "CONFIG GET timed out")))??;
+        Ok(reply.get(name).cloned().unwrap_or_default())
+    }
+
+    /// Reads the records (and data) of some leads in one script call.
+    async fn read_records(&self, ids: &[String]) -> Result<Vec<RecordRow>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = &self.inner.keys;
+        let mut call = self.inner.scripts.read.prepare_invoke();
+        call.key(&keys.dead);
+        for id in ids {
+            call.key(keys.record(id)).key(keys.work(id)).arg(id);
+        }
+        let mut conn = self.inner.conn.clone();
+        let rows: Vec<Vec<String>> = timed(call.invoke_async(&mut conn)).await?;
+        Ok(rows.into_iter().map(RecordRow).collect())
     }
 
     /// One lease script call: returns what it leased and how long until the next retry is due.
@@ -616,14 +1111,32 @@ impl RedisQueue {
         )
         .await?;
         *inner.claim_cursor.lock().unwrap() = next_cursor;
-        let leases = leased
-            .into_iter()
-            .filter_map(|(stream_id, deliveries, entry)| {
-                decode_lease(stream_id, deliveries, &entry)
-            })
-            .collect();
+        let leases = self.hydrate(leased).await?;
         let next_due = u64::try_from(next_due).ok().map(Duration::from_millis);
         Ok((leases, next_due))
+    }
+
+    /// Reads the leads of leased entries `(stream id, deliveries, lead id)`. If this fails the
+    /// entries stay pending and come back after the lease timeout.
+    async fn hydrate(&self, leased: Vec<(String, i64, String)>) -> Result<Vec<Lease>> {
+        if leased.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = &self.inner.keys;
+        let mut call = self.inner.scripts.hydrate.prepare_invoke();
+        call.key(&keys.ready).arg(GROUP);
+        for (stream_id, _, lead_id) in &leased {
+            call.key(keys.record(lead_id)).arg(stream_id);
+        }
+        let mut conn = self.inner.conn.clone();
+        let rows: Vec<Vec<String>> = timed(call.invoke_async(&mut conn)).await?;
+        Ok(leased
+            .into_iter()
+            .zip(rows)
+            .filter_map(|((stream_id, deliveries, lead_id), row)| {
+                decode_lease(stream_id, deliveries, &lead_id, row)
+            })
+            .collect())
     }
 
     /// Waits up to `block` for new entries on a dedicated connection.
@@ -632,19 +1145,7 @@ impl RedisQueue {
         let idle = inner.blocking.lock().unwrap().pop();
         let mut conn = match idle {
             Some(conn) => conn,
-            None => {
-                // Response timeouts are enforced below, per read, since each read blocks for
-                // a different time.
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(None);
-                timed(
-                    inner
-                        .client
-                        .get_multiplexed_async_connection_with_config(&config),
-                )
-                .await?
-            }
+            None => inner.dialer.dial().await?,
         };
         let block_ms = usize::try_from(block.as_millis())
             .unwrap_or(usize::MAX)
@@ -677,21 +1178,181 @@ impl RedisQueue {
                 idle.push(conn);
             }
         }
-        Ok(reply
+        let leased = reply
             .into_iter()
             .flat_map(|r| r.keys)
             .flat_map(|k| k.ids)
-            .filter_map(|msg| {
-                let entry: String = msg.get("e").unwrap_or_default();
-                decode_lease(msg.id, 1, &entry)
+            .map(|msg| {
+                let lead_id: String = msg.get("i").unwrap_or_default();
+                (msg.id, 1, lead_id)
             })
-            .collect())
+            .collect();
+        self.hydrate(leased).await
     }
+}
+
+async fn open_single(url: &str, certs: Option<TlsCertificates>) -> Result<(Conn, Dialer)> {
+    let client = match certs {
+        Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs),
+        _ => redis::Client::open(url),
+    }
+    .map_err(invalid_url)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        // Fail the waiting command quickly while Redis is down; the next command starts a
+        // new reconnection attempt, so the queue recovers by itself.
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_millis(500));
+    let conn = timed(client.get_connection_manager_with_config(config)).await?;
+    Ok((Conn::Manager(conn), Dialer::Single(client)))
+}
+
+async fn open_cluster(urls: &str, certs: Option<TlsCertificates>) -> Result<(Conn, Dialer)> {
+    let nodes = seed_urls(urls);
+    let tls = nodes.iter().any(|u| u.starts_with("rediss://"));
+    let build = |response_timeout: Option<Duration>| {
+        let mut builder = ClusterClientBuilder::new(nodes.clone())
+            .connection_timeout(CONNECT_TIMEOUT)
+            // Like the single-node client: fail fast while the cluster is unreachable, and
+            // leave the waiting to the caller (a 503, a lease loop that tries again).
+            .retries(2);
+        if let Some(timeout) = response_timeout {
+            builder = builder.response_timeout(timeout);
+        }
+        if let (true, Some(certs)) = (tls, &certs) {
+            builder = builder.certs(certs.clone());
+        }
+        builder.build().map_err(invalid_url)
+    };
+    let client = build(Some(RESPONSE_TIMEOUT))?;
+    let blocking = build(None)?;
+    let conn = timed(client.get_async_connection()).await?;
+    Ok((Conn::Cluster(conn), Dialer::Cluster(blocking)))
+}
+
+/// Splits a comma-separated list of URLs; a comma not followed by a scheme belongs to the URL
+/// before it (a password may hold one).
+fn seed_urls(list: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for part in list.split(',') {
+        let trimmed = part.trim_start();
+        match urls.last_mut() {
+            Some(last)
+                if !(trimmed.starts_with("redis://") || trimmed.starts_with("rediss://")) =>
+            {
+                last.push(',');
+                last.push_str(part);
+            }
+            _ => urls.push(trimmed.to_owned()),
+        }
+    }
+    urls.into_iter()
+        .map(|u| u.trim().to_owned())
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+fn read_ca(path: &Path) -> Result<TlsCertificates> {
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::Other(anyhow::anyhow!(
+            "cannot read the CA file {} for Redis TLS: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    })
+}
+
+/// The URL may carry a password: errors about it must not echo it.
+fn invalid_url(e: RedisError) -> Error {
+    Error::Other(anyhow::anyhow!(
+        "the redis URL is not valid ({:?}{})",
+        e.kind(),
+        e.detail().map(|d| format!(": {d}")).unwrap_or_default()
+    ))
+}
+
+fn check_schema(found: &str, prefix: &str) -> Result<()> {
+    match found {
+        "" => Ok(()),
+        "old" => Err(Error::Other(anyhow::anyhow!(
+            "the Redis queue {{{prefix}}} holds leads in the layout of an older leadgate (before \
+             lead records); let that version deliver them (or move its keys away), then start \
+             this one"
+        ))),
+        version => match version.parse::<i64>() {
+            Ok(SCHEMA_VERSION) => Ok(()),
+            _ => Err(Error::Other(anyhow::anyhow!(
+                "the Redis queue {{{prefix}}} has layout version {version:?}; this build knows \
+                 {SCHEMA_VERSION}"
+            ))),
+        },
+    }
+}
+
+/// The warning for a server's persistence and eviction settings, or `None` when they keep
+/// every acknowledged lead.
+fn durability_findings(
+    appendonly: &str,
+    appendfsync: &str,
+    save: &str,
+    maxmemory: &str,
+    policy: &str,
+) -> Option<String> {
+    let mut findings = Vec::new();
+    if appendonly != "yes" {
+        let since = if save.trim().is_empty() {
+            "every queued lead is lost, since it takes no RDB snapshots either (save \"\")"
+                .to_owned()
+        } else {
+            format!(
+                "every lead accepted since its last RDB snapshot (save {save:?}) is lost, and \
+                 delivered leads may be sent again"
+            )
+        };
+        findings.push(format!(
+            "Redis runs without its append-only file (appendonly {appendonly}): if Redis \
+             crashes or restarts, {since}. Set appendonly yes with appendfsync everysec (at \
+             most about a second at risk) or always (none)."
+        ));
+    } else if appendfsync == "no" {
+        findings.push(
+            "Redis writes its append-only file with appendfsync no: the operating system \
+             flushes it when it likes (typically every 30 seconds), so a crash of the Redis \
+             host can lose that much of the accepted leads. Use appendfsync everysec or always."
+                .to_owned(),
+        );
+    }
+    let evicts = maxmemory.trim() != "0";
+    if evicts && policy.starts_with("allkeys-") {
+        findings.push(format!(
+            "Redis may evict any key when it reaches maxmemory (maxmemory-policy {policy}), \
+             including queued leads, which would vanish without a trace. Use \
+             maxmemory-policy noeviction: enqueues then fail with 503 instead."
+        ));
+    } else if evicts && policy.starts_with("volatile-") {
+        findings.push(format!(
+            "Redis may evict keys with a time to live when it reaches maxmemory \
+             (maxmemory-policy {policy}). Queued leads have none and are safe, but idempotency \
+             keys and delivery records do: evicting them lets a repeated submission or a \
+             redelivery create a duplicate lead in Onpipeline. Use maxmemory-policy noeviction."
+        ));
+    }
+    (!findings.is_empty()).then(|| findings.join(" "))
+}
+
+/// CONFIG refused by an ACL, renamed away or unknown (managed Redis).
+fn is_refusal(e: &RedisError) -> bool {
+    matches!(e.code(), Some("NOPERM" | "ERR"))
 }
 
 /// Drains the enqueue channel into batched script calls until every sender is gone.
 async fn write_enqueues(
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     ready: String,
     idempotency_ttl_ms: u64,
@@ -719,7 +1380,7 @@ async fn write_enqueues(
 }
 
 async fn send_batch(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     scripts: &Scripts,
     ready: &str,
     idempotency_ttl_ms: u64,
@@ -729,6 +1390,9 @@ async fn send_batch(
     call.key(ready).arg(idempotency_ttl_ms);
     let mut keys = 1;
     for request in &batch {
+        call.key(&request.record_key);
+        keys += 1;
+        let record_index = keys;
         let key_index = match &request.idempotency_key {
             Some(key) => {
                 call.key(key);
@@ -738,7 +1402,8 @@ async fn send_batch(
             None => 0,
         };
         call.arg(&request.lead_id)
-            .arg(&request.entry)
+            .arg(&request.lead)
+            .arg(record_index)
             .arg(key_index);
     }
     let answers: Result<Vec<String>> = timed(call.invoke_async(conn)).await;
@@ -777,39 +1442,160 @@ async fn send_batch(
     }
 }
 
-fn encode_entry(lead: &QueuedLead, attempt: u32, last_error: Option<&str>) -> Result<String> {
-    let entry = Entry {
-        lead: std::borrow::Cow::Borrowed(lead),
-        attempt,
-        last_error: last_error.map(std::borrow::Cow::Borrowed),
-    };
-    Ok(serde_json::to_string(&entry).map_err(anyhow::Error::from)?)
-}
-
-/// A corrupt entry is logged and skipped: it stays pending, so it is never lost, and comes back
-/// (and is logged again) after each lease timeout until an operator removes it.
-fn decode_lease(stream_id: String, deliveries: i64, entry: &str) -> Option<Lease> {
-    match serde_json::from_str::<Entry>(entry) {
-        Ok(entry) => Some(Lease {
-            history: Vec::new(),
-            lead: entry.lead.into_owned(),
-            attempt: entry.attempt,
-            last_error: entry.last_error.map(|e| e.into_owned()),
+/// A lead whose record cannot be read is logged and skipped: its entry stays pending, so it is
+/// never lost, and comes back (and is logged again) after each lease timeout until an operator
+/// removes it.
+fn decode_lease(
+    stream_id: String,
+    deliveries: i64,
+    lead_id: &str,
+    row: Vec<String>,
+) -> Option<Lease> {
+    let mut fields = row.into_iter();
+    match fields.next().as_deref() {
+        Some("ok") => {}
+        Some("delivered") => return None,
+        _ => {
+            tracing::error!(
+                stream_id,
+                lead_id,
+                "A queue entry has no lead record; it is left pending."
+            );
+            return None;
+        }
+    }
+    let (lead, attempt, last_error, history) = (
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+        fields.next().unwrap_or_default(),
+    );
+    let decoded = serde_json::from_str::<QueuedLead>(&lead)
+        .map_err(anyhow::Error::from)
+        .and_then(|lead| Ok((lead, attempt.parse::<u32>()?, parse_history(&history)?)));
+    match decoded {
+        Ok((lead, attempt, history)) => Some(Lease {
+            lead,
+            attempt,
+            last_error: (!last_error.is_empty()).then_some(last_error),
+            history,
             handle: LeaseHandle::Redis {
                 stream_id,
                 deliveries,
             },
         }),
         Err(e) => {
-            tracing::error!(stream_id, error = %e, "A queue entry could not be read; it is left pending.");
+            tracing::error!(stream_id, lead_id, error = %e, "A queue entry could not be read; it is left pending.");
             None
         }
     }
 }
 
-/// Milliseconds for `PX` and friends, which reject 0.
+/// The fields [`READ_LUA`] returns for one lead ('' = missing).
+struct RecordRow(Vec<String>);
+
+impl RecordRow {
+    fn field(&self, n: usize) -> &str {
+        self.0.get(n).map(String::as_str).unwrap_or("")
+    }
+
+    fn record(&self, id: &str) -> Result<Option<LeadRecord>> {
+        let data = match (self.field(6), self.field(10)) {
+            ("", "") => None,
+            ("", work) => Some(work),
+            (lead, _) => Some(lead),
+        };
+        let lead = data
+            .map(|json| from_json::<QueuedLead>(json, "lead"))
+            .transpose()?;
+        let state = match self.field(2) {
+            "" if lead.is_none() => return Ok(None),
+            "" | "queued" => LeadState::Queued,
+            "delivered" => LeadState::Delivered,
+            "dead" => LeadState::Dead,
+            other => {
+                return Err(corrupt(id, anyhow::anyhow!("unknown state {other:?}")));
+            }
+        };
+        // Written into the record when the data leaves it; read from the data until then.
+        let (source, received_at) = match (&lead, self.field(0)) {
+            (Some(lead), "") => (lead.source.clone(), lead.received_at),
+            (_, source) => (
+                source.to_owned(),
+                parse_timestamp(self.field(1)).map_err(|e| corrupt(id, e))?,
+            ),
+        };
+        Ok(Some(LeadRecord {
+            id: id.parse().map_err(|e| corrupt(id, anyhow::Error::new(e)))?,
+            source,
+            received_at,
+            state,
+            attempts: parse_history(self.field(5)).map_err(|e| corrupt(id, e))?,
+            delivery: match self.field(7) {
+                "" => None,
+                json => Some(from_json(json, "delivery")?),
+            },
+            dead_reason: Some(self.field(8))
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned),
+            work: lead.map(|lead| lead.work),
+        }))
+    }
+
+    /// `None` unless the lead is in the dead letters (with its data).
+    fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>> {
+        if self.field(11).is_empty() || self.field(2) != "dead" || self.field(6).is_empty() {
+            return Ok(None);
+        }
+        let at_ms: i64 = self.field(9).parse().unwrap_or(0);
+        Ok(Some(DeadLetter {
+            lead: from_json(self.field(6), "dead letter")?,
+            attempts: self.field(3).parse().unwrap_or(1),
+            reason: self.field(8).to_owned(),
+            at: DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap_or_default(),
+            history: parse_history(self.field(5)).map_err(|e| corrupt(id, e))?,
+        }))
+    }
+}
+
+fn corrupt(id: &str, e: anyhow::Error) -> Error {
+    Error::Other(e.context(format!("corrupt record of lead {id}")))
+}
+
+fn parse_history(json: &str) -> anyhow::Result<Vec<Attempt>> {
+    if json.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(serde_json::from_str(json)?)
+}
+
+/// The lead's receipt time as stored in its record: RFC 3339, as in the lead's JSON.
+fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+fn parse_timestamp(text: &str) -> anyhow::Result<DateTime<Utc>> {
+    Ok(DateTime::parse_from_rfc3339(text)?.with_timezone(&Utc))
+}
+
+fn attempt_json(attempt: Option<&Attempt>) -> Result<String> {
+    attempt.map_or_else(|| Ok(String::new()), to_json)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    Ok(serde_json::to_string(value).map_err(anyhow::Error::from)?)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Other(anyhow::Error::new(e).context(format!("corrupt {what} record"))))
+}
+
+/// Milliseconds for `PX` and friends, which reject 0 and values that overflow.
 fn ttl_ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(d.as_millis())
+        .unwrap_or(MAX_TTL_MS)
+        .clamp(1, MAX_TTL_MS)
 }
 
 async fn timed<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
@@ -846,5 +1632,48 @@ fn copy_error(e: &Error) -> Error {
     match e {
         Error::Unavailable(reason) => Error::Unavailable(reason.clone()),
         Error::Other(e) => Error::Other(anyhow::anyhow!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_urls_split_at_commas_before_a_scheme_only() {
+        assert_eq!(
+            seed_urls("redis://:pa,ss@10.0.0.1:6379, rediss://10.0.0.2:6379/"),
+            vec!["redis://:pa,ss@10.0.0.1:6379", "rediss://10.0.0.2:6379/"]
+        );
+    }
+
+    #[test]
+    fn durable_settings_have_no_finding_and_each_risk_is_named() {
+        assert_eq!(
+            durability_findings("yes", "everysec", "", "0", "noeviction"),
+            None
+        );
+        assert_eq!(
+            durability_findings("yes", "always", "", "1gb", "noeviction"),
+            None
+        );
+        // Without maxmemory nothing is evicted, whatever the policy.
+        assert_eq!(
+            durability_findings("yes", "always", "", "0", "allkeys-lru"),
+            None
+        );
+        let all = durability_findings("no", "everysec", "3600 1", "1gb", "allkeys-lfu").unwrap();
+        assert!(
+            all.contains("appendonly no") && all.contains("allkeys-lfu"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn an_older_or_newer_layout_is_refused() {
+        assert!(check_schema("", "p").is_ok());
+        assert!(check_schema("2", "p").is_ok());
+        assert!(check_schema("old", "p").is_err());
+        assert!(check_schema("3", "p").is_err());
     }
 }

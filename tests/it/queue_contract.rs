@@ -2,42 +2,42 @@
 //! below is an `async fn(Kind)`, and `contract!` generates one test per backend from it.
 
 use std::collections::HashSet;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::future::join_all;
+use leadgate::lead::{MetaLeadRef, QueuedLead, Work};
 use leadgate::queue::{
-    Backend, Delivery, Enqueued, Error, IdempotencyKey, Queue, QueueSettings, Settle, Stats,
+    Attempt, AttemptOutcome, Backend, Delivery, Enqueued, Error, IdempotencyKey, LeadState, Queue,
+    QueueSettings, Settle, Stats,
 };
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use crate::helpers::redis::{RedisOptions, RedisServer};
+use crate::helpers::redis::{RedisCluster, RedisOptions, RedisServer};
 use crate::helpers::{eventually, lead};
 
+/// `contract!(module = Kind, … => [test, …])` runs each listed `async fn(Kind)` once per kind,
+/// as `module::test`.
 macro_rules! contract {
-    ($($name:ident),+ $(,)?) => {
-        mod redis {
+    ($($module:ident = $kind:ident),+ => $tests:tt) => {
+        $( contract!(@one $module $kind $tests); )+
+    };
+    (@one $module:ident $kind:ident [$($name:ident),+ $(,)?]) => {
+        mod $module {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(super::Kind::Redis).await
-                }
-            )+
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Embedded).await
+                    super::$name(super::Kind::$kind).await
                 }
             )+
         }
     };
 }
 
-contract!(
+contract!(redis = Redis, embedded = Embedded => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
@@ -51,19 +51,61 @@ contract!(
     waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
     a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it,
     idempotency_keys_and_delivered_records_expire_after_their_ttl,
-);
+    attempts_travel_with_retry_copies_into_the_dead_letter_and_the_record,
+    retry_later_with_new_work_hands_the_new_work_to_the_next_lease,
+    lead_record_follows_the_lead_from_enqueue_to_delivery,
+    delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
+    late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
+    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    deleted_dead_letter_loses_its_data_and_keeps_its_record,
+    dead_letters_are_listed_newest_first,
+    stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
+    upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
+]);
 
-#[derive(Clone, Copy, Debug)]
+// A Redis Cluster of three masters: the keys share one slot, blocking reads go to its node.
+contract!(cluster = Cluster => [
+    enqueued_lead_is_leased_once_with_attempt_one,
+    replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
+    delivered_lease_leaves_the_queue_and_records_the_delivery,
+    retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
+    dead_lease_moves_to_the_dead_letters_with_its_reason,
+    unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_settle_is_ignored,
+    concurrent_consumers_never_lease_the_same_entry,
+    waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
+    attempts_travel_with_retry_copies_into_the_dead_letter_and_the_record,
+    lead_record_follows_the_lead_from_enqueue_to_delivery,
+    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    deleted_dead_letter_loses_its_data_and_keeps_its_record,
+    stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
+    upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
+]);
+
+// `rediss://` to a server whose certificate chains to the CA given as `ca_file`.
+contract!(tls = RedisTls => [
+    enqueued_lead_is_leased_once_with_attempt_one,
+    replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
+    delivered_lease_leaves_the_queue_and_records_the_delivery,
+    waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
+    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+]);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Redis,
     Embedded,
+    Cluster,
+    RedisTls,
 }
 
-/// One queue store for one test: its own `redis-server` or its own SQLite directory.
+/// One queue store for one test: its own `redis-server` (or cluster), or its own SQLite
+/// directory.
 struct Harness {
+    kind: Kind,
     backend: Backend,
     settings: QueueSettings,
     redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -79,36 +121,48 @@ impl Harness {
     }
 
     fn with(kind: Kind, settings: QueueSettings, durable: bool) -> Self {
+        let redis_backend = |url: String, cluster: bool, ca_file| Backend::Redis {
+            url: SecretString::from(url),
+            prefix: "leadgate-test".into(),
+            cluster,
+            ca_file,
+        };
+        let mut harness = Self {
+            kind,
+            backend: Backend::Embedded {
+                fsync: leadgate::queue::Fsync::Always,
+                dir: std::path::PathBuf::new(),
+            },
+            settings,
+            redis: None,
+            _cluster: None,
+            _dir: None,
+        };
         match kind {
-            Kind::Redis => {
-                let redis = if durable {
-                    RedisServer::start_with(RedisOptions { append_only: true })
-                } else {
-                    RedisServer::start()
+            Kind::Redis | Kind::RedisTls => {
+                let redis = match (kind, durable) {
+                    (Kind::RedisTls, _) => RedisServer::start_tls(),
+                    (_, true) => RedisServer::start_with(RedisOptions { append_only: true }),
+                    (_, false) => RedisServer::start(),
                 };
-                Self {
-                    backend: Backend::Redis {
-                        url: SecretString::from(redis.url()),
-                        prefix: "leadgate-test".into(),
-                    },
-                    settings,
-                    redis: Some(redis),
-                    _dir: None,
-                }
+                harness.backend = redis_backend(redis.url(), false, redis.ca_file());
+                harness.redis = Some(redis);
+            }
+            Kind::Cluster => {
+                let cluster = RedisCluster::start();
+                harness.backend = redis_backend(cluster.urls(), true, None);
+                harness._cluster = Some(cluster);
             }
             Kind::Embedded => {
                 let dir = tempfile::tempdir().expect("a temp dir");
-                Self {
-                    backend: Backend::Embedded {
-                        fsync: leadgate::queue::Fsync::Always,
-                        dir: dir.path().join("queue"),
-                    },
-                    settings,
-                    redis: None,
-                    _dir: Some(dir),
-                }
+                harness.backend = Backend::Embedded {
+                    fsync: leadgate::queue::Fsync::Always,
+                    dir: dir.path().join("queue"),
+                };
+                harness._dir = Some(dir);
             }
         }
+        harness
     }
 
     /// A queue on this store; each call is a separate consumer (a separate process, as far as
@@ -117,6 +171,17 @@ impl Harness {
         Queue::open(&self.backend, self.settings.clone(), consumer)
             .await
             .expect("the queue opens")
+    }
+
+    /// Queues standing for separate processes sharing the store: with Redis, separately
+    /// opened; with the embedded queue (one process per data directory), clones of one.
+    async fn processes(&self) -> [Queue; 2] {
+        let first = self.open("a").await;
+        let second = match self.kind {
+            Kind::Embedded => first.clone(),
+            _ => self.open("b").await,
+        };
+        [first, second]
     }
 
     /// Redis: kill -9 and start the server again. Embedded: nothing (the queue is reopened).
@@ -135,8 +200,7 @@ impl Harness {
     async fn corrupt_idempotency_key(&self, key: &IdempotencyKey) {
         match &self.backend {
             Backend::Redis { prefix, .. } => {
-                let url = self.redis.as_ref().unwrap().url();
-                let client = ::redis::Client::open(url).unwrap();
+                let client = self.redis.as_ref().unwrap().client();
                 let mut conn = client.get_multiplexed_async_connection().await.unwrap();
                 let name = format!(
                     "{{{prefix}}}:idem:{}:{}:{}",
@@ -187,6 +251,36 @@ fn key(source: &str, key: &str) -> IdempotencyKey {
     IdempotencyKey {
         source: source.to_owned(),
         key: key.to_owned(),
+    }
+}
+
+fn attempt(number: u32, outcome: AttemptOutcome, status: Option<u16>) -> Attempt {
+    Attempt {
+        number,
+        at: Utc::now(),
+        duration_ms: 87,
+        status,
+        outcome,
+        reason: (outcome != AttemptOutcome::Delivered).then(|| format!("answered {status:?}")),
+    }
+}
+
+/// A lead from another payload than [`lead`]'s, to tell works apart.
+fn other_work() -> Work {
+    let mut work = lead("website").work;
+    if let Work::Deliver { payload, .. } = &mut work {
+        payload.first_name = "Berta".into();
+    }
+    work
+}
+
+fn retry(delay: Duration, attempt: Option<Attempt>) -> Settle {
+    Settle::RetryLater {
+        delay,
+        reason: "Onpipeline answered 503".into(),
+        count_attempt: true,
+        attempt,
+        work: None,
     }
 }
 
@@ -262,7 +356,13 @@ async fn delivered_lease_leaves_the_queue_and_records_the_delivery(kind: Kind) {
         .unwrap();
 
     assert_eq!(queue.delivery_of(lead.id).await.unwrap(), Some(delivered));
-    assert_eq!(queue.stats().await.unwrap(), Stats::default());
+    assert_eq!(
+        queue.stats().await.unwrap(),
+        Stats {
+            delivered: 1,
+            ..Stats::default()
+        }
+    );
     // Not even after the lease timeout: the entry is gone, not merely leased.
     let wait = harness.settings.lease_timeout * 2;
     assert!(queue.lease(10, wait).await.unwrap().is_empty());
@@ -427,7 +527,13 @@ async fn unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_set
         )
         .await
         .unwrap();
-    assert_eq!(survivor.stats().await.unwrap(), Stats::default());
+    assert_eq!(
+        survivor.stats().await.unwrap(),
+        Stats {
+            delivered: 1,
+            ..Stats::default()
+        }
+    );
 }
 
 async fn concurrent_consumers_never_lease_the_same_entry(kind: Kind) {
@@ -509,8 +615,13 @@ async fn stats_count_entries_by_state(kind: Kind) {
     for _ in 0..3 {
         queue.enqueue(&lead("website"), None).await.unwrap();
     }
+    // How long the oldest waits is tested on its own, below.
+    let counts = |stats: Stats| Stats {
+        oldest_ready_ms: 0,
+        ..stats
+    };
     assert_eq!(
-        queue.stats().await.unwrap(),
+        counts(queue.stats().await.unwrap()),
         Stats {
             ready: 3,
             ..Stats::default()
@@ -519,7 +630,7 @@ async fn stats_count_entries_by_state(kind: Kind) {
 
     let first = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
     assert_eq!(
-        queue.stats().await.unwrap(),
+        counts(queue.stats().await.unwrap()),
         Stats {
             ready: 2,
             leased: 1,
@@ -548,13 +659,13 @@ async fn stats_count_entries_by_state(kind: Kind) {
         .unwrap();
 
     assert_eq!(
-        queue.stats().await.unwrap(),
+        counts(queue.stats().await.unwrap()),
         Stats {
             ready: 1,
             leased: 0,
             delayed: 1,
             dead: 1,
-            ..queue.stats().await.unwrap()
+            ..Stats::default()
         }
     );
 }
@@ -659,6 +770,462 @@ async fn idempotency_keys_and_delivered_records_expire_after_their_ttl(kind: Kin
         },
     )
     .await;
+}
+
+async fn attempts_travel_with_retry_copies_into_the_dead_letter_and_the_record(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let lead = lead("website");
+    queue.enqueue(&lead, None).await.unwrap();
+    let first = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    assert!(first.history.is_empty());
+
+    let failed = attempt(1, AttemptOutcome::Retry, Some(503));
+    let settle = retry(Duration::from_millis(50), Some(failed.clone()));
+    queue.settle(first, settle).await.unwrap();
+    let second = queue
+        .lease(1, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .pop()
+        .expect("the retry copy within 3s");
+    assert_eq!(second.attempt, 2);
+    assert_eq!(second.history, vec![failed.clone()]);
+
+    let rejected = attempt(2, AttemptOutcome::Rejected, Some(406));
+    queue
+        .settle(
+            second,
+            Settle::Dead {
+                reason: "Onpipeline answered 406".into(),
+                attempt: Some(rejected.clone()),
+            },
+        )
+        .await
+        .unwrap();
+
+    let letter = queue
+        .dead_letter(lead.id)
+        .await
+        .unwrap()
+        .expect("a dead letter");
+    assert_eq!(letter.lead, lead);
+    assert_eq!(letter.attempts, 2);
+    assert_eq!(letter.reason, "Onpipeline answered 406");
+    assert_eq!(letter.history, vec![failed.clone(), rejected.clone()]);
+    let listed = queue.dead_letters(10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].history, letter.history);
+
+    let record = queue.lead(lead.id).await.unwrap().expect("a record");
+    assert_eq!(record.state, LeadState::Dead);
+    assert_eq!(record.attempts, vec![failed, rejected]);
+    assert_eq!(
+        record.dead_reason.as_deref(),
+        Some("Onpipeline answered 406")
+    );
+    assert_eq!(record.work, Some(lead.work));
+    assert_eq!(record.delivery, None);
+}
+
+async fn retry_later_with_new_work_hands_the_new_work_to_the_next_lease(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let meta = QueuedLead {
+        work: Work::FetchMeta {
+            lead: MetaLeadRef {
+                leadgen_id: "1200344556677".into(),
+                page_id: "881234".into(),
+                form_id: None,
+                ad_id: None,
+                adgroup_id: None,
+                created_time: None,
+            },
+        },
+        ..lead("meta")
+    };
+    queue.enqueue(&meta, None).await.unwrap();
+    let fetched = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+
+    // The Graph API answered; Onpipeline did not: the copy carries the payload from now on.
+    let mapped = other_work();
+    queue
+        .settle(
+            fetched,
+            Settle::RetryLater {
+                delay: Duration::from_millis(50),
+                reason: "Onpipeline answered 503".into(),
+                count_attempt: true,
+                attempt: Some(attempt(1, AttemptOutcome::Retry, Some(503))),
+                work: Some(mapped.clone()),
+            },
+        )
+        .await
+        .unwrap();
+    let again = queue
+        .lease(1, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .pop()
+        .expect("the retry copy within 3s");
+
+    assert_eq!(again.lead.work, mapped);
+    assert_eq!(again.lead.id, meta.id);
+    assert_eq!(again.lead.received_at, meta.received_at);
+    let record = queue.lead(meta.id).await.unwrap().unwrap();
+    assert_eq!(record.work, Some(mapped));
+}
+
+async fn lead_record_follows_the_lead_from_enqueue_to_delivery(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let lead = lead("website");
+    assert!(queue.lead(lead.id).await.unwrap().is_none());
+
+    queue.enqueue(&lead, None).await.unwrap();
+    let queued = queue
+        .lead(lead.id)
+        .await
+        .unwrap()
+        .expect("a record at once");
+    assert_eq!(queued.id, lead.id);
+    assert_eq!(queued.source, "website");
+    assert_eq!(queued.received_at, lead.received_at);
+    assert_eq!(queued.state, LeadState::Queued);
+    assert!(queued.attempts.is_empty());
+    assert_eq!(queued.work.as_ref(), Some(&lead.work));
+
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    let sent = attempt(1, AttemptOutcome::Delivered, Some(201));
+    let delivered = delivery("OP-77");
+    queue
+        .settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivered.clone(),
+                attempt: Some(sent.clone()),
+            },
+        )
+        .await
+        .unwrap();
+
+    let record = queue.lead(lead.id).await.unwrap().expect("a record");
+    assert_eq!(record.state, LeadState::Delivered);
+    assert_eq!(record.delivery, Some(delivered));
+    assert_eq!(record.attempts, vec![sent]);
+    assert_eq!(record.received_at, lead.received_at);
+    // Within pii_ttl the data is still there.
+    assert_eq!(record.work, Some(lead.work));
+    assert!(queue.dead_letter(lead.id).await.unwrap().is_none());
+}
+
+async fn delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept(kind: Kind) {
+    let pii_ttl = Duration::from_secs(1);
+    let settings = QueueSettings {
+        pii_ttl,
+        record_ttl: Duration::from_secs(3600),
+        ..fast()
+    };
+    let harness = Harness::with(kind, settings, false);
+    let queue = harness.open("a").await;
+    let lead = lead("website");
+    queue.enqueue(&lead, None).await.unwrap();
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    let before_delivery = Instant::now();
+    queue
+        .settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivery("OP-3"),
+                attempt: Some(attempt(1, AttemptOutcome::Delivered, Some(201))),
+            },
+        )
+        .await
+        .unwrap();
+
+    let purged = eventually(Duration::from_secs(5), "the data to be purged", || async {
+        let record = queue.lead(lead.id).await.unwrap().expect("the record");
+        record.work.is_none().then_some(record)
+    })
+    .await;
+
+    assert!(before_delivery.elapsed() + Duration::from_millis(20) >= pii_ttl);
+    assert_eq!(purged.state, LeadState::Delivered);
+    assert_eq!(purged.source, "website");
+    assert_eq!(purged.attempts.len(), 1);
+    assert_eq!(
+        purged.delivery.unwrap().onpipeline_lead_id.as_deref(),
+        Some("OP-3")
+    );
+    // What prevents a second delivery stays.
+    assert!(queue.delivery_of(lead.id).await.unwrap().is_some());
+    assert_eq!(queue.stats().await.unwrap().delivered, 1);
+}
+
+async fn late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again(
+    kind: Kind,
+) {
+    let harness = Harness::new(kind);
+    let (slow, other) = (harness.open("a").await, harness.open("b").await);
+    let lead = lead("website");
+    slow.enqueue(&lead, None).await.unwrap();
+    let stale = slow.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    // The slow consumer's lease expires and the entry is leased again, then released.
+    let redelivered = other
+        .lease(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .pop()
+        .expect("a redelivery within 5s");
+    let release = Settle::RetryLater {
+        delay: Duration::ZERO,
+        reason: "shutting down".into(),
+        count_attempt: false,
+        attempt: None,
+        work: None,
+    };
+    other.settle(redelivered, release).await.unwrap();
+
+    // Onpipeline took the lead from the slow consumer after all.
+    slow.settle(
+        stale,
+        Settle::Delivered {
+            delivery: delivery("OP-8"),
+            attempt: Some(attempt(1, AttemptOutcome::Delivered, Some(201))),
+        },
+    )
+    .await
+    .unwrap();
+
+    assert!(other.delivery_of(lead.id).await.unwrap().is_some());
+    assert_eq!(
+        other.lead(lead.id).await.unwrap().unwrap().state,
+        LeadState::Delivered
+    );
+    let wait = harness.settings.lease_timeout * 2;
+    assert!(other.lease(10, wait).await.unwrap().is_empty());
+    let stats = other.stats().await.unwrap();
+    assert_eq!((stats.ready, stats.leased, stats.delayed), (0, 0, 0));
+}
+
+async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let lead = lead("website");
+    queue.enqueue(&lead, None).await.unwrap();
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    let rejected = attempt(1, AttemptOutcome::Rejected, Some(406));
+    queue
+        .settle(
+            lease,
+            Settle::Dead {
+                reason: "Onpipeline answered 406: Email Type".into(),
+                attempt: Some(rejected.clone()),
+            },
+        )
+        .await
+        .unwrap();
+
+    // Mapped again by the operator's fixed rules.
+    let fixed = other_work();
+    assert!(queue.revive(lead.id, fixed.clone()).await.unwrap());
+
+    assert!(queue.dead_letter(lead.id).await.unwrap().is_none());
+    assert!(queue.dead_letters(10).await.unwrap().is_empty());
+    let record = queue.lead(lead.id).await.unwrap().unwrap();
+    assert_eq!(record.state, LeadState::Queued);
+    assert_eq!(record.work.as_ref(), Some(&fixed));
+    assert_eq!(record.dead_reason, None);
+    let again = queue
+        .lease(1, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .pop()
+        .expect("the revived lead within 3s");
+    assert_eq!(again.attempt, 1);
+    assert_eq!(again.lead.work, fixed);
+    assert_eq!(again.lead.id, lead.id);
+    assert_eq!(again.lead.received_at, lead.received_at);
+    assert_eq!(again.history, vec![rejected]);
+    assert!(!queue.revive(lead.id, other_work()).await.unwrap());
+    assert_eq!(queue.stats().await.unwrap().dead, 0);
+
+    queue
+        .settle(
+            again,
+            Settle::Delivered {
+                delivery: delivery("OP-2"),
+                attempt: Some(attempt(1, AttemptOutcome::Delivered, Some(201))),
+            },
+        )
+        .await
+        .unwrap();
+    let record = queue.lead(lead.id).await.unwrap().unwrap();
+    assert_eq!(record.state, LeadState::Delivered);
+    assert_eq!(record.attempts.len(), 2);
+}
+
+async fn deleted_dead_letter_loses_its_data_and_keeps_its_record(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let lead = lead("website");
+    queue.enqueue(&lead, None).await.unwrap();
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    queue
+        .settle(
+            lease,
+            Settle::Dead {
+                reason: "spam".into(),
+                attempt: None,
+            },
+        )
+        .await
+        .unwrap();
+    let unknown = leadgate::lead::LeadId::new();
+
+    assert!(!queue.delete_dead(unknown).await.unwrap());
+    assert!(queue.delete_dead(lead.id).await.unwrap());
+    assert!(!queue.delete_dead(lead.id).await.unwrap());
+
+    assert!(queue.dead_letter(lead.id).await.unwrap().is_none());
+    assert!(queue.dead_letters(10).await.unwrap().is_empty());
+    assert_eq!(queue.stats().await.unwrap().dead, 0);
+    assert!(!queue.revive(lead.id, other_work()).await.unwrap());
+    let record = queue
+        .lead(lead.id)
+        .await
+        .unwrap()
+        .expect("the record stays");
+    assert_eq!(record.state, LeadState::Dead);
+    assert_eq!(record.dead_reason.as_deref(), Some("spam"));
+    assert_eq!(record.work, None);
+}
+
+async fn dead_letters_are_listed_newest_first(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let leads: Vec<_> = (0..3).map(|_| lead("website")).collect();
+    for lead in &leads {
+        queue.enqueue(lead, None).await.unwrap();
+        let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        queue
+            .settle(
+                lease,
+                Settle::Dead {
+                    reason: format!("rejected {}", lead.id),
+                    attempt: None,
+                },
+            )
+            .await
+            .unwrap();
+        // Dead letters are ordered by the millisecond they died in: make each one later.
+        let died = Utc::now();
+        eventually(Duration::from_secs(1), "the clock to move on", || async {
+            (Utc::now().timestamp_millis() > died.timestamp_millis() + 1).then_some(())
+        })
+        .await;
+    }
+
+    let listed: Vec<_> = queue
+        .dead_letters(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.lead.id)
+        .collect();
+    assert_eq!(listed, vec![leads[2].id, leads[1].id, leads[0].id]);
+    let newest: Vec<_> = queue
+        .dead_letters(2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.lead.id)
+        .collect();
+    assert_eq!(newest, vec![leads[2].id, leads[1].id]);
+    assert!(queue.dead_letters(0).await.unwrap().is_empty());
+}
+
+async fn stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits(kind: Kind) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    assert_eq!(queue.stats().await.unwrap().oldest_ready_ms, 0);
+    let enqueued_at = Instant::now();
+    queue.enqueue(&lead("website"), None).await.unwrap();
+
+    let waiting = eventually(Duration::from_secs(5), "the lead to wait 300ms", || async {
+        let stats = queue.stats().await.unwrap();
+        (stats.oldest_ready_ms >= 300).then_some(stats.oldest_ready_ms)
+    })
+    .await;
+    // The store's clock and ours are both this host's: a few ms of slack.
+    let waited = u64::try_from(enqueued_at.elapsed().as_millis()).unwrap();
+    assert!(waiting <= waited + 20, "{waiting} ms > {waited} ms");
+
+    let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+    assert_eq!(queue.stats().await.unwrap().oldest_ready_ms, 0);
+    queue
+        .settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivery("OP-1"),
+                attempt: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        queue.stats().await.unwrap(),
+        Stats {
+            delivered: 1,
+            ..Stats::default()
+        }
+    );
+}
+
+async fn upstream_rate_limit_is_never_exceeded_by_concurrent_callers(kind: Kind) {
+    const PER_SECOND: usize = 20;
+    let rate = NonZeroU32::new(20).unwrap();
+    let harness = Harness::new(kind);
+    let processes = harness.processes().await;
+    let granted = Arc::new(Mutex::new(Vec::new()));
+    let until = Instant::now() + Duration::from_millis(2200);
+    let callers = (0..8).map(|n| {
+        let queue = processes[n % 2].clone();
+        let granted = granted.clone();
+        tokio::spawn(async move {
+            while Instant::now() < until {
+                let wait = queue.acquire_upstream(rate).await.unwrap();
+                if wait.is_zero() {
+                    granted.lock().unwrap().push(Instant::now());
+                } else {
+                    // Told when to ask again: that is the limiter's protocol, not a guess.
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        })
+    });
+    for caller in join_all(callers).await {
+        caller.unwrap();
+    }
+
+    let mut granted = granted.lock().unwrap().clone();
+    granted.sort();
+    // Any PER_SECOND + 1 grants span a second; what we see of them may be squeezed by the
+    // time answers take to reach us, hence the slack. Two limiters not sharing would grant
+    // twice the rate, 21 grants in about half a second.
+    for window in granted.windows(PER_SECOND + 1) {
+        let span = window[PER_SECOND] - window[0];
+        assert!(
+            span >= Duration::from_millis(900),
+            "{} grants within {span:?}",
+            PER_SECOND + 1
+        );
+    }
+    assert!(
+        granted.len() >= PER_SECOND * 3 / 2,
+        "only {} grants in 2.2 s",
+        granted.len()
+    );
 }
 
 mod redis_only {
@@ -777,18 +1344,313 @@ mod redis_only {
         };
         queue.settle(c, retry).await.unwrap();
 
-        let client = ::redis::Client::open(harness.redis.as_ref().unwrap().url()).unwrap();
+        queue
+            .acquire_upstream(NonZeroU32::new(10).unwrap())
+            .await
+            .unwrap();
+
+        let client = harness.redis.as_ref().unwrap().client();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         let keys: Vec<String> = ::redis::cmd("KEYS")
             .arg("*")
             .query_async(&mut conn)
             .await
             .unwrap();
-        // ready, delayed, dead, one delivered record, three idempotency keys
-        assert_eq!(keys.len(), 7, "{keys:?}");
+        // schema, ready, delayed, dead, delivered index, upstream rate, three lead records, the
+        // delivered lead's data, three idempotency keys
+        assert_eq!(keys.len(), 13, "{keys:?}");
         assert!(
             keys.iter().all(|k| k.starts_with("{leadgate-test}:")),
             "{keys:?}"
         );
+    }
+}
+
+mod cluster_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_queue_answers_pings_and_reads_the_settings_of_its_node() {
+        let harness = Harness::new(Kind::Cluster);
+        let queue = harness.open("a").await;
+
+        queue.ping().await.unwrap();
+        // The test nodes run without an append-only file.
+        let warning = queue
+            .durability_warning()
+            .await
+            .unwrap()
+            .expect("a warning");
+        assert!(warning.contains("appendonly no"), "{warning}");
+    }
+}
+
+mod tls_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_over_tls_is_refused_without_the_ca_that_signed_its_certificate() {
+        let redis = RedisServer::start_tls();
+        let backend = Backend::Redis {
+            url: SecretString::from(redis.url()),
+            prefix: "leadgate-test".into(),
+            cluster: false,
+            ca_file: None,
+        };
+
+        let refused = Queue::open(&backend, fast(), "a").await;
+
+        let Err(e) = refused else {
+            panic!("a certificate from an unknown CA must be refused");
+        };
+        assert!(e.to_string().contains("certificate"), "{e}");
+    }
+}
+
+mod durability_warnings {
+    use super::*;
+
+    async fn warning_of(redis: &RedisServer) -> Option<String> {
+        let backend = Backend::Redis {
+            url: SecretString::from(redis.url()),
+            prefix: "leadgate-test".into(),
+            cluster: false,
+            ca_file: None,
+        };
+        let queue = Queue::open(&backend, fast(), "a").await.unwrap();
+        queue.durability_warning().await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_without_an_append_only_file_or_snapshots_is_reported_with_its_loss_window() {
+        let redis = RedisServer::start();
+
+        let warning = warning_of(&redis).await.expect("a warning");
+
+        assert!(warning.contains("appendonly no"), "{warning}");
+        assert!(warning.contains("every queued lead is lost"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_without_an_append_only_file_but_with_snapshots_loses_what_came_after_the_last_one()
+     {
+        let redis = RedisServer::start_configured(RedisOptions::default(), &[("save", "60 1")]);
+
+        let warning = warning_of(&redis).await.expect("a warning");
+
+        assert!(warning.contains("since its last RDB snapshot"), "{warning}");
+        assert!(warning.contains("60 1"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_with_an_append_only_file_synced_always_and_no_eviction_has_no_warning() {
+        let redis = RedisServer::start_configured(
+            RedisOptions { append_only: true },
+            &[("maxmemory", "64mb"), ("maxmemory-policy", "noeviction")],
+        );
+
+        assert_eq!(warning_of(&redis).await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_whose_file_is_flushed_when_the_os_likes_is_reported() {
+        let redis = RedisServer::start_configured(
+            RedisOptions { append_only: true },
+            &[("appendfsync", "no")],
+        );
+
+        let warning = warning_of(&redis).await.expect("a warning");
+
+        assert!(warning.contains("appendfsync no"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_that_may_evict_any_key_is_reported_as_losing_queued_leads() {
+        let redis = RedisServer::start_configured(
+            RedisOptions { append_only: true },
+            &[("maxmemory", "64mb"), ("maxmemory-policy", "allkeys-lru")],
+        );
+
+        let warning = warning_of(&redis).await.expect("a warning");
+
+        assert!(warning.contains("allkeys-lru"), "{warning}");
+        assert!(warning.contains("including queued leads"), "{warning}");
+        assert!(!warning.contains("appendonly"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_that_may_evict_keys_with_a_ttl_is_reported_as_risking_duplicates() {
+        let redis = RedisServer::start_configured(
+            RedisOptions { append_only: true },
+            &[("maxmemory", "64mb"), ("maxmemory-policy", "volatile-lru")],
+        );
+
+        let warning = warning_of(&redis).await.expect("a warning");
+
+        assert!(warning.contains("Queued leads have none"), "{warning}");
+        assert!(warning.contains("duplicate"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_that_refuses_config_is_reported_as_unchecked() {
+        let redis = RedisServer::start();
+        // Like a managed Redis: the application's user may not read the configuration.
+        let mut admin = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        ::redis::cmd("ACL")
+            .arg(
+                &[
+                    "SETUSER",
+                    "app",
+                    "on",
+                    ">app-password",
+                    "~*",
+                    "&*",
+                    "+@all",
+                    "-config",
+                ][..],
+            )
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+        let backend = Backend::Redis {
+            url: SecretString::from(redis.url().replace("redis://", "redis://app:app-password@")),
+            prefix: "leadgate-test".into(),
+            cluster: false,
+            ca_file: None,
+        };
+        let queue = Queue::open(&backend, fast(), "a").await.unwrap();
+
+        let warning = queue
+            .durability_warning()
+            .await
+            .unwrap()
+            .expect("a warning");
+
+        assert!(warning.contains("could not check"), "{warning}");
+        assert!(warning.contains("NOPERM"), "{warning}");
+        assert!(!warning.contains("app-password"), "{warning}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_queue_has_no_durability_warning() {
+        let harness = Harness::new(Kind::Embedded);
+        let queue = harness.open("a").await;
+
+        assert_eq!(queue.durability_warning().await.unwrap(), None);
+    }
+}
+
+mod older_layouts {
+    use super::*;
+
+    /// An entry as the previous Redis layout wrote it: the whole lead in field `e`.
+    async fn write_legacy_entry(redis: &RedisServer) {
+        let mut conn = redis
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let entry = serde_json::json!({"lead": lead("website"), "attempt": 1, "last_error": null});
+        ::redis::cmd("XADD")
+            .arg("{leadgate-test}:ready")
+            .arg("*")
+            .arg("e")
+            .arg(entry.to_string())
+            .query_async::<String>(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_queue_holding_leads_of_the_older_layout_is_refused() {
+        let harness = Harness::new(Kind::Redis);
+        write_legacy_entry(harness.redis.as_ref().unwrap()).await;
+
+        let refused = Queue::open(&harness.backend, fast(), "a").await;
+
+        let Err(Error::Other(e)) = refused else {
+            panic!("an older layout must be refused");
+        };
+        assert!(e.to_string().contains("older leadgate"), "{e}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_queue_that_lost_its_layout_stamp_still_opens() {
+        // A Redis restarted without persistence while replicas kept writing.
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        let lead = lead("website");
+        queue.enqueue(&lead, None).await.unwrap();
+        let mut conn = harness
+            .redis
+            .as_ref()
+            .unwrap()
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        ::redis::cmd("DEL")
+            .arg("{leadgate-test}:schema")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+
+        let reopened = harness.open("b").await;
+
+        let leased = reopened.lease(1, NO_WAIT).await.unwrap();
+        assert_eq!(leased[0].lead, lead);
+    }
+
+    fn version_1_database(dir: &std::path::Path, queued: bool) {
+        std::fs::create_dir_all(dir).unwrap();
+        let conn = rusqlite::Connection::open(dir.join("queue.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, lead_id TEXT NOT NULL,
+                 lead TEXT NOT NULL, attempt INTEGER NOT NULL, last_error TEXT,
+                 available_at INTEGER NOT NULL, lease_token INTEGER);
+             CREATE TABLE delivered (lead_id TEXT PRIMARY KEY, delivery TEXT NOT NULL,
+                 expires_at INTEGER NOT NULL);
+             CREATE TABLE idempotency (source TEXT NOT NULL, key TEXT NOT NULL,
+                 first_lead TEXT NOT NULL, expires_at INTEGER NOT NULL, UNIQUE (source, key));
+             CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, lead_id TEXT NOT NULL,
+                 lead TEXT NOT NULL, attempts INTEGER NOT NULL, reason TEXT NOT NULL,
+                 at INTEGER NOT NULL);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        if queued {
+            let lead = lead("website");
+            conn.execute(
+                "INSERT INTO entries (lead_id, lead, attempt, available_at) VALUES (?1, ?2, 1, 0)",
+                [lead.id.to_string(), serde_json::to_string(&lead).unwrap()],
+            )
+            .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded_queue_holding_leads_of_version_1_is_refused_and_an_empty_one_upgraded() {
+        let harness = Harness::new(Kind::Embedded);
+        let Backend::Embedded { dir, .. } = &harness.backend else {
+            unreachable!()
+        };
+        version_1_database(dir, true);
+        let refused = Queue::open(&harness.backend, fast(), "a").await;
+        assert!(
+            matches!(&refused, Err(Error::Other(e)) if e.to_string().contains("older leadgate")),
+            "got {:?}",
+            refused.err()
+        );
+
+        std::fs::remove_dir_all(dir).unwrap();
+        version_1_database(dir, false);
+        let queue = harness.open("a").await;
+        let lead = lead("website");
+        queue.enqueue(&lead, None).await.unwrap();
+        assert_eq!(queue.lease(1, NO_WAIT).await.unwrap()[0].lead, lead);
     }
 }
