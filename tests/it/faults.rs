@@ -513,14 +513,18 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         .await
         .unwrap();
     assert_eq!(stats["dead"], 0, "{stats}");
-    let record: Value = admin(&app, reqwest::Method::GET, format!("/admin/leads/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(record["state"], "delivered");
+    // The simulator has the lead a moment before the gateway records the delivery.
+    let record: Value = eventually(Duration::from_secs(5), "the delivered record", || async {
+        let record: Value = admin(&app, reqwest::Method::GET, format!("/admin/leads/{id}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
     assert_eq!(
         record["attempts"].as_array().unwrap().len(),
         2,
