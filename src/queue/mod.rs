@@ -20,10 +20,10 @@
 //!      entry, atomically: a redelivered lease of a lead already recorded as delivered is
 //!      recognised by the forwarder and not sent again (and a copy of a delivered lead met by a
 //!      later lease is dropped by the queue itself);
-//!    * [`Settle::RetryLater`] replaces the entry with a new copy that becomes ready after the
-//!      delay, with `attempt + 1` when the attempt counts (it does not when delivery is paused
-//!      or the process is shutting down), the history so far, and the new [`Work`] when one is
-//!      given;
+//!    * [`Settle::RetryLater`] makes the lead ready again after the delay (as a new copy of the
+//!      entry: the lease that settled it is spent), with `attempt + 1` when the attempt counts
+//!      (it does not when delivery is paused or the process is shutting down), the history so
+//!      far, and the new [`Work`] when one is given;
 //!    * [`Settle::Dead`] moves the entry to the dead letters with its reason and history.
 //!
 //!    Settling a lease that has expired and been redelivered meanwhile is harmless: it is
@@ -42,6 +42,7 @@
 //! 7. **Shared upstream rate.** [`Queue::acquire_upstream`] hands out request slots at no more
 //!    than the given rate across every process using the same store (Redis), or across the
 //!    process (embedded, one process per data directory).
+
 pub mod embedded;
 pub mod redis;
 
@@ -77,6 +78,7 @@ pub struct QueueSettings {
     pub pii_ttl: Duration,
     /// How long a lead's record (id, timestamps, attempts, outcome, Onpipeline LeadID) is kept
     /// after delivery. The delivered record that prevents a second delivery lives this long.
+    /// `pii_ttl` beyond it is cut to it.
     pub record_ttl: Duration,
 }
 
@@ -188,8 +190,8 @@ pub(crate) enum LeaseHandle {
     /// `deliveries` is the entry's delivery count when it was leased: any later claim raises
     /// it, which makes this lease's settle stale.
     Redis { stream_id: String, deliveries: i64 },
-    /// `lease_token` is drawn afresh by every lease, so a settle of an expired lease that was
-    /// leased again is recognised as stale.
+    /// `entry_id` is the lead's row. `lease_token` is drawn afresh by every lease, so a settle
+    /// of an expired lease that was leased again is recognised as stale.
     Embedded { entry_id: i64, lease_token: i64 },
 }
 
@@ -407,8 +409,12 @@ impl Queue {
         dispatch!(self, q => q.acquire_upstream(per_second).await)
     }
 
-    /// A warning when the store's own settings put accepted leads at risk (Redis without AOF,
-    /// or with an evicting `maxmemory-policy`), to log at start-up.
+    /// A warning when the store's own settings put accepted leads at risk, to log at start-up:
+    /// Redis without its append-only file (with the loss window that leaves), with
+    /// `appendfsync no`, or with a `maxmemory-policy` that may evict queued leads (`allkeys-*`)
+    /// or idempotency keys and delivery records (`volatile-*`); or a warning that they could
+    /// not be checked when Redis refuses `CONFIG GET` (managed Redis). `None` for the embedded
+    /// queue, whose durability this process sets.
     pub async fn durability_warning(&self) -> Result<Option<String>> {
         dispatch!(self, q => q.durability_warning().await)
     }

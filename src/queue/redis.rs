@@ -31,7 +31,7 @@
 //!
 //! [`Stats::oldest_ready_ms`] is read from the stream: the first entry after the group's
 //! last-delivered id is the oldest one nobody leased, and its id carries the server time it
-//! was added. A retry copy is added when a lease promotes it, within [`MAX_BLOCK`] of its due
+//! was added. A retry copy is added when a lease promotes it, within a second of its due
 //! time while a forwarder runs; due copies not yet promoted count from their due time.
 //!
 //! # Connections
