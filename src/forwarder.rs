@@ -265,6 +265,19 @@ pub struct Forwarder {
     pub upstream_rate: Option<std::num::NonZeroU32>,
 }
 
+/// How long the lead's current delivery schedule has run, for `LEADGATE_RETRY_MAX_AGE`: since its
+/// first attempt (its arrival, before any). A dead letter an operator replays starts again at
+/// attempt 1, so its schedule runs from the replay's first attempt, not from its arrival.
+fn schedule_age(lease: &Lease) -> Duration {
+    let start = lease
+        .history
+        .iter()
+        .rev()
+        .find(|attempt| attempt.number == 1)
+        .map_or(lease.lead.received_at, |attempt| attempt.at);
+    (Utc::now() - start).to_std().unwrap_or_default()
+}
+
 /// Leases being delivered, so the ones still unfinished at the shutdown deadline can be
 /// released.
 #[derive(Default)]
@@ -542,9 +555,7 @@ impl Forwarder {
                 after,
             } => {
                 let attempt = record(AttemptOutcome::Retry, status, Some(&reason));
-                let age = (Utc::now() - lease.lead.received_at)
-                    .to_std()
-                    .unwrap_or_default();
+                let age = schedule_age(&lease);
                 match self
                     .policy
                     .after_failure(lease.attempt, age, rand::random::<f64>(), after)
@@ -693,9 +704,7 @@ impl Forwarder {
                 };
                 let reason = e.message().to_owned();
                 let attempt = failed(&reason);
-                let age = (Utc::now() - lease.lead.received_at)
-                    .to_std()
-                    .unwrap_or_default();
+                let age = schedule_age(lease);
                 match self
                     .policy
                     .after_failure(lease.attempt, age, rand::random::<f64>(), after)
@@ -761,9 +770,7 @@ impl Forwarder {
     /// reason, for a replay): a lead Graph says does not exist (`100/33`, which Graph cannot
     /// tell apart from a permission problem) must not stay parked for ever.
     fn parked(&self, lease: &Lease, reason: String, attempt: Option<Attempt>) -> Settle {
-        let age = (Utc::now() - lease.lead.received_at)
-            .to_std()
-            .unwrap_or_default();
+        let age = schedule_age(lease);
         if age > self.policy.max_age {
             error!(
                 reason,
@@ -833,5 +840,76 @@ impl Forwarder {
             }
         }
         error!("Giving up settling a lease; it will be redelivered after its timeout.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lead::{Input, LeadId, LeadsinPayload, QueuedLead};
+    use crate::queue::LeaseHandle;
+
+    fn lease(received_ago: chrono::Duration, attempts: &[(u32, chrono::Duration)]) -> Lease {
+        let now = Utc::now();
+        Lease {
+            lead: QueuedLead {
+                id: LeadId::new(),
+                source: "website".into(),
+                received_at: now - received_ago,
+                work: Work::Deliver {
+                    payload: LeadsinPayload::default(),
+                    input: Input::Fields { fields: Vec::new() },
+                },
+            },
+            attempt: attempts.last().map_or(1, |(n, _)| n + 1),
+            last_error: None,
+            history: attempts
+                .iter()
+                .map(|(number, ago)| Attempt {
+                    number: *number,
+                    at: now - *ago,
+                    duration_ms: 5,
+                    status: Some(503),
+                    outcome: AttemptOutcome::Retry,
+                    reason: None,
+                })
+                .collect(),
+            handle: LeaseHandle::Embedded {
+                entry_id: 1,
+                lease_token: 1,
+            },
+        }
+    }
+
+    fn about(age: Duration, expected: Duration) -> bool {
+        age.abs_diff(expected) < Duration::from_secs(2)
+    }
+
+    #[test]
+    fn a_fresh_lead_s_schedule_runs_from_its_arrival() {
+        let age = schedule_age(&lease(chrono::Duration::hours(3), &[]));
+        assert!(about(age, Duration::from_secs(3 * 3600)), "{age:?}");
+    }
+
+    #[test]
+    fn a_retried_lead_s_schedule_runs_from_its_first_attempt() {
+        let attempts = [
+            (1, chrono::Duration::hours(2)),
+            (2, chrono::Duration::hours(1)),
+        ];
+        let age = schedule_age(&lease(chrono::Duration::hours(5), &attempts));
+        assert!(about(age, Duration::from_secs(2 * 3600)), "{age:?}");
+    }
+
+    #[test]
+    fn a_replayed_dead_letter_s_schedule_restarts_at_the_replay() {
+        // Three days of attempts, dead-lettered, then replayed ten minutes ago.
+        let attempts = [
+            (1, chrono::Duration::hours(72)),
+            (2, chrono::Duration::hours(71)),
+            (1, chrono::Duration::minutes(10)),
+        ];
+        let age = schedule_age(&lease(chrono::Duration::hours(73), &attempts));
+        assert!(about(age, Duration::from_secs(600)), "{age:?}");
     }
 }

@@ -206,6 +206,13 @@ impl RedisServer {
             .args(["--daemonize", "no"])
             .args(["--logfile", path_str(&self.dir.path().join("redis.log"))]);
         for (name, value) in &self.config {
+            // A port that must be free too (the cluster bus) is drawn afresh on every attempt,
+            // so a collision is retried like one on the main port.
+            let value = if value == FREE_PORT {
+                free_port().to_string()
+            } else {
+                value.clone()
+            };
             command.arg(format!("--{name}")).arg(value);
         }
         let child = command
@@ -274,13 +281,13 @@ impl RedisCluster {
             .map(|_| {
                 // The cluster bus port is set explicitly: the default (port + 10000) may be
                 // taken or out of range.
-                let bus = free_port().to_string();
+                let bus = FREE_PORT;
                 RedisServer::start_configured(
                     RedisOptions::default(),
                     &[
                         ("cluster-enabled", "yes"),
                         ("cluster-config-file", "nodes.conf"),
-                        ("cluster-port", &bus),
+                        ("cluster-port", bus),
                         ("cluster-node-timeout", "2000"),
                     ],
                 )
@@ -343,6 +350,9 @@ impl RedisCluster {
         }
     }
 }
+
+/// A configuration value replaced by a free port each time the server is started.
+const FREE_PORT: &str = "<free port>";
 
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
