@@ -168,6 +168,7 @@ impl Job {
                     created_time: lead.created_time.clone(),
                 },
             },
+            replayed_at: None,
         };
         let key = sources::platform_key(&self.source, &lead.id);
         match self.queue.enqueue(&queued, Some(&key)).await? {

@@ -265,16 +265,10 @@ pub struct Forwarder {
     pub upstream_rate: Option<std::num::NonZeroU32>,
 }
 
-/// How long the lead's current delivery schedule has run, for `LEADGATE_RETRY_MAX_AGE`: since its
-/// first attempt (its arrival, before any). A dead letter an operator replays starts again at
-/// attempt 1, so its schedule runs from the replay's first attempt, not from its arrival.
+/// How long the lead's current delivery schedule has run, for `LEADGATE_RETRY_MAX_AGE`: since
+/// it arrived, or since an operator replayed it from the dead letters.
 fn schedule_age(lease: &Lease) -> Duration {
-    let start = lease
-        .history
-        .iter()
-        .rev()
-        .find(|attempt| attempt.number == 1)
-        .map_or(lease.lead.received_at, |attempt| attempt.at);
+    let start = lease.lead.replayed_at.unwrap_or(lease.lead.received_at);
     (Utc::now() - start).to_std().unwrap_or_default()
 }
 
@@ -849,7 +843,7 @@ mod tests {
     use crate::lead::{Input, LeadId, LeadsinPayload, QueuedLead};
     use crate::queue::LeaseHandle;
 
-    fn lease(received_ago: chrono::Duration, attempts: &[(u32, chrono::Duration)]) -> Lease {
+    fn lease(received_ago: chrono::Duration, replayed_ago: Option<chrono::Duration>) -> Lease {
         let now = Utc::now();
         Lease {
             lead: QueuedLead {
@@ -860,20 +854,11 @@ mod tests {
                     payload: LeadsinPayload::default(),
                     input: Input::Fields { fields: Vec::new() },
                 },
+                replayed_at: replayed_ago.map(|ago| now - ago),
             },
-            attempt: attempts.last().map_or(1, |(n, _)| n + 1),
+            attempt: 1,
             last_error: None,
-            history: attempts
-                .iter()
-                .map(|(number, ago)| Attempt {
-                    number: *number,
-                    at: now - *ago,
-                    duration_ms: 5,
-                    status: Some(503),
-                    outcome: AttemptOutcome::Retry,
-                    reason: None,
-                })
-                .collect(),
+            history: Vec::new(),
             handle: LeaseHandle::Embedded {
                 entry_id: 1,
                 lease_token: 1,
@@ -886,30 +871,17 @@ mod tests {
     }
 
     #[test]
-    fn a_fresh_lead_s_schedule_runs_from_its_arrival() {
-        let age = schedule_age(&lease(chrono::Duration::hours(3), &[]));
+    fn a_lead_s_schedule_runs_from_its_arrival() {
+        let age = schedule_age(&lease(chrono::Duration::hours(3), None));
         assert!(about(age, Duration::from_secs(3 * 3600)), "{age:?}");
     }
 
     #[test]
-    fn a_retried_lead_s_schedule_runs_from_its_first_attempt() {
-        let attempts = [
-            (1, chrono::Duration::hours(2)),
-            (2, chrono::Duration::hours(1)),
-        ];
-        let age = schedule_age(&lease(chrono::Duration::hours(5), &attempts));
-        assert!(about(age, Duration::from_secs(2 * 3600)), "{age:?}");
-    }
-
-    #[test]
     fn a_replayed_dead_letter_s_schedule_restarts_at_the_replay() {
-        // Three days of attempts, dead-lettered, then replayed ten minutes ago.
-        let attempts = [
-            (1, chrono::Duration::hours(72)),
-            (2, chrono::Duration::hours(71)),
-            (1, chrono::Duration::minutes(10)),
-        ];
-        let age = schedule_age(&lease(chrono::Duration::hours(73), &attempts));
+        let age = schedule_age(&lease(
+            chrono::Duration::hours(73),
+            Some(chrono::Duration::minutes(10)),
+        ));
         assert!(about(age, Duration::from_secs(600)), "{age:?}");
     }
 }

@@ -388,6 +388,10 @@ pub struct QueuedLead {
     pub source: String,
     pub received_at: DateTime<Utc>,
     pub work: Work,
+    /// When an operator last replayed it from the dead letters: its delivery schedule (and
+    /// `LEADGATE_RETRY_MAX_AGE`) starts again from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_at: Option<DateTime<Utc>>,
 }
 
 #[cfg(test)]

@@ -124,6 +124,7 @@ async fn accept(
             source: source.id.clone(),
             received_at: Utc::now(),
             work,
+            replayed_at: None,
         };
         leads.push((lead, key));
     }

@@ -1120,6 +1120,7 @@ fn revive(conn: &Connection, now: i64, lead_id: &str, work: &Work) -> Result<boo
     let lead: QueuedLead = from_json(&lead, "dead letter")?;
     let revived = to_json(&QueuedLead {
         work: work.clone(),
+        replayed_at: Some(chrono::Utc::now()),
         ..lead
     })?;
     conn.prepare_cached(

@@ -937,6 +937,7 @@ impl RedisQueue {
         };
         let lead = QueuedLead {
             work,
+            replayed_at: Some(Utc::now()),
             ..letter.lead
         };
         let keys = &self.inner.keys;

@@ -34,6 +34,7 @@ pub fn lead(source: &str) -> QueuedLead {
                 ],
             },
         },
+        replayed_at: None,
     }
 }
 
