@@ -1046,7 +1046,10 @@ async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kin
     assert_eq!(again.lead.work, fixed);
     assert_eq!(again.lead.id, lead.id);
     assert_eq!(again.lead.received_at, lead.received_at);
-    let replayed_at = again.lead.replayed_at.expect("a replay time starts a new schedule");
+    let replayed_at = again
+        .lead
+        .replayed_at
+        .expect("a replay time starts a new schedule");
     assert!(replayed_at > lead.received_at);
     assert_eq!(again.history, vec![rejected]);
     assert!(!queue.revive(lead.id, other_work()).await.unwrap());
