@@ -61,6 +61,9 @@ pub struct Gateway {
     simulator: Option<Arc<Simulator>>,
     housekeeping: JoinHandle<()>,
     backfill: Vec<JoinHandle<()>>,
+    /// How long the forwarder may take to stop: its own drain deadline, plus time to release
+    /// the leases still unfinished then.
+    forwarder_stop: Duration,
 }
 
 impl Gateway {
@@ -169,6 +172,7 @@ impl Gateway {
                     probe_max: settings.pause_probe_max,
                     drain_timeout: settings.shutdown_timeout,
                     upstream_rate: std::num::NonZeroU32::new(settings.onpipeline_rate),
+                    lease_timeout: settings.lease_timeout,
                     graph,
                     sources: sources.clone(),
                     parked_retry: settings.graph_parked_retry,
@@ -221,6 +225,7 @@ impl Gateway {
             simulator,
             housekeeping,
             backfill,
+            forwarder_stop: settings.shutdown_timeout + Duration::from_secs(10),
         })
     }
 
@@ -256,13 +261,11 @@ impl Gateway {
         self.state.stop_accepting();
         let _ = self.shutdown.send(true);
         if let Some(task) = self.forwarder_task {
-            if tokio::time::timeout(Duration::from_secs(30), task)
+            if tokio::time::timeout(self.forwarder_stop, task)
                 .await
                 .is_err()
             {
-                warn!(
-                    "The forwarder did not stop within 30 s; unfinished leases will be redelivered."
-                );
+                warn!("The forwarder did not stop in time; unfinished leases will be redelivered.");
             }
         }
         for mut task in self.backfill {

@@ -8,7 +8,7 @@
 //! The cursor lives in memory: after start-up the first listing reaches back
 //! [`FIRST_WINDOW`]; every successful listing then moves it to the time that listing began,
 //! minus [`OVERLAP`] (Graph may show a lead a little after its `created_time`). The first window
-//! stays inside the 24 hours for which idempotency keys are remembered: a lead listed again
+//! stays inside the 48 hours for which idempotency keys are remembered: a lead listed again
 //! is always still recognised.
 
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use crate::lead::{LeadId, MetaLeadRef, QueuedLead, Work};
 use crate::queue::{Enqueued, Queue};
 use crate::sources;
 
-/// How far back the first listing after start-up reaches: under the idempotency keys' 24 h.
+/// How far back a listing may reach: well under the 48 h for which idempotency keys are kept.
 pub const FIRST_WINDOW: Duration = Duration::from_secs(23 * 3600);
 
 /// How far each listing reaches behind the start of the previous one.
@@ -65,6 +65,13 @@ pub fn spawn(
     tasks
 }
 
+/// What one listing did.
+struct Listing {
+    queued: usize,
+    /// Every page was read (not cut short at `MAX_PAGES`).
+    complete: bool,
+}
+
 struct Job {
     source: Arc<Source>,
     form: BackfillForm,
@@ -90,12 +97,19 @@ impl Job {
                 }
             }
             let started = Utc::now();
+            // Never reach back past the window in which a lead's id is still remembered: an
+            // older lead whose dedupe key has expired would be queued a second time. After a
+            // long outage the leads older than that are left to their notifications.
+            since = since.max(started - FIRST_WINDOW);
             match self.list_since(since.timestamp()).await {
-                Ok(queued) => {
+                Ok(Listing { queued, complete }) => {
                     if queued > 0 {
                         info!(source = %self.source.id, form_id = %self.form.form_id, queued, "Meta backfill queued leads that had no notification.");
                     }
-                    since = started - OVERLAP;
+                    // A listing cut short at the page limit starts from the same point again.
+                    if complete {
+                        since = started - OVERLAP;
+                    }
                 }
                 Err(e) => self.failed(e),
             }
@@ -109,9 +123,8 @@ impl Job {
         }
     }
 
-    /// Lists the form's leads created after `since` and queues those never seen; returns how
-    /// many were queued.
-    async fn list_since(&self, since: i64) -> Result<usize, ListError> {
+    /// Lists the form's leads created after `since` and queues those never seen.
+    async fn list_since(&self, since: i64) -> Result<Listing, ListError> {
         let meta = self.meta();
         let token = meta.page_token(&self.form.page_id).ok_or(ListError::Graph(
             GraphError::NeedsAttention {
@@ -126,6 +139,7 @@ impl Job {
             app_secret: &meta.app_secret,
         };
         let mut queued = 0;
+        let mut complete = false;
         let mut after: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let page = self
@@ -140,13 +154,16 @@ impl Job {
             }
             match page.after {
                 Some(next) => after = Some(next),
-                None => break,
+                None => {
+                    complete = true;
+                    break;
+                }
             }
         }
         if self.state.unpark(&self.source.id, &self.form.page_id) {
             info!(page_id = %self.form.page_id, "The Graph API lists this Meta page's leads again.");
         }
-        Ok(queued)
+        Ok(Listing { queued, complete })
     }
 
     /// Queues one listed lead unless its id was seen; returns whether it was queued.

@@ -190,7 +190,17 @@ impl DeliveryState {
     /// Pauses delivery because Onpipeline refused us (first reason wins); returns whether this
     /// call paused it. An operator's pause is left alone.
     fn pause(&self, reason: &str) -> bool {
-        self.pause_with(reason, false)
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*status, DeliveryStatus::Running) {
+            return false;
+        }
+        *status = DeliveryStatus::Paused {
+            reason: reason.to_owned(),
+            since: Utc::now(),
+            by_operator: false,
+        };
+        metrics::gauge!(metric::PAUSED).set(1.0);
+        true
     }
 
     /// Pauses delivery until an operator resumes it; returns false when this process does not
@@ -212,18 +222,16 @@ impl DeliveryState {
         true
     }
 
-    fn pause_with(&self, reason: &str, by_operator: bool) -> bool {
-        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*status, DeliveryStatus::Running) {
-            return false;
-        }
-        *status = DeliveryStatus::Paused {
-            reason: reason.to_owned(),
-            since: Utc::now(),
-            by_operator,
-        };
-        metrics::gauge!(metric::PAUSED).set(1.0);
-        true
+    /// Ends a pause Onpipeline caused, once it accepted a lead again; an operator's pause stays.
+    fn resume_after_acceptance(&self) -> bool {
+        let paused_by_onpipeline = matches!(
+            self.get(),
+            DeliveryStatus::Paused {
+                by_operator: false,
+                ..
+            }
+        );
+        paused_by_onpipeline && self.resume()
     }
 
     /// Resumes delivery at once (an operator; a successful probe). Returns false when this
@@ -263,6 +271,8 @@ pub struct Forwarder {
     pub drain_timeout: Duration,
     /// Requests per second to Onpipeline, shared by every process on the queue; `None`: no limit.
     pub upstream_rate: Option<std::num::NonZeroU32>,
+    /// The queue's visibility timeout: a delivery must settle well within it.
+    pub lease_timeout: Duration,
 }
 
 /// How long the lead's current delivery schedule has run, for `LEADGATE_RETRY_MAX_AGE`: since
@@ -446,26 +456,6 @@ impl Forwarder {
     }
 
     async fn deliver_in_span(&self, lease: Lease) {
-        match self.queue.delivery_of(lease.lead.id).await {
-            Ok(Some(delivery)) => {
-                info!("Lead was already delivered; acknowledging without sending it again.");
-                let settle = Settle::Delivered {
-                    delivery,
-                    attempt: None,
-                };
-                self.settle(lease, settle).await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                // Without knowing, sending could duplicate: put it back for later.
-                warn!(error = %e, "Could not read the delivery record; will retry.");
-                self.put_back(lease, Duration::from_secs(1), format!("queue error: {e}"))
-                    .await;
-                return;
-            }
-        }
-
         let token = match self.token.load() {
             Ok(token) => token,
             Err(e) => {
@@ -490,7 +480,33 @@ impl Forwarder {
             },
         };
 
-        self.wait_for_upstream_slot().await;
+        if !self.wait_for_upstream_slot().await {
+            // Waiting longer would let the lease expire while we still hold the lead.
+            self.put_back(lease, Duration::ZERO, "waited too long for an upstream slot".into())
+                .await;
+            return;
+        }
+        // Checked last, just before sending: a lead whose earlier lease expired after
+        // Onpipeline took it is recorded by now and must not be sent again.
+        match self.queue.delivery_of(lease.lead.id).await {
+            Ok(Some(delivery)) => {
+                info!("Lead was already delivered; acknowledging without sending it again.");
+                let settle = Settle::Delivered {
+                    delivery,
+                    attempt: None,
+                };
+                self.settle(lease, settle).await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // Without knowing, sending could duplicate: put it back for later.
+                warn!(error = %e, "Could not read the delivery record; will retry.");
+                self.put_back(lease, Duration::from_secs(1), format!("queue error: {e}"))
+                    .await;
+                return;
+            }
+        }
         let at = Utc::now();
         let started = std::time::Instant::now();
         let outcome = self.client.send(&token, &payload).await;
@@ -513,9 +529,10 @@ impl Forwarder {
                 reason: reason.map(str::to_owned),
             })
         };
-        if self.state.is_paused() && !matches!(outcome, Outcome::Paused { .. }) {
+        if matches!(outcome, Outcome::Delivered { .. } | Outcome::Duplicate)
+            && self.state.resume_after_acceptance()
+        {
             info!("Onpipeline accepts our requests again; delivery resumes.");
-            self.state.resume();
         }
         let settle = match outcome {
             Outcome::Delivered { lead_id, status } => {
@@ -586,7 +603,6 @@ impl Forwarder {
             }
             Outcome::Rejected { reason, status } => {
                 error!(reason, "Onpipeline rejected the lead; dead-lettered.");
-                metrics::counter!(metric::DEAD_LETTERED).increment(1);
                 let attempt = record(AttemptOutcome::Rejected, Some(status), Some(&reason));
                 Settle::Dead { reason, attempt }
             }
@@ -787,21 +803,28 @@ impl Forwarder {
         }
     }
 
-    /// Takes a slot of the upstream rate limit, waiting as long as the limit says. If the queue
-    /// cannot be asked (Redis down), waits a second and sends anyway at this process's share:
-    /// the limit protects Onpipeline from bursts, not leads from delivery.
-    async fn wait_for_upstream_slot(&self) {
+    /// Takes a slot of the upstream rate limit, waiting as long as the limit says, but no longer
+    /// than a third of the lease timeout (false then: the lease must go back before it expires).
+    /// If the queue cannot be asked (Redis down), paces at this process's share and sends: the
+    /// limit protects Onpipeline from bursts, not leads from delivery.
+    async fn wait_for_upstream_slot(&self) -> bool {
         let Some(rate) = self.upstream_rate else {
-            return;
+            return true;
         };
+        let deadline = tokio::time::Instant::now() + self.lease_timeout / 3;
         loop {
             match self.queue.acquire_upstream(rate).await {
-                Ok(wait) if wait.is_zero() => return,
-                Ok(wait) => tokio::time::sleep(wait).await,
+                Ok(wait) if wait.is_zero() => return true,
+                Ok(wait) => {
+                    if tokio::time::Instant::now() + wait > deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(wait).await;
+                }
                 Err(e) => {
                     warn!(error = %e, "Could not take an upstream rate slot; pacing locally.");
                     tokio::time::sleep(Duration::from_secs(1) / rate.get()).await;
-                    return;
+                    return true;
                 }
             }
         }
@@ -822,6 +845,9 @@ impl Forwarder {
     /// Settles with a few retries: failing to record a delivery would make the lead be sent
     /// again after its lease expires (Onpipeline then answers 409, still counted once).
     async fn settle(&self, lease: Lease, how: Settle) {
+        if matches!(how, Settle::Dead { .. }) {
+            metrics::counter!(metric::DEAD_LETTERED).increment(1);
+        }
         let mut wait = Duration::from_millis(100);
         for attempt in 1..=6 {
             match self.queue.settle(lease.clone(), how.clone()).await {

@@ -22,7 +22,14 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
         out,
         "queue: {}",
         match &settings.redis_url {
-            Some(url) => format!("redis ({})", redact_url(url.expose_secret())),
+            Some(url) => format!(
+                "redis ({})",
+                crate::queue::redis::seed_urls(url.expose_secret())
+                    .iter()
+                    .map(|node| redact_url(node))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             None => format!("embedded ({})", settings.data_dir.display()),
         }
     );
@@ -52,7 +59,6 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
         if let SourceKind::Partner { api_keys } = &source.kind {
             let _ = writeln!(out, "  api keys: {} configured", api_keys.len());
         }
-        // ---- issue 3: how a webhook source checks its sender ----
         if let SourceKind::Webhook(hook) = &source.kind {
             use super::sources::WebhookAuth;
             let auth = match hook.auth {
@@ -182,6 +188,21 @@ fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_password_of_a_cluster_seed_list_is_printed() {
+        let settings = Settings::from_vars([
+            (
+                "LEADGATE_REDIS_URL".to_owned(),
+                "redis://:first-secret@10.0.0.1,redis://:second-secret@10.0.0.2".to_owned(),
+            ),
+            ("LEADGATE_REDIS_CLUSTER".to_owned(), "true".to_owned()),
+        ])
+        .unwrap();
+        let text = describe(&settings, &Sources::default());
+        assert!(!text.contains("first-secret") && !text.contains("second-secret"), "{text}");
+        assert!(text.contains("10.0.0.2"), "{text}");
+    }
 
     #[test]
     fn a_redis_password_is_not_printed() {

@@ -240,6 +240,20 @@ impl Settings {
         if self.delivery_concurrency == 0 {
             bail!("LEADGATE_DELIVERY_CONCURRENCY must be at least 1");
         }
+        if self.lease_timeout <= self.onpipeline_timeout {
+            bail!(
+                "LEADGATE_LEASE_TIMEOUT must be longer than LEADGATE_ONPIPELINE_TIMEOUT: a lease \
+                 that expires while its request is still running would send the lead twice"
+            );
+        }
+        for (name, token) in [
+            ("LEADGATE_ADMIN_TOKEN", &self.admin_token),
+            ("LEADGATE_METRICS_TOKEN", &self.metrics_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.expose_secret().len() < 16) {
+                bail!("{name} must be at least 16 characters");
+            }
+        }
         if self.retry_base.is_zero() || self.retry_max_delay < self.retry_base {
             bail!("LEADGATE_RETRY_BASE must be positive and at most LEADGATE_RETRY_MAX_DELAY");
         }
@@ -440,6 +454,23 @@ mod tests {
         assert!(matches!(s.backend(), Backend::Redis { cluster: true, .. }));
         let err = env(&[("LEADGATE_REDIS_URL", urls)]).err().unwrap();
         assert!(err.to_string().contains("LEADGATE_REDIS_CLUSTER"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_shorter_than_a_request_is_refused() {
+        let err = env(&[
+            ("LEADGATE_LEASE_TIMEOUT", "5s"),
+            ("LEADGATE_ONPIPELINE_TIMEOUT", "5s"),
+        ])
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("LEADGATE_LEASE_TIMEOUT"), "{err}");
+    }
+
+    #[test]
+    fn a_short_admin_token_is_refused() {
+        assert!(env(&[("LEADGATE_ADMIN_TOKEN", "short")]).is_err());
+        assert!(env(&[("LEADGATE_ADMIN_TOKEN", "a-long-enough-admin-token")]).is_ok());
     }
 
     #[test]

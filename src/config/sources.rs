@@ -34,17 +34,13 @@ pub enum SourceKind {
     Form,
     /// Partner systems: `Authorization: Bearer <key>` with one of these keys.
     Partner { api_keys: Vec<SecretString> },
-    // ---- issue 3: Google Ads lead forms and webhook presets ----
     /// Google Ads lead forms: JSON whose `google_key` must equal this key.
     Google { google_key: SecretString },
     /// A form tool's webhook (Typeform, Unbounce, Elementor, Webflow, Jotform).
     Webhook(Webhook),
-    // ---- end issue 3 (Google, webhooks) ----
     /// Meta (Facebook/Instagram) Lead Ads webhooks; the leads are read from the Graph API.
     Facebook(Box<MetaSource>),
 }
-
-// ---- issue 3: Google Ads lead forms and webhook presets ----
 
 /// A form tool whose webhook format leadgate knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,8 +101,6 @@ impl fmt::Debug for Webhook {
         write!(f, "Webhook {{ preset: {:?}, auth: {auth} }}", self.preset)
     }
 }
-
-// ---- end issue 3 (Google, webhooks) ----
 
 impl SourceKind {
     /// Senders that treat anything but a plain `200` as failure (ad platforms, some form
@@ -509,13 +503,11 @@ struct RawSource {
     constants: IndexMap<String, S>,
     #[serde(default)]
     api_keys: Vec<S>,
-    // ---- issue 3: Google Ads lead forms and webhook presets ----
     google_key: Option<S>,
     forward_test_leads: Option<Spanned<bool>>,
     preset: Option<S>,
     secret: Option<S>,
     auth: Option<S>,
-    // ---- end issue 3 (Google, webhooks) ----
     #[serde(default)]
     limits: RawLimits,
     // kind = "facebook"
@@ -653,10 +645,8 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
             }
             SourceKind::Partner { api_keys: keys }
         }
-        // ---- issue 3: Google Ads lead forms and webhook presets ----
         "google" => google_kind(ctx, &raw, &id)?,
         "webhook" => webhook_kind(ctx, &raw, &id)?,
-        // ---- end issue 3 (Google, webhooks) ----
         other => {
             return Err(at(
                 raw.kind.span(),
@@ -782,7 +772,6 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
     let fields = match &kind {
         SourceKind::Form | SourceKind::Partner { .. } if fields.is_empty() => default_fields(),
         SourceKind::Form | SourceKind::Partner { .. } => fields,
-        // ---- issue 3: platforms keep their defaults for names the tables do not mention ----
         SourceKind::Google { .. } => with_defaults(fields, &extra, google_default_fields()),
         SourceKind::Webhook(hook) => {
             with_defaults(fields, &extra, webhook_default_fields(hook.preset))
@@ -867,8 +856,6 @@ pub fn default_fields() -> Vec<(String, Target)> {
     .map(|(k, t)| (k.to_owned(), t))
     .collect()
 }
-
-// ---- issue 3: Google Ads lead forms and webhook presets ----
 
 /// Shared keys leadgate asks a marketer to type into a platform (Google's key, a webhook's
 /// URL key) are the only credential of a public URL: short ones are refused.
@@ -1157,8 +1144,6 @@ pub fn webhook_default_fields(preset: Preset) -> Vec<(String, Target)> {
     fields
 }
 
-// ---- end issue 3 (Google, webhooks) ----
-
 /// `"20/minute"`, `"200/second"`, `"1000/hour"`, or `"off"`.
 pub fn parse_rate(text: &str) -> Result<Option<Quota>, String> {
     let text = text.trim();
@@ -1318,8 +1303,6 @@ api_keys = ["${ACME_KEY}"]
         assert!(parse_size("lots").is_err());
     }
 
-    // ---- issue 3: Google Ads lead forms and webhook presets ----
-
     #[test]
     fn a_google_source_needs_a_long_enough_key_and_keeps_its_defaults_under_the_tables() {
         let missing = "[[source]]\nid = \"g\"\nkind = \"google\"\n";
@@ -1403,8 +1386,6 @@ api_keys = ["${ACME_KEY}"]
             assert!(webhook_default_fields(preset).len() > default_fields().len());
         }
     }
-
-    // ---- end issue 3 (Google, webhooks) ----
     const META: &str = r#"
 [[source]]
 id = "fb"

@@ -4,10 +4,9 @@
 //! command-line client.
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tracing::{info, warn};
 
 use super::AppState;
@@ -18,15 +17,8 @@ use crate::sources;
 
 /// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
 pub fn bearer_matches(req: &HttpRequest, token: &SecretString) -> bool {
-    let presented = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, key) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-        });
-    presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(token.expose_secret().as_bytes())))
+    sources::partner::bearer(req.headers())
+        .is_some_and(|presented| sources::partner::matches_any(presented, std::slice::from_ref(token)))
 }
 
 pub fn unauthorized() -> HttpResponse {
@@ -71,6 +63,14 @@ fn guard(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
         Some(token) if bearer_matches(req, token) => Ok(()),
         Some(_) => Err(unauthorized()),
     }
+}
+
+fn bad_request(message: String) -> HttpResponse {
+    error(
+        actix_web::http::StatusCode::BAD_REQUEST,
+        "malformed_body",
+        message,
+    )
 }
 
 fn parse_id(text: &str) -> Result<LeadId, HttpResponse> {
@@ -159,14 +159,15 @@ impl<'a> From<&'a DeadLetter> for DeadSummary<'a> {
 }
 
 /// `GET /admin/dead?limit=N`: dead letters, newest first, with their reasons.
-pub async fn dead(
-    req: HttpRequest,
-    query: web::Query<DeadQuery>,
-    state: web::Data<AppState>,
-) -> HttpResponse {
+pub async fn dead(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
+    // Parsed after the token check, so strangers learn nothing from parse errors.
+    let query = match web::Query::<DeadQuery>::from_query(req.query_string()) {
+        Ok(query) => query,
+        Err(e) => return bad_request(format!("invalid query: {e}")),
+    };
     let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
     match state.queue.dead_letters(limit).await {
         Ok(letters) => {
@@ -195,15 +196,14 @@ struct ReplayFailure {
 /// `POST /admin/dead/replay` with `{"ids": [...]}` or `{"all": true}`: each dead letter is
 /// mapped again from what its sender sent, with the source's current rules (so a fixed mapping
 /// takes effect), and queued again as a fresh lead with its history kept.
-pub async fn replay(
-    req: HttpRequest,
-    body: web::Json<ReplayRequest>,
-    state: web::Data<AppState>,
-) -> HttpResponse {
+pub async fn replay(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
-    let body = body.into_inner();
+    let body: ReplayRequest = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => return bad_request(format!("the body is not a replay request: {e}")),
+    };
     let names_ids = !body.ids.is_empty();
     // Exactly one of the two forms.
     if body.all == names_ids {

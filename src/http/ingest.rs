@@ -15,7 +15,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::{AppState, limits};
-use crate::config::{Source, SourceKind};
+use crate::config::{Origin, Source, SourceKind};
 use crate::error::IngestError;
 use crate::lead::{LeadId, QueuedLead};
 use crate::queue::{Enqueued, IdempotencyKey};
@@ -86,13 +86,22 @@ async fn accept(
         });
     }
     let client = client_ip(req, state);
-    state.limiters.check(&source.id, client)?;
+    // Forms have no credential, so their limits apply to every request. Senders that prove
+    // who they are are charged only once verified: otherwise anyone could spend a platform's
+    // budget with bad keys and have the platform's real deliveries refused.
+    let charge_before_verify = matches!(source.kind, SourceKind::Form);
+    if charge_before_verify {
+        state.limiters.check(&source.id, client)?;
+    }
 
     let header_key = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body).await?;
     let submission =
         Submission::new(req.headers().clone(), body, own_host(req)).with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
+    if !charge_before_verify {
+        state.limiters.check(&source.id, client)?;
+    }
     let items = sources::parse(source, verified).await?;
 
     // Map everything first: a request is accepted whole or refused whole.
@@ -194,9 +203,14 @@ fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> St
     let own = own_host(req);
     if let Some(url) = next.and_then(|n| Url::parse(n).ok()) {
         let origin = url.origin().ascii_serialization();
-        if matches!(url.scheme(), "http" | "https")
-            && sources::form::is_allowed(source, &origin, own.as_deref())
-        {
+        // Only an origin named exactly (or our own host): `allowed_origins = ["*"]` opens CORS,
+        // not redirects to anywhere.
+        let named = source
+            .allowed_origins
+            .iter()
+            .any(|o| matches!(o, Origin::Exact(exact) if exact.eq_ignore_ascii_case(&origin)));
+        let own_host_origin = sources::form::is_allowed_host(&origin, own.as_deref());
+        if matches!(url.scheme(), "http" | "https") && (named || own_host_origin) {
             return url.to_string();
         }
     }
@@ -238,11 +252,15 @@ fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-    let forwarded = req
+    // Proxies may add their own header line rather than extend the first: read them all, in
+    // order, as one list.
+    let forwarded: Vec<&str> = req
         .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    limits::client_ip(peer, forwarded, &state.trusted_proxies)
+        .get_all("x-forwarded-for")
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    limits::client_ip(peer, forwarded.as_deref(), &state.trusted_proxies)
 }
 
 /// The gateway's own host as the browser addressed it (the `Host` header), to recognise

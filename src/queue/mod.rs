@@ -86,7 +86,7 @@ impl Default for QueueSettings {
     fn default() -> Self {
         Self {
             lease_timeout: Duration::from_secs(60),
-            idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_ttl: Duration::from_secs(48 * 3600),
             pii_ttl: Duration::from_secs(7 * 24 * 3600),
             record_ttl: Duration::from_secs(90 * 24 * 3600),
         }

@@ -1235,7 +1235,7 @@ async fn open_cluster(urls: &str, certs: Option<TlsCertificates>) -> Result<(Con
 
 /// Splits a comma-separated list of URLs; a comma not followed by a scheme belongs to the URL
 /// before it (a password may hold one).
-fn seed_urls(list: &str) -> Vec<String> {
+pub fn seed_urls(list: &str) -> Vec<String> {
     let mut urls: Vec<String> = Vec::new();
     for part in list.split(',') {
         let trimmed = part.trim_start();

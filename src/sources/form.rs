@@ -4,7 +4,7 @@
 //! server-side posts) are accepted: the origin check protects against other sites' pages, not
 //! against scripts, which the rate limits handle.
 
-use super::{Content, Submission, Unverified, Verified, body, body_error, body_limits};
+use super::{Content, Submission, Unverified, Verified, body, body_limits};
 use crate::config::Source;
 use crate::error::IngestError;
 
@@ -19,8 +19,12 @@ pub fn verify(source: &Source, submission: &Submission<Unverified>) -> Result<()
 /// Whether a page at `origin` may post to `source`: allow-listed, or on the gateway's own host
 /// (the demo page, a form served by the same host).
 pub fn is_allowed(source: &Source, origin: &str, own_host: Option<&str>) -> bool {
-    source.allows_origin(origin)
-        || own_host.is_some_and(|own| origin_host(origin).as_deref() == Some(own))
+    source.allows_origin(origin) || is_allowed_host(origin, own_host)
+}
+
+/// Whether `origin` is the gateway's own host.
+pub fn is_allowed_host(origin: &str, own_host: Option<&str>) -> bool {
+    own_host.is_some_and(|own| origin_host(origin).as_deref() == Some(own))
 }
 
 /// `https://Example.com:8443` → `example.com:8443`; default ports are left out, as in `Host`.
@@ -43,12 +47,12 @@ pub async fn parse(
         &body_limits(source),
     )
     .await
-    .map_err(|e| body_error(source, e))?;
+    .map_err(IngestError::from)?;
     match decoded {
         body::Decoded::Fields(fields) => Ok(Content::Fields(fields)),
         body::Decoded::Json(value) => Ok(Content::Fields(
             body::json_to_fields(&value, &body_limits(source))
-                .map_err(|e| body_error(source, e))?,
+                .map_err(IngestError::from)?,
         )),
     }
 }

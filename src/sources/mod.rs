@@ -7,10 +7,8 @@ pub mod body;
 pub mod facebook;
 pub mod form;
 pub mod partner;
-// ---- issue 3: Google Ads lead forms and webhook presets ----
 pub mod google;
 pub mod webhook;
-// ---- end issue 3 (Google, webhooks) ----
 
 use std::marker::PhantomData;
 
@@ -116,10 +114,8 @@ pub fn verify(
     match &source.kind {
         SourceKind::Form => form::verify(source, &submission)?,
         SourceKind::Partner { api_keys } => partner::verify(api_keys, &submission)?,
-        // ---- issue 3: Google Ads lead forms and webhook presets ----
         SourceKind::Google { google_key } => google::verify(google_key, &submission)?,
         SourceKind::Webhook(hook) => webhook::verify(hook, &submission, chrono::Utc::now())?,
-        // ---- end issue 3 (Google, webhooks) ----
         SourceKind::Facebook(meta) => facebook::verify(meta, &submission)?,
     }
     Ok(submission.verified())
@@ -133,10 +129,8 @@ pub async fn parse(
     let content = match &source.kind {
         SourceKind::Form => form::parse(source, submission).await?,
         SourceKind::Partner { .. } => partner::parse(source, submission).await?,
-        // ---- issue 3: Google Ads lead forms and webhook presets ----
         SourceKind::Google { .. } => return google::parse(source, submission),
         SourceKind::Webhook(hook) => return webhook::parse(source, hook, submission).await,
-        // ---- end issue 3 (Google, webhooks) ----
         SourceKind::Facebook(_) => return facebook::parse(source, submission).await,
     };
     Ok(vec![Item::new(content)])
@@ -219,8 +213,6 @@ fn map_platform_fields(source: &Source, fields: &Inbound) -> crate::lead::Leadsi
     payload
 }
 
-// ---- issue 3: helpers shared by the Google and webhook parsers ----
-
 /// Whether the source's `[source.fields]` or `[source.extra]` mentions an incoming name.
 fn is_mapped(source: &Source, name: &str) -> bool {
     source.mapping.fields.iter().any(|(n, _)| n == name)
@@ -262,12 +254,6 @@ fn json_text(value: &serde_json::Value) -> Option<String> {
         serde_json::Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
-}
-
-// ---- end issue 3 helpers ----
-
-fn body_error(_source: &Source, e: body::BodyError) -> IngestError {
-    e.into()
 }
 
 fn body_limits(source: &Source) -> body::BodyLimits {

@@ -5,7 +5,7 @@
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use super::{Content, Submission, Unverified, Verified, body, body_error, body_limits};
+use super::{Content, Submission, Unverified, Verified, body, body_limits};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::mapping;
@@ -14,24 +14,32 @@ pub fn verify(
     api_keys: &[SecretString],
     submission: &Submission<Unverified>,
 ) -> Result<(), IngestError> {
-    let presented = submission
-        .header("authorization")
-        .and_then(|v| {
-            let (scheme, key) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
-        })
-        .ok_or(IngestError::Unauthorized)?;
-    // Compare with every key, without stopping early, so timing says nothing about which
-    // key nearly matched. Length differences are not secret.
-    let mut matched = subtle::Choice::from(0);
-    for key in api_keys {
-        matched |= key.expose_secret().as_bytes().ct_eq(presented.as_bytes());
-    }
-    if bool::from(matched) {
+    let presented = bearer(&submission.headers).ok_or(IngestError::Unauthorized)?;
+    if matches_any(presented, api_keys) {
         Ok(())
     } else {
         Err(IngestError::Unauthorized)
     }
+}
+
+/// The key of an `Authorization: Bearer <key>` header.
+pub fn bearer(headers: &actix_web::http::header::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, key) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+/// Compares with every key, without stopping early, so timing says nothing about which key
+/// nearly matched. Length differences are not secret.
+pub fn matches_any(presented: &str, keys: &[SecretString]) -> bool {
+    let mut matched = subtle::Choice::from(0);
+    for key in keys {
+        matched |= key.expose_secret().as_bytes().ct_eq(presented.as_bytes());
+    }
+    bool::from(matched)
 }
 
 pub async fn parse(
@@ -44,14 +52,14 @@ pub async fn parse(
         &body_limits(source),
     )
     .await
-    .map_err(|e| body_error(source, e))?;
+    .map_err(IngestError::from)?;
     match decoded {
         body::Decoded::Json(value) if mapping::looks_like_leadsin(&value) => {
             Ok(Content::Leadsin(value))
         }
         body::Decoded::Json(value) => Ok(Content::Fields(
             body::json_to_fields(&value, &body_limits(source))
-                .map_err(|e| body_error(source, e))?,
+                .map_err(IngestError::from)?,
         )),
         body::Decoded::Fields(_) => Err(IngestError::UnsupportedMediaType(
             "partner sources accept application/json only".to_owned(),

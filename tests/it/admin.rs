@@ -311,7 +311,7 @@ async fn metrics_count_received_leads_and_attempts() {
 #[tokio::test]
 async fn metrics_want_their_token_when_one_is_set() {
     let app = TestApp::spawn_with(&default_sources(), |env| {
-        env.set("LEADGATE_METRICS_TOKEN", "metrics-token-0123");
+        env.set("LEADGATE_METRICS_TOKEN", "metrics-token-0123456789");
     })
     .await;
     assert_eq!(
@@ -326,7 +326,7 @@ async fn metrics_want_their_token_when_one_is_set() {
     let ok = app
         .http
         .get(app.url("/metrics"))
-        .bearer_auth("metrics-token-0123")
+        .bearer_auth("metrics-token-0123456789")
         .send()
         .await
         .unwrap();

@@ -110,7 +110,8 @@ async fn kill_9_during_delivery_loses_nothing_and_creates_nothing_twice() {
     sim.set_detect_duplicates(true);
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
-    env.set("LEADGATE_LEASE_TIMEOUT", "1s");
+    env.set("LEADGATE_LEASE_TIMEOUT", "1s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "800ms");
     let mut gateway = GatewayProcess::start(&env, &[]).await;
     let ids = post_many(&gateway.base, LEADS).await;
     assert_eq!(ids.len(), LEADS);

@@ -65,6 +65,7 @@ async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_LEASE_TIMEOUT", "1s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "800ms")
         .set("LEADGATE_ONPIPELINE_RATE", "1000");
     if let Some(redis) = redis {
         env.set("LEADGATE_REDIS_URL", redis.url());
@@ -136,6 +137,7 @@ async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_REDIS_URL", redis.url())
         .set("LEADGATE_LEASE_TIMEOUT", "2s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "1500ms")
         .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string());
     let mut replicas = Vec::new();
     for _ in 0..3 {
@@ -540,7 +542,8 @@ async fn sigterm_under_load_loses_nothing_and_refuses_new_leads_while_draining()
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_SHUTDOWN_TIMEOUT", "10s")
-        .set("LEADGATE_ONPIPELINE_TIMEOUT", "5s");
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "5s")
+        .set("LEADGATE_LEASE_TIMEOUT", "10s");
     let mut gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
     let mut accepted = BTreeSet::new();
