@@ -482,8 +482,12 @@ impl Forwarder {
 
         if !self.wait_for_upstream_slot().await {
             // Waiting longer would let the lease expire while we still hold the lead.
-            self.put_back(lease, Duration::ZERO, "waited too long for an upstream slot".into())
-                .await;
+            self.put_back(
+                lease,
+                Duration::ZERO,
+                "waited too long for an upstream slot".into(),
+            )
+            .await;
             return;
         }
         // Checked last, just before sending: a lead whose earlier lease expired after

@@ -200,7 +200,10 @@ mod tests {
         ])
         .unwrap();
         let text = describe(&settings, &Sources::default());
-        assert!(!text.contains("first-secret") && !text.contains("second-secret"), "{text}");
+        assert!(
+            !text.contains("first-secret") && !text.contains("second-secret"),
+            "{text}"
+        );
         assert!(text.contains("10.0.0.2"), "{text}");
     }
 

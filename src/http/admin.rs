@@ -17,8 +17,9 @@ use crate::sources;
 
 /// Whether the request carries `Authorization: Bearer <token>` (compared in constant time).
 pub fn bearer_matches(req: &HttpRequest, token: &SecretString) -> bool {
-    sources::partner::bearer(req.headers())
-        .is_some_and(|presented| sources::partner::matches_any(presented, std::slice::from_ref(token)))
+    sources::partner::bearer(req.headers()).is_some_and(|presented| {
+        sources::partner::matches_any(presented, std::slice::from_ref(token))
+    })
 }
 
 pub fn unauthorized() -> HttpResponse {
@@ -196,7 +197,11 @@ struct ReplayFailure {
 /// `POST /admin/dead/replay` with `{"ids": [...]}` or `{"all": true}`: each dead letter is
 /// mapped again from what its sender sent, with the source's current rules (so a fixed mapping
 /// takes effect), and queued again as a fresh lead with its history kept.
-pub async fn replay(req: HttpRequest, body: web::Bytes, state: web::Data<AppState>) -> HttpResponse {
+pub async fn replay(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }

@@ -51,8 +51,7 @@ pub async fn parse(
     match decoded {
         body::Decoded::Fields(fields) => Ok(Content::Fields(fields)),
         body::Decoded::Json(value) => Ok(Content::Fields(
-            body::json_to_fields(&value, &body_limits(source))
-                .map_err(IngestError::from)?,
+            body::json_to_fields(&value, &body_limits(source)).map_err(IngestError::from)?,
         )),
     }
 }

@@ -6,8 +6,8 @@
 pub mod body;
 pub mod facebook;
 pub mod form;
-pub mod partner;
 pub mod google;
+pub mod partner;
 pub mod webhook;
 
 use std::marker::PhantomData;

@@ -58,8 +58,7 @@ pub async fn parse(
             Ok(Content::Leadsin(value))
         }
         body::Decoded::Json(value) => Ok(Content::Fields(
-            body::json_to_fields(&value, &body_limits(source))
-                .map_err(IngestError::from)?,
+            body::json_to_fields(&value, &body_limits(source)).map_err(IngestError::from)?,
         )),
         body::Decoded::Fields(_) => Err(IngestError::UnsupportedMediaType(
             "partner sources accept application/json only".to_owned(),

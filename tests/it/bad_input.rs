@@ -244,3 +244,33 @@ async fn the_per_address_rate_limit_answers_429_with_retry_after() {
     assert_error(limited, 429, "rate_limited").await;
     app.received(2).await;
 }
+
+#[tokio::test]
+async fn requests_with_bad_keys_do_not_spend_a_partner_s_rate_budget() {
+    let sources = crate::helpers::app::default_sources().replacen(
+        "[source.limits]\ntotal = \"off\"",
+        "[source.limits]\ntotal = \"3/minute\"",
+        1,
+    );
+    let app = TestApp::spawn_with(&sources, |_| {}).await;
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz"});
+    for _ in 0..10 {
+        let forged = app
+            .http
+            .post(app.url("/in/acme"))
+            .bearer_auth("not-the-partner-key-000")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 401);
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            app.post_partner(&body).await.status(),
+            202,
+            "the partner's budget is intact"
+        );
+    }
+    assert_eq!(app.post_partner(&body).await.status(), 429);
+}

@@ -307,3 +307,27 @@ async fn idempotency_key_replay_returns_the_first_answer_and_one_lead() {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(app.sim.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_wildcard_origin_opens_cors_but_never_redirects_elsewhere() {
+    let sources = crate::helpers::app::default_sources().replacen(
+        "allowed_origins = [\"https://www.example.com\"]",
+        "allowed_origins = [\"*\"]",
+        1,
+    );
+    let app = TestApp::spawn_with(&sources, |_| {}).await;
+    let response = app
+        .post_form(
+            "website",
+            &[
+                ("name", "Ana Ruiz"),
+                ("_next", "https://phish.example/login"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    assert_eq!(
+        response.headers()["location"],
+        "https://www.example.com/thanks"
+    );
+}
