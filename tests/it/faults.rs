@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leadgate::queue::AttemptOutcome;
-use leadgate::sim::{Fault, ReceivedLead, Simulator};
+use leadgate::sim::{Fault, ReceivedLead, RequestOutcome, Simulator};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{
@@ -595,4 +595,66 @@ async fn sigterm_under_load_loses_nothing_and_refuses_new_leads_while_draining()
     let received = exactly_once(&leads);
     assert_eq!(received.len(), accepted.len());
     assert!(!received.contains("Late"), "a refused lead was not queued");
+}
+
+/// Deliveries still running at the shutdown deadline give their leads back at once, so the
+/// next process delivers them without waiting for the lease timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_leases_still_running_at_the_deadline() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    // Onpipeline answers after 4 s, but the gateway may drain for 1 s only.
+    sim.set_latency(Duration::from_secs(4));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_SHUTDOWN_TIMEOUT", "1s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "10s")
+        .set("LEADGATE_LEASE_TIMEOUT", "60s");
+    let mut gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    for i in 0..5 {
+        let response = http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": format!("Lead Z{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "five requests in flight",
+        || async { (sim.requests().len() >= 5).then_some(()) },
+    )
+    .await;
+    gateway.sigterm();
+    let status = gateway.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}\n{}", gateway.log());
+    assert!(
+        gateway.log().contains("releasing their leases"),
+        "{}",
+        gateway.log()
+    );
+
+    sim.set_latency(Duration::ZERO);
+    let restarted = Instant::now();
+    gateway.restart(|_| {}).await;
+    let leads = wait_received(&sim, 5, Duration::from_secs(20)).await;
+    assert_eq!(exactly_once(&leads).len(), 5);
+    let requests = sim.requests();
+    assert_eq!(
+        requests.len(),
+        10,
+        "five abandoned sends, five after the restart"
+    );
+    assert!(
+        requests[..5]
+            .iter()
+            .all(|r| r.outcome == RequestOutcome::Cancelled),
+        "the sends cut off at the deadline created nothing: {requests:?}"
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_secs(30),
+        "delivered long before the 60 s lease timeout: the leases were released"
+    );
 }
