@@ -60,6 +60,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
+    leadgate::tls::install_default_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(64)
@@ -122,20 +123,28 @@ async fn main() -> anyhow::Result<()> {
             (http.clone(), args.url.clone(), sent.clone(), failed.clone());
         tasks.spawn(async move {
             let body = json!({
-                "name": format!("Soak Lead{i}"),
+                "first_name": "Soak",
+                "last_name": format!("Lead{i}"),
                 "email": format!("soak{i}@example.com"),
                 "phone": "020 7946 0018",
                 "company": "Soak Ltd",
                 "message": "A steady stream of leads to watch memory over time.",
             });
-            let ok = http
+            let answer = http
                 .post(format!("{url}/in/website"))
                 .json(&body)
                 .send()
-                .await
-                .is_ok_and(|r| r.status() == 202);
-            if !ok {
-                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                .await;
+            let refusal = match answer {
+                Ok(r) if r.status() == 202 => None,
+                Ok(r) => Some(r.status().to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(refusal) = refusal {
+                // The first few refusals are shown; the CSV counts them all.
+                if failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 5 {
+                    eprintln!("lead {i} refused: {refusal}");
+                }
             }
             sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         });

@@ -33,6 +33,12 @@ run() { # NAME EXTRA_ENV...
   target/release/examples/soak --url http://127.0.0.1:18090 --pid $gw --admin-token soak-admin-token \
     --rate "$RATE" --total "$TOTAL" > "$out/soak-$name.csv"
   kill $gw; wait $gw 2>/dev/null || true
+  # What the simulator received: every lead once, none twice. Then forget them for the next run.
+  curl -sk --cacert "$work/ca.pem" https://127.0.0.1:18443/_sim/leads | python3 -c '
+import json, sys
+names = [lead["payload"]["LastName"] for lead in json.load(sys.stdin)]
+print(f"{len(names)},{len(set(names))}")' > "$work/received-$name"
+  curl -sk -X DELETE https://127.0.0.1:18443/_sim/leads
 }
 
 run embedded
@@ -43,9 +49,10 @@ wait_port 18379
 run redis LEADGATE_REDIS_URL=redis://127.0.0.1:18379/
 kill $redis; wait $redis 2>/dev/null || true
 
-summary() { # CSV → a table row: seconds, failed, RSS at 10 %, 50 %, 100 % of the run, peak, peak queue
-  awk -F, -v name="$1" 'NR>1 { n++; t[n]=$1; rss[n]=$4; if ($4>peak) peak=$4; q=$5+$6+$7; if (q>pq) pq=q; failed=$3; sent=$2 }
-    END { printf "| %s | %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %d |\n", name, sent, failed, t[n],
+summary() { # CSV → a table row: sent, failed, received, distinct, seconds, RSS at 10 %, 50 %, end, peak, peak queue
+  IFS=, read -r received distinct < "$work/received-$1"
+  awk -F, -v name="$1" -v received="$received" -v distinct="$distinct" 'NR>1 { n++; t[n]=$1; rss[n]=$4; if ($4>peak) peak=$4; q=$5+$6+$7; if (q>pq) pq=q; failed=$3; sent=$2 }
+    END { printf "| %s | %d | %d | %d | %d | %d | %.1f | %.1f | %.1f | %.1f | %d |\n", name, sent, failed, received, distinct, t[n],
       rss[int(n*0.1)+1]/1024, rss[int(n*0.5)+1]/1024, rss[n]/1024, peak/1024, pq }' "$2"
 }
 {
@@ -54,8 +61,8 @@ summary() { # CSV → a table row: seconds, failed, RSS at 10 %, 50 %, 100 % of 
   echo "Measured $(date -u +%Y-%m-%d) by \`tests/bench/soak.sh\`: $TOTAL leads per backend at $RATE/s, delivered to the simulator (upstream limit $((RATE * 2))/s)."
   echo "Machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs), $(uname -sr). Per-second samples: \`soak-embedded.csv\`, \`soak-redis.csv\`."
   echo
-  echo "| backend | leads sent | failed | seconds | RSS at 10 % (MiB) | RSS at 50 % | RSS at end | peak RSS | peak queue depth |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| backend | leads sent | failed | received by Onpipeline | distinct | seconds | RSS at 10 % (MiB) | RSS at 50 % | RSS at end | peak RSS | peak queue depth |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
   summary embedded "$out/soak-embedded.csv"
   summary redis "$out/soak-redis.csv"
 } > "$out/SOAK.md"
