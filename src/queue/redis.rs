@@ -58,8 +58,10 @@
 //!   about 0.5 KB each plus their data for `pii_ttl`; size `maxmemory` for it.
 //! * A queue written by an older leadgate (before lead records, no `{P}:schema`) is opened only
 //!   once it is empty: let the older version drain it first.
-//! * Consumers stay registered in the group after their process is gone (harmless: their
-//!   pending entries are claimed by others); name consumers stably per replica.
+//! * A consumer stays registered in the group after its process is gone until a later
+//!   [`RedisQueue::open`] prunes it: consumers with no pending entries that have not read for
+//!   [`CONSUMER_PRUNE_IDLE`] are removed then (their pending entries, if any, are claimed by
+//!   the others first).
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -112,8 +114,29 @@ const MAX_PROMOTIONS: usize = 1000;
 const MAX_BLOCK: Duration = Duration::from_secs(1);
 /// Idle dedicated connections kept for blocking reads.
 const MAX_IDLE_BLOCKING: usize = 4;
+/// A consumer idle this long with nothing pending belongs to a process that is gone (a live
+/// forwarder reads at least every [`MAX_BLOCK`]); [`RedisQueue::open`] removes it from the group.
+pub const CONSUMER_PRUNE_IDLE: Duration = Duration::from_secs(600);
 /// Longest time to live handed to Redis (`PX` refuses values that overflow its clock).
 const MAX_TTL_MS: u64 = 1 << 50;
+
+/// Removes consumers that hold no pending entry and have been idle for at least ARGV[2] ms,
+/// except ARGV[3] (the caller). Atomic: a consumer cannot lease an entry between the check and
+/// the removal, and removing one with pending entries would strand them.
+const PRUNE_LUA: &str = r#"
+-- KEYS[1] ready stream; ARGV[1] group, ARGV[2] min idle in ms, ARGV[3] the caller's name
+-- Returns the number of consumers removed.
+local removed = 0
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local c = {}
+  for i = 1, #fields, 2 do c[fields[i]] = fields[i + 1] end
+  if c.pending == 0 and c.idle >= tonumber(ARGV[2]) and c.name ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], c.name)
+    removed = removed + 1
+  end
+end
+return removed
+"#;
 
 /// Stamps the layout version, or refuses a queue that still holds data of the older layout.
 /// The older layout is recognised by its contents (stream entries with an `e` field, delayed
@@ -486,6 +509,7 @@ struct Scripts {
     read: Script,
     stats: Script,
     acquire: Script,
+    prune: Script,
 }
 
 impl Scripts {
@@ -503,6 +527,7 @@ impl Scripts {
             read: Script::new(READ_LUA),
             stats: Script::new(STATS_LUA),
             acquire: Script::new(ACQUIRE_LUA),
+            prune: Script::new(PRUNE_LUA),
         }
     }
 }
@@ -666,7 +691,7 @@ impl RedisQueue {
             ttl_ms(settings.idempotency_ttl),
             requests,
         ));
-        Ok(Self {
+        let queue = Self {
             inner: Arc::new(Inner {
                 dialer,
                 conn,
@@ -678,7 +703,34 @@ impl RedisQueue {
                 blocking: Mutex::new(Vec::new()),
                 claim_cursor: Mutex::new("0-0".to_owned()),
             }),
-        })
+        };
+        match queue.prune_consumers(CONSUMER_PRUNE_IDLE).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "Removed the consumers of processes that are gone"
+            ),
+            Err(e) => tracing::warn!(error = %e, "Could not prune idle consumers"),
+        }
+        Ok(queue)
+    }
+
+    /// Removes from the consumer group every other consumer that holds no pending entry and
+    /// has been idle for at least `min_idle`. Returns how many were removed.
+    pub async fn prune_consumers(&self, min_idle: Duration) -> Result<u64> {
+        let inner = &self.inner;
+        let mut conn = inner.conn.clone();
+        timed(
+            inner
+                .scripts
+                .prune
+                .key(&inner.keys.ready)
+                .arg(GROUP)
+                .arg(u64::try_from(min_idle.as_millis()).unwrap_or(u64::MAX))
+                .arg(&inner.consumer)
+                .invoke_async(&mut conn),
+        )
+        .await
     }
 
     pub async fn enqueue(

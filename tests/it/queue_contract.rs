@@ -1369,6 +1369,71 @@ mod redis_only {
             "{keys:?}"
         );
     }
+
+    /// The consumer names in the group, sorted.
+    async fn consumers(harness: &Harness) -> Vec<String> {
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let reply: ::redis::streams::StreamInfoConsumersReply = ::redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("{leadgate-test}:ready")
+            .arg("forwarders")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut names: Vec<_> = reply.consumers.into_iter().map(|c| c.name).collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_consumers_of_gone_processes_are_pruned_but_never_one_holding_a_lease() {
+        let harness = Harness::new(Kind::Redis);
+        let gone = harness.open("gone").await;
+        let holding = harness.open("holding").await;
+        for _ in 0..2 {
+            gone.enqueue(&lead("website"), None).await.unwrap();
+        }
+        let lease = gone.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        gone.settle(
+            lease,
+            Settle::Delivered {
+                delivery: delivery("OP1"),
+                attempt: None,
+            },
+        )
+        .await
+        .unwrap();
+        let held = holding.lease(1, NO_WAIT).await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(consumers(&harness).await, ["gone", "holding"]);
+
+        // Opening with the real threshold (minutes) removes nobody that just read.
+        let me = harness.open("me").await;
+        assert_eq!(consumers(&harness).await, ["gone", "holding"]);
+
+        let Queue::Redis(redis_queue) = &me else {
+            unreachable!()
+        };
+        let removed = redis_queue.prune_consumers(Duration::ZERO).await.unwrap();
+        assert_eq!(removed, 1);
+        assert_eq!(
+            consumers(&harness).await,
+            ["holding"],
+            "the consumer holding a lease stays, with its lease"
+        );
+        holding
+            .settle(
+                held.into_iter().next().unwrap(),
+                Settle::Delivered {
+                    delivery: delivery("OP2"),
+                    attempt: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(me.stats().await.unwrap().delivered, 2);
+    }
 }
 
 mod cluster_only {
@@ -1387,6 +1452,19 @@ mod cluster_only {
             .unwrap()
             .expect("a warning");
         assert!(warning.contains("appendonly no"), "{warning}");
+
+        // Consumer pruning runs its script on the node serving the queue's slot.
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        assert_eq!(queue.lease(1, NO_WAIT).await.unwrap().len(), 1);
+        let other = harness.open("b").await;
+        let Queue::Redis(other) = &other else {
+            unreachable!()
+        };
+        assert_eq!(
+            other.prune_consumers(Duration::ZERO).await.unwrap(),
+            0,
+            "a holds a lease"
+        );
     }
 }
 
