@@ -1,6 +1,7 @@
 //! The ingest boundary's one error enum. Its status and stable code are chosen in one match;
-//! client errors carry a message and per-field messages; internal errors answer a bare 500
-//! and are logged with their whole cause chain, never returned.
+//! client errors carry a message and per-field messages. A lead the queue could not take, for
+//! whatever reason, is a `503` with `Retry-After` — the sender keeps the lead and tries again —
+//! and the cause is logged, never returned.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,10 +50,12 @@ pub enum IngestError {
         retry_after: Duration,
         scope: &'static str,
     },
+    /// The lead was not queued: the gateway is shutting down (no cause) or the queue failed.
     #[error("the gateway cannot accept leads right now; try again shortly")]
-    Unavailable { retry_after: Duration },
-    #[error("internal error")]
-    Internal(#[source] anyhow::Error),
+    Unavailable {
+        retry_after: Duration,
+        cause: Option<crate::queue::Error>,
+    },
 }
 
 fn scope_text(scope: &str) -> String {
@@ -97,7 +100,6 @@ pub const ALL_CODES: &[&str] = &[
     Rejection::LAST_NAME_REQUIRED,
     "rate_limited",
     "unavailable",
-    "internal",
     // Answered by `http::not_found` for routes that do not exist, outside `IngestError`.
     "not_found",
 ];
@@ -120,7 +122,6 @@ impl IngestError {
             IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -140,7 +141,6 @@ impl IngestError {
             IngestError::Rejected(r) => r.code,
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unavailable { .. } => "unavailable",
-            IngestError::Internal(_) => "internal",
         }
     }
 
@@ -154,7 +154,7 @@ impl IngestError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             IngestError::RateLimited { retry_after, .. }
-            | IngestError::Unavailable { retry_after } => Some(*retry_after),
+            | IngestError::Unavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -169,7 +169,6 @@ impl IngestError {
             | IngestError::InvalidSignature(_)
             | IngestError::HandshakeRefused => "unauthorized",
             IngestError::Unavailable { .. } => "unavailable",
-            IngestError::Internal(_) => "error",
             IngestError::UnknownSource(_)
             | IngestError::MethodNotAllowed
             | IngestError::UnsupportedMediaType(_)
@@ -180,24 +179,31 @@ impl IngestError {
         }
     }
 
-    /// The public message: internal errors say nothing about their cause.
+    /// The public message: a queue failure says nothing about its cause.
     pub fn public_message(&self) -> String {
         self.to_string()
     }
 
-    /// Logs what needs logging: internal errors with their cause chain.
+    /// Logs what needs logging: queue failures with their cause chain.
     pub fn log(&self, source: &str) {
         match self {
-            IngestError::Internal(e) => {
-                tracing::error!(
-                    source,
-                    error = format!("{e:#}"),
-                    "Ingest failed with an internal error."
-                )
-            }
-            IngestError::Unavailable { .. } => {
-                tracing::warn!(source, "Refused a lead because the queue is unavailable.")
-            }
+            IngestError::Unavailable {
+                cause: Some(crate::queue::Error::Unavailable(reason)),
+                ..
+            } => tracing::warn!(
+                source,
+                reason = reason.as_str(),
+                "Refused a lead because the queue is unavailable; the sender was asked to retry."
+            ),
+            // Not an outage but a fault (a script error, a corrupt row): worth an operator's look.
+            IngestError::Unavailable {
+                cause: Some(crate::queue::Error::Other(e)),
+                ..
+            } => tracing::error!(
+                source,
+                error = format!("{e:#}"),
+                "The queue failed to take a lead; the sender was asked to retry."
+            ),
             // A platform that fails its check is usually misconfigured and losing leads.
             IngestError::Forbidden(reason) => tracing::warn!(
                 source,
@@ -256,11 +262,9 @@ pub fn retry_after_seconds(after: Duration) -> u64 {
 
 impl From<crate::queue::Error> for IngestError {
     fn from(e: crate::queue::Error) -> Self {
-        match e {
-            crate::queue::Error::Unavailable(_) => IngestError::Unavailable {
-                retry_after: Duration::from_secs(5),
-            },
-            crate::queue::Error::Other(e) => IngestError::Internal(e),
+        IngestError::Unavailable {
+            retry_after: Duration::from_secs(5),
+            cause: Some(e),
         }
     }
 }
@@ -316,8 +320,12 @@ mod tests {
             },
             IngestError::Unavailable {
                 retry_after: Duration::from_secs(1),
+                cause: None,
             },
-            IngestError::Internal(anyhow::anyhow!("boom")),
+            IngestError::Unavailable {
+                retry_after: Duration::from_secs(1),
+                cause: Some(crate::queue::Error::Other(anyhow::anyhow!("boom"))),
+            },
             IngestError::MethodNotAllowed,
         ];
         // No wildcard arm: a new variant fails to compile here until it is added above.
@@ -336,8 +344,7 @@ mod tests {
                 | IngestError::PartTooLarge(_)
                 | IngestError::Rejected(_)
                 | IngestError::RateLimited { .. }
-                | IngestError::Unavailable { .. }
-                | IngestError::Internal(_) => {}
+                | IngestError::Unavailable { .. } => {}
             }
         }
         errors
@@ -358,5 +365,30 @@ mod tests {
             [&"not_found"],
             "ALL_CODES lists codes no error produces"
         );
+    }
+
+    #[test]
+    fn a_lead_the_queue_could_not_take_is_a_503_to_retry_whatever_the_cause() {
+        let causes = [
+            crate::queue::Error::Unavailable("redis: connection refused".to_owned()),
+            crate::queue::Error::Other(anyhow::anyhow!("ERR Error running script: secret detail")),
+        ];
+        for cause in causes {
+            let error = IngestError::from(cause);
+            let response = error.json_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                response.headers().get(header::RETRY_AFTER).unwrap(),
+                "5",
+                "the sender is told when to retry"
+            );
+            assert_eq!(error.code(), "unavailable");
+            assert!(
+                !error.public_message().contains("secret detail")
+                    && !error.public_message().contains("redis"),
+                "the cause stays in the log: {}",
+                error.public_message()
+            );
+        }
     }
 }

@@ -83,6 +83,7 @@ async fn accept(
     if !state.accepting() {
         return Err(IngestError::Unavailable {
             retry_after: Duration::from_secs(5),
+            cause: None,
         });
     }
     let client = client_ip(req, state);
