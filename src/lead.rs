@@ -1,6 +1,7 @@
 //! Domain types of a lead. Raw strings from senders become these types through constructors
 //! that can fail, so the rest of the code never handles an unchecked email or phone number.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -159,9 +160,15 @@ impl fmt::Debug for PhoneNumber {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Inbound {
     fields: Vec<(String, Vec<String>)>,
+    /// Position of each name in `fields`, kept once there are [`Self::INDEXED_FROM`] names: a
+    /// platform body may carry thousands of fields, and a scan per name would make reading
+    /// it quadratic. Small forms, the common case, do without it.
+    index: Option<HashMap<String, usize>>,
 }
 
 impl Inbound {
+    const INDEXED_FROM: usize = 32;
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -173,18 +180,36 @@ impl Inbound {
             name = stripped.to_owned();
         }
         let value = value.into();
-        match self.fields.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, values)) => values.push(value),
-            None => self.fields.push((name, vec![value])),
+        match self.position(&name) {
+            Some(at) => self.fields[at].1.push(value),
+            None => {
+                if let Some(index) = &mut self.index {
+                    index.insert(name.clone(), self.fields.len());
+                }
+                self.fields.push((name, vec![value]));
+                if self.index.is_none() && self.fields.len() >= Self::INDEXED_FROM {
+                    let index = self
+                        .fields
+                        .iter()
+                        .enumerate()
+                        .map(|(at, (n, _))| (n.clone(), at))
+                        .collect();
+                    self.index = Some(index);
+                }
+            }
+        }
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(name).copied(),
+            None => self.fields.iter().position(|(n, _)| n == name),
         }
     }
 
     /// All values of one field, blank ones included.
     pub fn get(&self, name: &str) -> Option<&[String]> {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
+        self.position(name).map(|at| self.fields[at].1.as_slice())
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[String])> {
@@ -432,6 +457,23 @@ mod tests {
     #[test]
     fn blank_phone_is_absent() {
         assert!(PhoneNumber::parse("   ", None).is_none());
+    }
+
+    #[test]
+    fn many_fields_keep_their_order_and_every_repeated_value() {
+        let mut inbound = Inbound::new();
+        for round in 0..2 {
+            for n in 0..100 {
+                inbound.push(format!("f{n}"), format!("{round}"));
+            }
+        }
+        inbound.push("f3[]", "2");
+        assert_eq!(inbound.len(), 100);
+        assert_eq!(inbound.get("f3").unwrap(), ["0", "1", "2"]);
+        assert_eq!(inbound.get("f99").unwrap(), ["0", "1"]);
+        assert!(inbound.get("f100").is_none());
+        let names: Vec<String> = (0..100).map(|n| format!("f{n}")).collect();
+        assert_eq!(inbound.iter().map(|(n, _)| n).collect::<Vec<_>>(), names);
     }
 
     #[test]

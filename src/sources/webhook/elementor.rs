@@ -15,6 +15,8 @@
 //! visitor sees "Webhook error" otherwise) and never retries; it sends no submission id, so
 //! there is no dedupe key. It does not sign: the source checks a shared key in the URL.
 
+use std::collections::HashMap;
+
 use super::{fields_of, one_lead};
 use crate::config::Source;
 use crate::error::IngestError;
@@ -77,21 +79,20 @@ struct Field {
 
 fn read_advanced(source: &Source, posted: &Inbound) -> Inbound {
     let mut found: Vec<Field> = Vec::new();
+    // A large form sends hundreds of fields: find each by its id without a scan.
+    let mut positions: HashMap<&str, usize> = HashMap::new();
     let mut fields = Inbound::new();
     for (name, values) in posted.iter() {
         let first = values.first().cloned();
         match brackets(name).as_deref() {
             Some(["fields", id, part]) => {
-                let index = match found.iter().position(|f| f.id == *id) {
-                    Some(index) => index,
-                    None => {
-                        found.push(Field {
-                            id: (*id).to_owned(),
-                            ..Field::default()
-                        });
-                        found.len() - 1
-                    }
-                };
+                let index = *positions.entry(id).or_insert_with(|| {
+                    found.push(Field {
+                        id: (*id).to_owned(),
+                        ..Field::default()
+                    });
+                    found.len() - 1
+                });
                 match *part {
                     "title" => found[index].title = first,
                     "value" => found[index].value = first,
