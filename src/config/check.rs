@@ -151,10 +151,11 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
         };
         let _ = writeln!(
             out,
-            "  limits: per IP {}; total {}; max body {} bytes",
+            "  limits: per IP {}; total {}; max body {} bytes; max fields {}",
             rate(&source.limits.per_ip),
             rate(&source.limits.total),
-            source.limits.max_body
+            source.limits.max_body,
+            source.limits.max_fields
         );
     }
     out

@@ -388,6 +388,9 @@ pub struct Limits {
     pub total: Option<Quota>,
     /// Largest accepted body in bytes.
     pub max_body: usize,
+    /// Most name/value pairs one body may carry (urlencoded pairs, multipart parts, flat JSON
+    /// values), within `max_body`.
+    pub max_fields: usize,
 }
 
 /// One configured source.
@@ -526,6 +529,7 @@ struct RawLimits {
     per_ip: Option<S>,
     total: Option<S>,
     max_body: Option<S>,
+    max_fields: Option<Spanned<i64>>,
 }
 
 struct Ctx<'a> {
@@ -793,14 +797,20 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
             .unwrap_or_else(|| "-".to_owned()),
     };
 
-    let (default_per_ip, default_total, default_body) = match kind {
-        SourceKind::Form => ("20/minute", "200/second", 1024 * 1024),
-        SourceKind::Partner { .. } => ("off", "100/second", 256 * 1024),
+    // Fields: a browser form or a partner with more than 200 is a mistake or an attack, and
+    // can be told so. A platform cannot fix its form and some never retry (Elementor), so
+    // platforms get room for any real form: Elementor's advanced format alone sends about six
+    // keys per form field plus sixteen of metadata.
+    let (default_per_ip, default_total, default_body, default_fields) = match kind {
+        SourceKind::Form => ("20/minute", "200/second", 1024 * 1024, 200),
+        SourceKind::Partner { .. } => ("off", "100/second", 256 * 1024, 200),
         // Platforms post from a few shared addresses: a per-IP limit would drop their retries.
-        SourceKind::Google { .. } | SourceKind::Webhook(_) => ("off", "100/second", 1024 * 1024),
+        SourceKind::Google { .. } | SourceKind::Webhook(_) => {
+            ("off", "100/second", 1024 * 1024, PLATFORM_MAX_FIELDS)
+        }
         // Meta posts from many addresses and in bursts, and a refused notification is retried
         // for 36 hours; the signature is the protection. A batch holds up to 1000 changes.
-        SourceKind::Facebook(_) => ("off", "off", 1024 * 1024),
+        SourceKind::Facebook(_) => ("off", "off", 1024 * 1024, PLATFORM_MAX_FIELDS),
     };
     let quota =
         |value: &Option<S>, default: &str, key: &str| -> Result<Option<Quota>, SourcesError> {
@@ -815,6 +825,19 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         max_body: match &raw.limits.max_body {
             None => default_body,
             Some(v) => parse_size(v.get_ref()).map_err(|m| at(v.span(), "limits.max_body", m))?,
+        },
+        max_fields: match &raw.limits.max_fields {
+            None => default_fields,
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_FIELDS_CEILING).contains(n))
+                .ok_or_else(|| {
+                    at(
+                        v.span(),
+                        "limits.max_fields",
+                        format!("must be a whole number from 1 to {MAX_FIELDS_CEILING}"),
+                    )
+                })?,
         },
     };
 
@@ -856,6 +879,13 @@ pub fn default_fields() -> Vec<(String, Target)> {
     .map(|(k, t)| (k.to_owned(), t))
     .collect()
 }
+
+/// The default `limits.max_fields` of platform sources (`google`, `webhook`, `facebook`).
+pub const PLATFORM_MAX_FIELDS: usize = 2_000;
+
+/// The largest `limits.max_fields` accepted: far beyond any real form, and still a body that
+/// is decoded and mapped in milliseconds. `max_body` bounds the body's size in any case.
+pub const MAX_FIELDS_CEILING: usize = 10_000;
 
 /// Shared keys leadgate asks a marketer to type into a platform (Google's key, a webhook's
 /// URL key) are the only credential of a public URL: short ones are refused.
@@ -1245,6 +1275,30 @@ api_keys = ["${ACME_KEY}"]
             panic!("acme is a partner");
         };
         assert_eq!(api_keys[0].expose_secret(), "acme-secret-key-0123456789");
+    }
+
+    #[test]
+    fn platforms_take_far_more_fields_than_forms_and_the_limit_can_be_set() {
+        let text = "[[source]]\nid = \"w\"\nkind = \"form\"\n\
+                    [[source]]\nid = \"e\"\nkind = \"webhook\"\npreset = \"elementor\"\n\
+                    auth = \"none\"\n\
+                    [[source]]\nid = \"big\"\nkind = \"form\"\n[source.limits]\n\
+                    max_fields = 5000\n";
+        let sources = parse(text).unwrap();
+        assert_eq!(sources.get("w").unwrap().limits.max_fields, 200);
+        assert_eq!(
+            sources.get("e").unwrap().limits.max_fields,
+            PLATFORM_MAX_FIELDS
+        );
+        assert_eq!(sources.get("big").unwrap().limits.max_fields, 5000);
+        for bad in ["0", "-1", "10001"] {
+            let text = format!(
+                "[[source]]\nid = \"w\"\nkind = \"form\"\n[source.limits]\nmax_fields = {bad}\n"
+            );
+            let err = parse(&text).err().unwrap().to_string();
+            assert!(err.starts_with("leadgate.toml:5:"), "{bad}: {err}");
+            assert!(err.contains("limits.max_fields"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -258,7 +258,7 @@ fn json_text(value: &serde_json::Value) -> Option<String> {
 
 fn body_limits(source: &Source) -> body::BodyLimits {
     body::BodyLimits {
-        max_fields: 200,
+        max_fields: source.limits.max_fields,
         max_field_bytes: 64 * 1024,
         max_file_bytes: source.limits.max_body,
     }

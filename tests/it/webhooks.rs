@@ -421,6 +421,114 @@ async fn an_elementor_advanced_format_post_with_the_key_header_arrives_exact() {
 }
 
 #[tokio::test]
+async fn a_sixty_field_elementor_advanced_post_is_answered_exactly_200_and_arrives_exact() {
+    let app = spawn().await;
+    // Six keys a field (id, type, title, value, raw_value, required) and sixteen of form and
+    // metadata: 376 keys for 60 fields, far past the 200 a browser form may send.
+    let mut fields: Vec<(String, String, String, String)> = vec![
+        (
+            "name".into(),
+            "text".into(),
+            "Nom".into(),
+            "Camille Durand".into(),
+        ),
+        (
+            "email".into(),
+            "email".into(),
+            "E-mail".into(),
+            "camille.durand@example.fr".into(),
+        ),
+        (
+            "phone".into(),
+            "tel".into(),
+            "Téléphone".into(),
+            "06 12 34 56 78".into(),
+        ),
+        (
+            "message".into(),
+            "textarea".into(),
+            "Message".into(),
+            "Rappelez-moi".into(),
+        ),
+        (
+            "field_3a9c".into(),
+            "checkbox".into(),
+            "Intéressé par".into(),
+            "Batteries".into(),
+        ),
+    ];
+    for n in 1..=55 {
+        fields.push((
+            format!("q{n:02}"),
+            "text".into(),
+            format!("Question {n}"),
+            format!("Réponse {n}"),
+        ));
+    }
+    assert_eq!(fields.len(), 60);
+    let mut pairs: Vec<(String, String)> = vec![
+        ("form[id]".into(), "7c1e2f3".into()),
+        ("form[name]".into(), "Grand questionnaire".into()),
+    ];
+    for (id, kind, title, value) in &fields {
+        for (part, text) in [
+            ("id", id.as_str()),
+            ("type", kind.as_str()),
+            ("title", title.as_str()),
+            ("value", value.as_str()),
+            ("raw_value", value.as_str()),
+            ("required", "0"),
+        ] {
+            pairs.push((format!("fields[{id}][{part}]"), text.to_owned()));
+        }
+    }
+    for (key, title, value) in [
+        ("date", "Date", "1 mai 2024"),
+        ("time", "Time", "10:00"),
+        (
+            "page_url",
+            "Page URL",
+            "https://www.example.fr/questionnaire/",
+        ),
+        ("page_title", "Page Title", "Questionnaire"),
+        ("user_agent", "User Agent", "Mozilla/5.0"),
+        ("remote_ip", "Remote IP", "198.51.100.23"),
+        ("credit", "Powered by", "Elementor"),
+    ] {
+        pairs.push((format!("meta[{key}][title]"), title.to_owned()));
+        pairs.push((format!("meta[{key}][value]"), value.to_owned()));
+    }
+    assert_eq!(pairs.len(), 376);
+    let pairs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let path = format!("/in/elementor?key={ELEMENTOR_KEY}");
+    let response = post(&app, &path, FORM, &[], serde_urlencoded(&pairs)).await;
+    let body = assert_plain_200(response).await;
+    assert_eq!(body["ids"].as_array().unwrap().len(), 1, "{body}");
+
+    let note: Vec<String> = (1..=55).map(|n| format!("q{n:02}: Réponse {n}")).collect();
+    let leads = app.received(1).await;
+    assert_eq!(
+        leads[0].payload,
+        json!({
+            "FirstName": "Camille",
+            "LastName": "Durand",
+            "Phone": [{"Number": "+33612345678", "Type": "work"}],
+            "Email": [{"Address": "camille.durand@example.fr", "Type": "work"}],
+            "Extra": [
+                {"ID": "4000001", "Value": "Rappelez-moi"},
+                {"ID": "4000002", "Value": "Batteries"},
+                {"ID": "4000003", "Value": "Grand questionnaire"},
+                {"ID": "4000004", "Value": "https://www.example.fr/questionnaire/"},
+                {"ID": "4444444", "Value": note.join("\n")}
+            ]
+        })
+    );
+}
+
+#[tokio::test]
 async fn an_elementor_post_without_the_key_is_refused() {
     let app = spawn().await;
     let body = serde_urlencoded(&[("Name", "Hugo Lefèvre"), ("Email", "hugo@example.fr")]);
