@@ -698,13 +698,7 @@ impl Forwarder {
                 }
                 let (payload, work, repaired) =
                     crate::sources::facebook::to_deliver(source, lead, &graph_lead);
-                if !repaired.is_empty() {
-                    warn!(
-                        repaired = repaired.len(),
-                        fields = ?repaired,
-                        "A Meta lead had invalid or missing data; forwarding what is valid."
-                    );
-                }
+                crate::sources::note_repaired(source, &repaired);
                 Ok((payload, work))
             }
             Err(GraphError::NeedsAttention { message }) => {

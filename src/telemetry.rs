@@ -99,6 +99,10 @@ pub mod metric {
     pub const RECEIVED: &str = "leadgate_leads_received_total";
     /// Leads a platform sent with data that had to be repaired (never refused), by `source`.
     pub const REPAIRED: &str = "leadgate_leads_repaired_total";
+    /// A platform's test leads (Google's "Send test data"), by `source` and `forwarded`
+    /// (`true` when the source forwards them, which then also count as `queued` or
+    /// `duplicate` in [`RECEIVED`]; `false` otherwise, also counted as `test` there).
+    pub const TEST_LEADS: &str = "leadgate_test_leads_total";
     /// Entries in the queue, by `state` (ready, leased, delayed, dead).
     pub const QUEUE_DEPTH: &str = "leadgate_queue_depth";
     /// Age of the oldest lead ready for delivery.

@@ -118,11 +118,26 @@ async fn accept(
             });
         }
         let work = sources::to_work(source, &item.content)?;
-        if item.test && !source.forwards_test_leads() {
-            info!(source = %source.id, platform_id = item.platform_id.as_deref().unwrap_or(""), "Test lead received; not forwarded.");
-            metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "test")
-                .increment(1);
-            continue;
+        if item.test {
+            // Counted and logged either way, so a marketer's "Send test data" can be seen.
+            let forwarded = source.forwards_test_leads();
+            info!(
+                source = %source.id,
+                platform_id = item.platform_id.as_deref().unwrap_or(""),
+                forwarded,
+                "A platform test lead arrived (Google's \"Send test data\")."
+            );
+            metrics::counter!(
+                metric::TEST_LEADS,
+                "source" => source.id.clone(),
+                "forwarded" => if forwarded { "true" } else { "false" }
+            )
+            .increment(1);
+            if !forwarded {
+                metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "test")
+                    .increment(1);
+                continue;
+            }
         }
         // The platform's own lead id dedupes redeliveries; otherwise the request's key does.
         let key = match &item.platform_id {

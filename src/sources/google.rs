@@ -24,7 +24,6 @@
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
-use tracing::info;
 
 use super::{
     Content, Item, Submission, Unverified, Verified, body, json_text, pick_name, push_metadata,
@@ -108,15 +107,6 @@ pub fn parse(source: &Source, submission: Submission<Verified>) -> Result<Vec<It
         .and_then(json_text)
         .filter(|id| !id.trim().is_empty());
     let test = lead.get("is_test").is_some_and(is_true);
-    if test {
-        let forwarded = source.forwards_test_leads();
-        info!(
-            source = %source.id,
-            lead_id = lead_id.as_deref().unwrap_or(""),
-            forwarded,
-            "A Google Ads test lead arrived (\"Send test data\")."
-        );
-    }
     Ok(vec![Item {
         content: Content::Fields(inbound),
         platform_id: lead_id,

@@ -200,17 +200,25 @@ pub fn remap(source: &Source, input: &Input) -> Result<Work, IngestError> {
 /// logged by field name only.
 fn map_platform_fields(source: &Source, fields: &Inbound) -> crate::lead::LeadsinPayload {
     let (payload, repaired) = mapping::map_fields_lenient(fields, &source.mapping);
-    if !repaired.is_empty() {
-        metrics::counter!(crate::telemetry::metric::REPAIRED, "source" => source.id.clone())
-            .increment(1);
-        tracing::warn!(
-            source = %source.id,
-            kind = source.kind.name(),
-            fields = %repaired.join(", "),
-            "A platform lead had invalid or missing fields; forwarded with what was valid."
-        );
-    }
+    note_repaired(source, &repaired);
     payload
+}
+
+/// Counts (`leadgate_leads_repaired_total`) and logs, by field name only, a platform lead that
+/// the lenient mapping had to repair; nothing when `repaired` is empty. Every platform's road
+/// ends here: Google and the form tools at ingest, Meta once its lead is read from Graph.
+pub fn note_repaired(source: &Source, repaired: &[String]) {
+    if repaired.is_empty() {
+        return;
+    }
+    metrics::counter!(crate::telemetry::metric::REPAIRED, "source" => source.id.clone())
+        .increment(1);
+    tracing::warn!(
+        source = %source.id,
+        kind = source.kind.name(),
+        fields = %repaired.join(", "),
+        "A platform lead had invalid or missing fields; forwarded with what was valid."
+    );
 }
 
 /// Whether the source's `[source.fields]` or `[source.extra]` mentions an incoming name.

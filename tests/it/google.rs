@@ -8,10 +8,15 @@ use crate::helpers::app::TestApp;
 const KEY: &str = "g00gle-lead-form-key-7f3a";
 
 fn sources(extra_settings: &str) -> String {
+    source_named("google", extra_settings)
+}
+
+/// The `google` source under another id (metrics tests use ids no other test uses).
+fn source_named(id: &str, extra_settings: &str) -> String {
     format!(
         r#"
 [[source]]
-id = "google"
+id = "{id}"
 kind = "google"
 google_key = "{KEY}"
 phone_region = "GB"
@@ -77,8 +82,12 @@ fn marta() -> Value {
 }
 
 async fn post(app: &TestApp, body: &Value) -> reqwest::Response {
+    post_to(app, "google", body).await
+}
+
+async fn post_to(app: &TestApp, source: &str, body: &Value) -> reqwest::Response {
     app.http
-        .post(app.url("/in/google"))
+        .post(app.url(&format!("/in/{source}")))
         .json(body)
         .send()
         .await
@@ -236,6 +245,61 @@ async fn an_invalid_email_from_google_is_forwarded_in_the_note_not_refused() {
         .find(|e| e["ID"] == "4444444")
         .unwrap();
     assert_eq!(note["Value"], "EMAIL (invalid): paula at example dot com");
+}
+
+#[tokio::test]
+async fn a_lead_with_an_invalid_email_is_counted_as_repaired_and_a_valid_one_is_not() {
+    let app = TestApp::spawn_with(&source_named("google-repaired", ""), |_| {}).await;
+    let series = r#"leadgate_leads_repaired_total{source="google-repaired"}"#;
+    let before = app.metric(series).await;
+    let invalid = lead(
+        "repaired-1",
+        json!([
+            column("FULL_NAME", "Full Name", "Paula Serra"),
+            column("EMAIL", "User Email", "paula at example dot com"),
+        ]),
+    );
+    assert_plain_200(post_to(&app, "google-repaired", &invalid).await).await;
+    assert_plain_200(post_to(&app, "google-repaired", &lead("valid-1", marta())).await).await;
+    app.received(2).await;
+    assert_eq!(app.metric(series).await - before, 1.0);
+}
+
+#[tokio::test]
+async fn test_leads_are_counted_whether_they_are_forwarded_or_not() {
+    let both = format!(
+        "{}{}",
+        source_named("google-tests-kept", ""),
+        source_named("google-tests-sent", "forward_test_leads = true")
+    );
+    let app = TestApp::spawn_with(&both, |_| {}).await;
+    let series = [
+        r#"leadgate_test_leads_total{source="google-tests-kept",forwarded="false"}"#,
+        r#"leadgate_leads_received_total{source="google-tests-kept",outcome="test"}"#,
+        r#"leadgate_test_leads_total{source="google-tests-sent",forwarded="true"}"#,
+        r#"leadgate_leads_received_total{source="google-tests-sent",outcome="queued"}"#,
+        r#"leadgate_test_leads_total{source="google-tests-kept",forwarded="true"}"#,
+        r#"leadgate_leads_received_total{source="google-tests-kept",outcome="queued"}"#,
+        r#"leadgate_test_leads_total{source="google-tests-sent",forwarded="false"}"#,
+    ];
+    let mut before = Vec::new();
+    for s in series {
+        before.push(app.metric(s).await);
+    }
+    let mut test = lead(
+        "TeSter-123-counted",
+        json!([column("FULL_NAME", "Full Name", "FirstName LastName")]),
+    );
+    test["is_test"] = json!(true);
+    for source in ["google-tests-kept", "google-tests-sent"] {
+        assert_plain_200(post_to(&app, source, &test).await).await;
+    }
+    app.received(1).await;
+    let mut changes = Vec::new();
+    for (s, before) in series.iter().zip(before) {
+        changes.push(app.metric(s).await - before);
+    }
+    assert_eq!(changes, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], "{series:#?}");
 }
 
 #[tokio::test]

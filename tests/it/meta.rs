@@ -48,12 +48,17 @@ job_title = "7000005"
 /// A gateway with the `fb` source and a simulator whose Graph side accepts [`PAGE_TOKEN`] and
 /// checks `appsecret_proof` against [`APP_SECRET`].
 async fn meta_app(page_token: &str, more: &str) -> TestApp {
+    meta_app_with(&sources(page_token, more)).await
+}
+
+/// The same, with the given sources file.
+async fn meta_app_with(sources: &str) -> TestApp {
     let sim = Arc::new(start_sim(Vec::new()).await);
     sim.graph().update(GraphSettingsUpdate {
         tokens: Some(vec![PAGE_TOKEN.to_owned()]),
         app_secret: Some(APP_SECRET.to_owned()),
     });
-    TestApp::spawn_against(sim, &sources(page_token, more), |env| {
+    TestApp::spawn_against(sim, sources, |env| {
         env.set("LEADGATE_GRAPH_PARKED_RETRY", "300ms");
     })
     .await
@@ -97,9 +102,18 @@ fn graph_lead(id: &str, created: DateTime<Utc>, answers: &[(&str, &str)]) -> Val
 }
 
 async fn post_signed(app: &TestApp, body: &str, signature: Option<&str>) -> reqwest::Response {
+    post_signed_to(app, "fb", body, signature).await
+}
+
+async fn post_signed_to(
+    app: &TestApp,
+    source: &str,
+    body: &str,
+    signature: Option<&str>,
+) -> reqwest::Response {
     let mut request = app
         .http
-        .post(app.url("/in/fb"))
+        .post(app.url(&format!("/in/{source}")))
         .header("content-type", "application/json")
         .body(body.to_owned());
     if let Some(signature) = signature {
@@ -538,6 +552,38 @@ async fn a_single_word_full_name_gets_the_fallback_last_name() {
         extra(payload, "4444444").unwrap(),
         "email (invalid): not-an-email"
     );
+}
+
+#[tokio::test]
+async fn a_meta_lead_with_an_invalid_email_is_counted_as_repaired_once_it_is_read() {
+    let text = sources(PAGE_TOKEN, "").replace("id = \"fb\"", "id = \"fb-repaired\"");
+    let app = meta_app_with(&text).await;
+    let series = r#"leadgate_leads_repaired_total{source="fb-repaired"}"#;
+    let before = app.metric(series).await;
+    let graph = app.sim.graph();
+    graph
+        .add_lead(graph_lead(
+            "8451",
+            Utc::now(),
+            &[
+                ("full_name", "Noor Haddad"),
+                ("email", "noor(at)example.jo"),
+            ],
+        ))
+        .unwrap();
+    graph
+        .add_lead(graph_lead(
+            "8452",
+            Utc::now(),
+            &[("full_name", "Rami Haddad"), ("email", "rami@example.jo")],
+        ))
+        .unwrap();
+    let body = notification(&["8451", "8452"]);
+    let response = post_signed_to(&app, "fb-repaired", &body, Some(&sign(body.as_bytes()))).await;
+    assert_eq!(response.status(), 200);
+    let leads = app.received(2).await;
+    assert!(leads.iter().any(|l| l.payload.get("Email").is_none()));
+    assert_eq!(app.metric(series).await - before, 1.0);
 }
 
 #[tokio::test]

@@ -248,6 +248,26 @@ impl TestApp {
         wait_received(&self.sim, n, Duration::from_secs(20)).await
     }
 
+    /// The value of one series on `/metrics`, written as Prometheus prints it
+    /// (`name{label="value",…}`); 0 when the series does not exist yet. Counters are shared by
+    /// every gateway in the test process, so tests compare before and after, for a source id
+    /// no other test uses.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|value| value.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
     pub async fn stats(&self) -> leadgate::queue::Stats {
         self.gateway().queue().stats().await.unwrap()
     }
