@@ -230,22 +230,53 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
     )
 }
 
+/// What [`map_fields_lenient`] had to repair in a platform lead.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// The names of the repaired fields (`name` for a lead that had no name at all).
+    pub fields: Vec<String>,
+    /// Invalid values that had nowhere to go, as `(field, value)`: Leadsin has no free-text
+    /// field of its own, so without `unmapped_extra` they are not forwarded. Personal data:
+    /// log them masked only.
+    pub dropped: Vec<(String, String)>,
+}
+
+impl Repairs {
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty() && self.dropped.is_empty()
+    }
+}
+
+impl fmt::Debug for Repairs {
+    /// Field names, and dropped values masked.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repairs")
+            .field("fields", &self.fields)
+            .field(
+                "dropped",
+                &self
+                    .dropped
+                    .iter()
+                    .map(|(field, value)| (field, crate::telemetry::mask_email(value)))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
 /// Maps fields from a platform sender, which cannot fix its data and must never be refused
 /// for it (Meta, Google, form tools). Where [`map_fields`] would refuse:
 ///
 /// * an invalid value of an email field is not sent as an email; it goes into the
-///   unmapped-fields note (when the source has `unmapped_extra`) as `<field> (invalid): value`;
+///   unmapped-fields note as `<field> (invalid): value` when the source has `unmapped_extra`,
+///   and is dropped (and listed in [`Repairs::dropped`]) when it has not;
 /// * a missing first or last name takes the source's `last_name_fallback`, or `"-"` when that
 ///   is empty; with no name at all both do.
 ///
-/// Returns the payload and the names of the fields it had to repair (for counting and for a
-/// log line, which must not carry the values).
-pub fn map_fields_lenient(
-    inbound: &Inbound,
-    rules: &MappingRules,
-) -> (LeadsinPayload, Vec<String>) {
+/// Returns the payload and what it had to repair (for counting and for a log line).
+pub fn map_fields_lenient(inbound: &Inbound, rules: &MappingRules) -> (LeadsinPayload, Repairs) {
     let rejection = match map_fields(inbound, rules) {
-        Ok(payload) => return (payload, Vec::new()),
+        Ok(payload) => return (payload, Repairs::default()),
         Err(rejection) => rejection,
     };
     let fallback = if rules.last_name_fallback.is_empty() {
@@ -254,6 +285,7 @@ pub fn map_fields_lenient(
         rules.last_name_fallback.clone()
     };
     let mut repaired: Vec<String> = rejection.fields.keys().cloned().collect();
+    let mut dropped = Vec::new();
 
     // Invalid emails become a note instead of an error.
     let email_fields: HashSet<&str> = rules
@@ -269,6 +301,9 @@ pub fn map_fields_lenient(
                 && !value.trim().is_empty()
                 && EmailAddress::parse(value).is_err()
             {
+                if rules.unmapped_extra.is_none() {
+                    dropped.push((name.to_owned(), value.trim().to_owned()));
+                }
                 cleaned.push(format!("{name} (invalid)"), value.clone());
             } else {
                 cleaned.push(name, value.clone());
@@ -278,7 +313,13 @@ pub fn map_fields_lenient(
     let mut relaxed = rules.clone();
     relaxed.last_name_fallback = fallback.clone();
     match map_fields(&cleaned, &relaxed) {
-        Ok(payload) => (payload, repaired),
+        Ok(payload) => (
+            payload,
+            Repairs {
+                fields: repaired,
+                dropped,
+            },
+        ),
         Err(_) => {
             // No name at all: give the first name the fallback too.
             const FALLBACK_FIELD: &str = "leadgate fallback name";
@@ -294,7 +335,13 @@ pub fn map_fields_lenient(
                 last_name: fallback,
                 ..LeadsinPayload::default()
             });
-            (payload, repaired)
+            (
+                payload,
+                Repairs {
+                    fields: repaired,
+                    dropped,
+                },
+            )
         }
     }
 }
@@ -1693,7 +1740,26 @@ mod tests {
         assert_eq!(payload.first_name, "Ana");
         assert!(payload.email.is_empty());
         assert_eq!(payload.extra[0].value, "email (invalid): ana.example.com");
-        assert_eq!(repaired, ["email"]);
+        assert_eq!(repaired.fields, ["email"]);
+        assert!(repaired.dropped.is_empty());
+    }
+
+    #[test]
+    fn lenient_mapping_without_a_note_lists_the_invalid_email_it_drops_and_debug_masks_it() {
+        let rules = lenient_rules();
+        let inbound: Inbound = [("name", "Ana Ruiz"), ("email", " ana@exa mple.com ")]
+            .into_iter()
+            .collect();
+        let (payload, repaired) = map_fields_lenient(&inbound, &rules);
+        assert!(payload.email.is_empty() && payload.extra.is_empty());
+        assert_eq!(repaired.fields, ["email"]);
+        assert_eq!(
+            repaired.dropped,
+            [("email".to_owned(), "ana@exa mple.com".to_owned())]
+        );
+        let debug = format!("{repaired:?}");
+        assert!(!debug.contains("ana@"), "{debug}");
+        assert!(debug.contains("a***@exa mple.com"), "{debug}");
     }
 
     #[test]
@@ -1713,7 +1779,7 @@ mod tests {
             ("-", "-")
         );
         assert_eq!(payload.email[0].address, "x@example.com");
-        assert!(repaired.contains(&"name".to_owned()), "{repaired:?}");
+        assert!(repaired.fields.contains(&"name".to_owned()), "{repaired:?}");
     }
 
     #[test]
@@ -1724,7 +1790,7 @@ mod tests {
             .collect();
         assert_eq!(
             map_fields_lenient(&inbound, &rules),
-            (map_fields(&inbound, &rules).unwrap(), vec![])
+            (map_fields(&inbound, &rules).unwrap(), Repairs::default())
         );
     }
 

@@ -127,6 +127,14 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
             }
             None => {
                 let _ = writeln!(out, "  other fields: dropped");
+                if source.kind.is_platform() {
+                    // Leadsin has no free-text field: the note is the only place for them.
+                    let _ = writeln!(
+                        out,
+                        "  WARNING: no unmapped_extra, so a lead's invalid values (an invalid \
+                         email) are dropped, not forwarded; set unmapped_extra to keep them"
+                    );
+                }
             }
         }
         let _ = writeln!(

@@ -233,7 +233,7 @@ pub fn to_deliver(
     source: &Source,
     lead: &MetaLeadRef,
     graph: &GraphLead,
-) -> (LeadsinPayload, Work, Vec<String>) {
+) -> (LeadsinPayload, Work, mapping::Repairs) {
     let inbound = inbound(lead, graph, &source.mapping);
     let (payload, repaired) = mapping::map_fields_lenient(&inbound, &source.mapping);
     let work = Work::Deliver {

@@ -204,21 +204,40 @@ fn map_platform_fields(source: &Source, fields: &Inbound) -> crate::lead::Leadsi
     payload
 }
 
-/// Counts (`leadgate_leads_repaired_total`) and logs, by field name only, a platform lead that
-/// the lenient mapping had to repair; nothing when `repaired` is empty. Every platform's road
-/// ends here: Google and the form tools at ingest, Meta once its lead is read from Graph.
-pub fn note_repaired(source: &Source, repaired: &[String]) {
+/// Counts (`leadgate_leads_repaired_total`) and logs a platform lead that the lenient mapping
+/// had to repair — field names, and the values it dropped masked; nothing when there was
+/// nothing to repair. Every platform's road ends here: Google and the form tools at ingest,
+/// Meta once its lead is read from Graph.
+pub fn note_repaired(source: &Source, repaired: &mapping::Repairs) {
     if repaired.is_empty() {
         return;
     }
     metrics::counter!(crate::telemetry::metric::REPAIRED, "source" => source.id.clone())
         .increment(1);
-    tracing::warn!(
-        source = %source.id,
-        kind = source.kind.name(),
-        fields = %repaired.join(", "),
-        "A platform lead had invalid or missing fields; forwarded with what was valid."
-    );
+    let fields = repaired.fields.join(", ");
+    if repaired.dropped.is_empty() {
+        tracing::warn!(
+            source = %source.id,
+            kind = source.kind.name(),
+            fields,
+            "A platform lead had invalid or missing fields; forwarded with what was valid."
+        );
+    } else {
+        let dropped = repaired
+            .dropped
+            .iter()
+            .map(|(field, value)| format!("{field}: {}", crate::telemetry::mask_email(value)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::warn!(
+            source = %source.id,
+            kind = source.kind.name(),
+            fields,
+            dropped,
+            "A platform lead had invalid or missing fields; forwarded with what was valid. \
+             The source has no unmapped_extra, so its invalid values were dropped."
+        );
+    }
 }
 
 /// Whether the source's `[source.fields]` or `[source.extra]` mentions an incoming name.

@@ -40,6 +40,49 @@ fn check_config_prints_each_source_with_its_url_and_mapping() {
 }
 
 #[test]
+fn check_config_warns_of_platform_sources_that_would_drop_invalid_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leadgate.toml");
+    std::fs::write(
+        &path,
+        r#"
+[[source]]
+id = "site"
+kind = "form"
+
+[[source]]
+id = "google-bare"
+kind = "google"
+google_key = "google-key-0123456789"
+
+[[source]]
+id = "google-noted"
+kind = "google"
+google_key = "google-key-0123456789"
+unmapped_extra = "4444444"
+"#,
+    )
+    .unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let section = |id: &str| {
+        let start = stdout.find(&format!("[{id}]")).unwrap();
+        let rest = &stdout[start + 1..];
+        rest[..rest.find("\n[").unwrap_or(rest.len())].to_owned()
+    };
+    let warning = "WARNING: no unmapped_extra";
+    assert!(section("google-bare").contains(warning), "{stdout}");
+    assert!(!section("google-noted").contains(warning), "{stdout}");
+    // A form can be told its data is bad; nothing of it is repaired.
+    assert!(!section("site").contains(warning), "{stdout}");
+}
+
+#[test]
 fn check_config_names_file_line_and_key_of_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");

@@ -1,9 +1,13 @@
 //! Google Ads lead forms: Google's JSON, checked by `google_key`, reaches the simulator as the
 //! exact Leadsin payload; test leads, wrong keys and redeliveries behave as Google needs.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
-use crate::helpers::app::TestApp;
+use crate::helpers::app::{GatewayEnv, GatewayProcess, TestApp, client, start_sim, wait_received};
+use crate::helpers::eventually;
 
 const KEY: &str = "g00gle-lead-form-key-7f3a";
 
@@ -300,6 +304,49 @@ async fn test_leads_are_counted_whether_they_are_forwarded_or_not() {
         changes.push(app.metric(s).await - before);
     }
     assert_eq!(changes, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0], "{series:#?}");
+}
+
+#[tokio::test]
+async fn without_unmapped_extra_an_invalid_email_is_dropped_and_logged_masked_at_warn_level() {
+    // Leadsin has no free-text field of its own: the note is the only place an invalid value
+    // can go. Without one it is dropped — and the operator is told, without the address.
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = sources("").replace("unmapped_extra = \"4444444\"\n", "");
+    assert!(!text.contains("unmapped_extra"));
+    let env = GatewayEnv::new(dir.path(), &sim, &text);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let body = lead(
+        "dropped-email-1",
+        json!([
+            column("FULL_NAME", "Full Name", "Paula Serra"),
+            column("EMAIL", "User Email", "paula.serra@exa mple.com"),
+        ]),
+    );
+    let response = client()
+        .post(format!("{}/in/google", gateway.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_plain_200(response).await;
+    let leads = wait_received(&sim, 1, Duration::from_secs(20)).await;
+    let payload = &leads[0].payload;
+    assert_eq!(payload["LastName"], "Serra");
+    assert!(payload.get("Email").is_none(), "{payload}");
+    assert!(!payload.to_string().contains("paula.serra"), "{payload}");
+
+    let line = eventually(Duration::from_secs(10), "the warning", || async {
+        gateway
+            .log()
+            .lines()
+            .find(|line| line.contains("invalid values were dropped"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("EMAIL: p***@exa mple.com"), "{line}");
+    assert!(!gateway.log().contains("paula.serra@"), "{}", gateway.log());
 }
 
 #[tokio::test]
