@@ -53,7 +53,8 @@ pub enum Preset {
 }
 
 impl Preset {
-    const ALL: [(&'static str, Preset); 5] = [
+    /// Every preset, by the name the sources file gives it.
+    pub const ALL: [(&'static str, Preset); 5] = [
         ("typeform", Preset::Typeform),
         ("unbounce", Preset::Unbounce),
         ("elementor", Preset::Elementor),

@@ -33,7 +33,7 @@ use crate::error::IngestError;
 use crate::lead::Inbound;
 
 /// Metadata offered to `[source.extra]` by Google's own names.
-const METADATA: [&str; 9] = [
+pub const METADATA: [&str; 9] = [
     "lead_id",
     "form_id",
     "campaign_id",

@@ -240,6 +240,24 @@ pub fn note_repaired(source: &Source, repaired: &mapping::Repairs) {
     }
 }
 
+/// The metadata names a source kind offers to `[source.extra]` (ids, times, page details):
+/// they reach a lead only when mapped. Forms and partners have none.
+pub fn metadata_names(kind: &SourceKind) -> &'static [&'static str] {
+    use crate::config::sources::Preset;
+    match kind {
+        SourceKind::Form | SourceKind::Partner { .. } => &[],
+        SourceKind::Google { .. } => &google::METADATA,
+        SourceKind::Facebook(_) => &facebook::METADATA,
+        SourceKind::Webhook(hook) => match hook.preset {
+            Preset::Typeform => &webhook::typeform::METADATA,
+            Preset::Unbounce => &webhook::unbounce::METADATA,
+            Preset::Elementor => &webhook::elementor::METADATA,
+            Preset::Webflow => &webhook::webflow::METADATA,
+            Preset::Jotform => &webhook::jotform::METADATA,
+        },
+    }
+}
+
 /// Whether the source's `[source.fields]` or `[source.extra]` mentions an incoming name.
 fn is_mapped(source: &Source, name: &str) -> bool {
     source.mapping.fields.iter().any(|(n, _)| n == name)

@@ -1,10 +1,13 @@
 //! `openapi.yaml` stays true to the code: the same routes, resolvable references, and exactly
 //! the error codes the gateway can answer with.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use leadgate::config::Sources;
+use leadgate::config::sources::{Preset, SourceKind};
 use leadgate::error::ALL_CODES;
 use leadgate::http::ROUTES;
+use leadgate::mapping::Target;
 use serde_json::Value;
 
 const SPEC: &str = include_str!("../../openapi.yaml");
@@ -161,4 +164,116 @@ fn error_examples_use_only_documented_codes() {
         }
     });
     assert!(seen > 0, "the spec has no error examples");
+}
+
+/// One source of every kind and preset, named after it, with the least each needs to load.
+fn one_source_of_each_kind() -> Sources {
+    let mut text = String::from(
+        r#"
+[[source]]
+id = "form"
+kind = "form"
+
+[[source]]
+id = "partner"
+kind = "partner"
+api_keys = ["partner-key-0123456789"]
+
+[[source]]
+id = "facebook"
+kind = "facebook"
+app_secret = "meta-app-secret"
+verify_token = "meta-verify-token"
+
+[[source]]
+id = "google"
+kind = "google"
+google_key = "google-key-0123456789"
+"#,
+    );
+    for (name, _) in Preset::ALL {
+        text.push_str(&format!(
+            "\n[[source]]\nid = \"{name}\"\nkind = \"webhook\"\npreset = \"{name}\"\n\
+             secret = \"webhook-secret-0123456789\"\n"
+        ));
+    }
+    Sources::parse("kinds.toml", &text, |_| None).expect("the sources load")
+}
+
+fn name_and_preset(kind: &SourceKind) -> (String, Option<String>) {
+    match kind {
+        SourceKind::Webhook(hook) => ("webhook".to_owned(), Some(hook.preset.name().to_owned())),
+        other => (other.name().to_owned(), None),
+    }
+}
+
+fn targets(table: &Value, at: &str) -> BTreeMap<String, Target> {
+    table
+        .as_object()
+        .unwrap_or_else(|| panic!("{at} is a mapping"))
+        .iter()
+        .map(|(name, target)| {
+            let target = target.as_str().unwrap_or_else(|| panic!("{at}.{name}"));
+            let target = target
+                .parse()
+                .unwrap_or_else(|e| panic!("{at}.{name}: {e}"));
+            (name.clone(), target)
+        })
+        .collect()
+}
+
+#[test]
+fn every_source_kind_is_described_with_its_url_setup_default_mappings_and_metadata_names() {
+    let spec = spec();
+    let kinds = spec
+        .pointer("/x-source-kinds/kinds")
+        .and_then(Value::as_object)
+        .expect("x-source-kinds.kinds is a mapping");
+    let common = targets(&spec["x-source-kinds"]["commonFields"], "commonFields");
+    let sources = one_source_of_each_kind();
+    let mut described = BTreeSet::new();
+    for source in sources.iter() {
+        let key = source.id.as_str();
+        let entry = kinds
+            .get(key)
+            .unwrap_or_else(|| panic!("x-source-kinds does not describe {key}"));
+        described.insert(key.to_owned());
+        let (kind, preset) = name_and_preset(&source.kind);
+        assert_eq!(entry["kind"], kind.as_str(), "{key}");
+        assert_eq!(entry["preset"].as_str(), preset.as_deref(), "{key}");
+        for text in ["url", "setup", "names", "dedupe"] {
+            let value = entry[text].as_str().unwrap_or_default();
+            assert!(!value.trim().is_empty(), "{key} has no {text}");
+        }
+        assert!(
+            entry["url"].as_str().unwrap().contains("/in/<source id>"),
+            "{key}"
+        );
+
+        let mut documented = targets(&entry["defaultFields"], key);
+        if entry["commonFields"] == Value::Bool(true) {
+            for (name, target) in &common {
+                documented.entry(name.clone()).or_insert(*target);
+            }
+        }
+        let effective: BTreeMap<String, Target> = source.mapping.fields.iter().cloned().collect();
+        assert_eq!(documented, effective, "the default mappings of {key}");
+
+        let metadata: Vec<&str> = entry["metadata"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}.metadata is a list"))
+            .iter()
+            .map(|n| n.as_str().expect("metadata names are strings"))
+            .collect();
+        assert_eq!(
+            metadata,
+            leadgate::sources::metadata_names(&source.kind),
+            "the metadata names of {key}"
+        );
+    }
+    let listed: BTreeSet<String> = kinds.keys().cloned().collect();
+    assert_eq!(
+        listed, described,
+        "x-source-kinds lists a kind the code does not have"
+    );
 }

@@ -23,6 +23,20 @@ use crate::error::IngestError;
 use crate::lead::Inbound;
 use crate::sources::{Item, Submission, Verified, body, body_limits, pick_name, push_metadata};
 
+/// Metadata offered to `[source.extra]`, under the same names in both formats (the advanced
+/// format's `form[id]`, `form[name]` and `meta[<key>][value]`).
+pub const METADATA: [&str; 9] = [
+    "form_id",
+    "form_name",
+    "date",
+    "time",
+    "page_url",
+    "page_title",
+    "user_agent",
+    "remote_ip",
+    "credit",
+];
+
 /// Simple-format metadata titles, and the name each is offered under.
 const SIMPLE_METADATA: [(&str, &str); 9] = [
     ("Date", "date"),
@@ -136,6 +150,15 @@ mod tests {
     use super::*;
 
     const FORM: (&str, &str) = ("content-type", "application/x-www-form-urlencoded");
+
+    #[test]
+    fn both_formats_offer_the_same_metadata_names() {
+        let mut simple: Vec<&str> = SIMPLE_METADATA.iter().map(|(_, name)| *name).collect();
+        let mut documented = METADATA.to_vec();
+        simple.sort_unstable();
+        documented.sort_unstable();
+        assert_eq!(simple, documented);
+    }
 
     #[test]
     fn bracketed_names_split() {

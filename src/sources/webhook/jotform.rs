@@ -25,6 +25,9 @@ use crate::error::IngestError;
 use crate::lead::Inbound;
 use crate::sources::{Item, Submission, Verified, body, body_limits, json_text, push_metadata};
 
+/// Metadata offered to `[source.extra]`, from `formID`, `submissionID` and `formTitle`.
+pub const METADATA: [&str; 3] = ["form_id", "submission_id", "form_title"];
+
 pub async fn parse(
     source: &Source,
     submission: Submission<Verified>,
@@ -68,9 +71,9 @@ pub async fn parse(
     }
     let first = |name: &str| posted.get(name).and_then(|v| v.first()).cloned();
     let id = first("submissionID");
-    push_metadata(source, &mut fields, "form_id", first("formID"));
-    push_metadata(source, &mut fields, "submission_id", id.clone());
-    push_metadata(source, &mut fields, "form_title", first("formTitle"));
+    for (name, posted_as) in METADATA.iter().zip(["formID", "submissionID", "formTitle"]) {
+        push_metadata(source, &mut fields, name, first(posted_as));
+    }
     Ok(one_lead(fields, id))
 }
 

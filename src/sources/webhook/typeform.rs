@@ -31,6 +31,10 @@ use crate::sources::{
     Item, Submission, Unverified, Verified, body, is_mapped, json_text, pick_name, push_metadata,
 };
 
+/// Metadata offered to `[source.extra]`: the response's `token`, `form_id`, `submitted_at`
+/// and `landed_at`, and the event's `event_id`.
+pub const METADATA: [&str; 5] = ["token", "form_id", "submitted_at", "landed_at", "event_id"];
+
 pub fn verify(
     secret: &SecretString,
     submission: &Submission<Unverified>,
@@ -108,20 +112,15 @@ pub fn parse(source: &Source, submission: &Submission<Verified>) -> Result<Vec<I
             }
         }
     }
-    for name in ["token", "form_id", "submitted_at", "landed_at"] {
-        push_metadata(
-            source,
-            &mut fields,
-            name,
-            response.get(name).and_then(json_text),
-        );
+    for name in METADATA {
+        let holder = if name == "event_id" {
+            event.as_object()
+        } else {
+            Some(response)
+        };
+        let value = holder.and_then(|h| h.get(name)).and_then(json_text);
+        push_metadata(source, &mut fields, name, value);
     }
-    push_metadata(
-        source,
-        &mut fields,
-        "event_id",
-        event.get("event_id").and_then(json_text),
-    );
     let id = response
         .get("token")
         .and_then(json_text)

@@ -24,8 +24,9 @@ use crate::error::IngestError;
 use crate::lead::Inbound;
 use crate::sources::{Item, Submission, Verified, body, body_limits, json_text, push_metadata};
 
-/// Unbounce's own parameters, at the top level or inside `data.json`.
-const METADATA: [&str; 8] = [
+/// Unbounce's own parameters, at the top level or inside `data.json`, offered to
+/// `[source.extra]` by these names.
+pub const METADATA: [&str; 8] = [
     "page_id",
     "page_url",
     "page_name",

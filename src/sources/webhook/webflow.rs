@@ -87,6 +87,16 @@ fn timestamp_ms(text: &str) -> Option<i64> {
     }
 }
 
+/// Metadata offered to `[source.extra]`: the form's `name`, `siteId` (v1: `site`), `formId`,
+/// the submission's `id` (v1: `_id`) and `submittedAt` (v1: `d`).
+pub const METADATA: [&str; 5] = [
+    "form_name",
+    "site_id",
+    "form_id",
+    "submission_id",
+    "submitted_at",
+];
+
 pub fn parse(source: &Source, submission: &Submission<Verified>) -> Result<Vec<Item>, IngestError> {
     let event = body::parse_json(&submission.body)?;
     let trigger = event.get("triggerType").and_then(Value::as_str);
@@ -111,14 +121,15 @@ pub fn parse(source: &Source, submission: &Submission<Verified>) -> Result<Vec<I
             .find_map(|n| payload.get(*n).and_then(json_text))
     };
     let id = text(&["id", "_id"]);
-    for (name, value) in [
-        ("form_name", text(&["name"])),
-        ("site_id", text(&["siteId", "site"])),
-        ("form_id", text(&["formId"])),
-        ("submission_id", id.clone()),
-        ("submitted_at", text(&["submittedAt", "d"])),
-    ] {
-        push_metadata(source, &mut fields, name, value);
+    let posted_as: [&[&str]; 5] = [
+        &["name"],
+        &["siteId", "site"],
+        &["formId"],
+        &["id", "_id"],
+        &["submittedAt", "d"],
+    ];
+    for (name, keys) in METADATA.iter().zip(posted_as) {
+        push_metadata(source, &mut fields, name, text(keys));
     }
     Ok(one_lead(fields, id))
 }
