@@ -900,3 +900,252 @@ async fn an_extra_id_the_account_does_not_have_is_refused_with_406() {
     );
     sim.stop().await;
 }
+
+// ---- The Graph API side, driven over HTTPS as a test script or an operator would ---------
+
+/// A GET on the simulator: status, and the body as text (Graph answers are `\u`-escaped).
+async fn get(client: &reqwest::Client, url: String) -> (StatusCode, String) {
+    let response = client.get(url).send().await.expect("an HTTP answer");
+    (response.status(), response.text().await.expect("a body"))
+}
+
+/// The Graph error code and subcode of an answer, or `None` for an answer without an error.
+fn graph_error(text: &str) -> Option<(i64, Option<i64>)> {
+    let body: Value = serde_json::from_str(text).expect("Graph answers JSON");
+    let error = body.get("error")?;
+    Some((error["code"].as_i64()?, error["error_subcode"].as_i64()))
+}
+
+fn graph_lead(id: &str, form: &str, created: &str, name: &str) -> Value {
+    json!({
+        "id": id, "form_id": form, "created_time": created,
+        "ad_id": "120210000000000001", "platform": "ig",
+        "field_data": [{"name": "full_name", "values": [name]}],
+    })
+}
+
+#[tokio::test]
+async fn graph_leads_registered_over_http_are_served_by_id_and_listed_by_form_newest_first() {
+    let sim = start().await;
+    let client = client(&sim);
+    let base = sim.base_url();
+    // Both control routes live under /_sim/graph, which the /_sim scope would answer 404 if
+    // it were registered first.
+    let registered = client
+        .post(format!("{base}/_sim/graph/leads"))
+        .body(
+            json!([
+                graph_lead("9100", "77", "2024-05-01T10:00:00+0000", "Åsa Berg"),
+                graph_lead("9101", "77", "2024-05-01T11:00:00+0000", "Leo Berg"),
+            ])
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), StatusCode::OK);
+    assert_eq!(
+        registered.json::<Value>().await.unwrap(),
+        json!({"registered": 2})
+    );
+    let one = client
+        .post(format!("{base}/_sim/graph/leads"))
+        .body(graph_lead("9200", "78", "2024-05-01T09:00:00+0000", "Other Form").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.json::<Value>().await.unwrap(), json!({"registered": 1}));
+
+    let (status, text) = get(
+        &client,
+        format!("{base}/graph/9100?fields=field_data,form_id&access_token=EAAB-any"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.is_ascii() && text.contains(r"\u00c5sa"), "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap(),
+        json!({"id": "9100", "field_data": [{"name": "full_name", "values": ["Åsa Berg"]}],
+               "form_id": "77"}),
+        "only the asked fields, and the id"
+    );
+
+    let (status, text) = get(
+        &client,
+        format!("{base}/graph/77/leads?access_token=EAAB-any"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let listing: Value = serde_json::from_str(&text).unwrap();
+    let ids: Vec<&str> = listing["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|lead| lead["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["9101", "9100"]);
+
+    // A lead the simulator does not know gets Graph's 100/33.
+    let (status, text) = get(&client, format!("{base}/graph/9999?access_token=EAAB-any")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(graph_error(&text), Some((100, Some(33))));
+}
+
+#[tokio::test]
+async fn graph_errors_scripted_over_http_answer_one_lead_until_cleared_and_the_next_n_calls() {
+    let sim = start().await;
+    let client = client(&sim);
+    let base = sim.base_url();
+    client
+        .post(format!("{base}/_sim/graph/leads"))
+        .body(
+            json!([
+                graph_lead("9300", "79", "2024-05-01T10:00:00+0000", "Ines Costa"),
+                graph_lead("9301", "79", "2024-05-01T10:05:00+0000", "Rui Costa"),
+            ])
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let scripted = client
+        .post(format!("{base}/_sim/graph/errors"))
+        .body(
+            r#"[{"code": 190, "error_subcode": 463, "lead_id": "9300"},
+                {"code": 17, "times": 2}]"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scripted.status(), StatusCode::OK);
+    assert_eq!(
+        scripted.json::<Value>().await.unwrap(),
+        json!({"pending": 2})
+    );
+    let read = |id: &str| get(&client, format!("{base}/graph/{id}?access_token=EAAB-any"));
+
+    // The next two calls of any kind (here a read and a listing) get the rate limit…
+    let (status, text) = read("9301").await;
+    assert_eq!(
+        (status, graph_error(&text)),
+        (StatusCode::BAD_REQUEST, Some((17, None)))
+    );
+    let (_, text) = get(
+        &client,
+        format!("{base}/graph/79/leads?access_token=EAAB-any"),
+    )
+    .await;
+    assert_eq!(graph_error(&text), Some((17, None)));
+    // …then they are used up.
+    let (status, text) = read("9301").await;
+    assert_eq!((status, graph_error(&text)), (StatusCode::OK, None));
+    // The error for one lead answers only that lead, every time, until cleared.
+    for _ in 0..2 {
+        let (status, text) = read("9300").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(graph_error(&text), Some((190, Some(463))));
+    }
+    let cleared = client
+        .delete(format!("{base}/_sim/graph/errors"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cleared.status(), StatusCode::NO_CONTENT);
+    let (status, text) = read("9300").await;
+    assert_eq!((status, graph_error(&text)), (StatusCode::OK, None));
+
+    let calls: Value = client
+        .get(format!("{base}/_sim/graph/calls"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let log: Vec<(&str, &str, u64)> = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["method"].as_str().unwrap(),
+                c["path"].as_str().unwrap(),
+                c["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("GET", "/9301", 400),
+            ("GET", "/79/leads", 400),
+            ("GET", "/9301", 200),
+            ("GET", "/9300", 400),
+            ("GET", "/9300", 400),
+            ("GET", "/9300", 200),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn graph_settings_over_http_admit_only_the_given_tokens_check_the_proof_and_the_log_hides_both()
+ {
+    use hmac::{Hmac, Mac};
+
+    let sim = start().await;
+    let client = client(&sim);
+    let base = sim.base_url();
+    client
+        .post(format!("{base}/_sim/graph/leads"))
+        .body(graph_lead("9400", "80", "2024-05-01T10:00:00+0000", "Mia Lund").to_string())
+        .send()
+        .await
+        .unwrap();
+    let set = client
+        .post(format!("{base}/_sim/graph/settings"))
+        .body(r#"{"tokens": ["EAAB-good-token"], "app_secret": "app-secret-0001"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(set.status(), StatusCode::NO_CONTENT);
+    let proof = |token: &str| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"app-secret-0001").unwrap();
+        mac.update(token.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    };
+    let read = |token: &str, proof: String| {
+        get(
+            &client,
+            format!("{base}/graph/9400?access_token={token}&appsecret_proof={proof}"),
+        )
+    };
+    let (_, text) = read("EAAB-other-token", proof("EAAB-other-token")).await;
+    assert_eq!(graph_error(&text), Some((190, Some(463))), "{text}");
+    let (_, text) = read("EAAB-good-token", proof("EAAB-other-token")).await;
+    assert_eq!(graph_error(&text).map(|e| e.0), Some(100), "{text}");
+    let (status, text) = read("EAAB-good-token", proof("EAAB-good-token")).await;
+    assert_eq!(
+        (status, graph_error(&text)),
+        (StatusCode::OK, None),
+        "{text}"
+    );
+
+    let bad_settings = client
+        .post(format!("{base}/_sim/graph/settings"))
+        .body(r#"{"tokenz": []}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_settings.status(), StatusCode::BAD_REQUEST);
+
+    let (status, calls) = get(&client, format!("{base}/_sim/graph/calls")).await;
+    assert_eq!(status, StatusCode::OK);
+    let calls: Value = serde_json::from_str(&calls).unwrap();
+    assert_eq!(calls.as_array().unwrap().len(), 3);
+    for call in calls.as_array().unwrap() {
+        assert_eq!(
+            call["query"], "access_token=***&appsecret_proof=***",
+            "{call}"
+        );
+    }
+}
