@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 /// A scripted Graph error. JSON form: `{"code": 190, "error_subcode": 463, "status": 400,
-/// "message": "...", "type": "OAuthException", "lead_id": "…", "times": 2}`.
+/// "message": "...", "type": "OAuthException", "lead_id": "…", "times": 2, "retry_after": 1}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GraphFault {
     /// HTTP status of the answer; Graph answers most errors with 400.
@@ -50,6 +50,9 @@ pub struct GraphFault {
     /// How many matching calls it answers; unset: every one until cleared.
     #[serde(default)]
     pub times: Option<u32>,
+    /// Seconds sent as `Retry-After` with the error (how a rate limit says how long to wait).
+    #[serde(default)]
+    pub retry_after: Option<u64>,
 }
 
 fn default_status() -> u16 {
@@ -68,6 +71,7 @@ impl GraphFault {
             kind: None,
             lead_id: None,
             times: Some(times),
+            retry_after: None,
         }
     }
 
@@ -285,7 +289,14 @@ fn error_response(state: &mut State, fault: &GraphFault) -> HttpResponse {
         error["error_subcode"] = json!(subcode);
     }
     let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::BAD_REQUEST);
-    graph_json(status, &json!({ "error": error }))
+    let mut response = graph_json(status, &json!({ "error": error }));
+    if let Some(seconds) = fault.retry_after {
+        response.headers_mut().insert(
+            actix_web::http::header::RETRY_AFTER,
+            actix_web::http::header::HeaderValue::from(seconds),
+        );
+    }
+    response
 }
 
 /// The query with secret values hidden, for the call log.

@@ -483,19 +483,30 @@ async fn a_graph_rate_limit_is_retried_later_and_the_lead_delivered_once() {
             &[("full_name", "Lars Eriksen")],
         ))
         .unwrap();
-    // User request limit (17), then page request limit (32).
-    graph.push_fault(GraphFault::next(17, 1));
+    // User request limit (17) saying how long to wait, then page request limit (32).
+    graph.push_fault(GraphFault {
+        retry_after: Some(1),
+        ..GraphFault::next(17, 1)
+    });
     graph.push_fault(GraphFault::next(32, 1));
     notify(&app, &["8201"]).await;
     let leads = app.received(1).await;
     assert_eq!(leads[0].payload["LastName"], "Eriksen");
-    let statuses: Vec<u16> = graph
+    let calls: Vec<_> = graph
         .calls()
-        .iter()
+        .into_iter()
         .filter(|c| c.path == "/8201")
-        .map(|c| c.status)
         .collect();
+    let statuses: Vec<u16> = calls.iter().map(|c| c.status).collect();
     assert_eq!(statuses, [400, 400, 200]);
+    // The back-off has full jitter from LEADGATE_RETRY_BASE (50 ms here), so it has no floor
+    // of its own; Graph's wait is the floor. Without it the retry would come within ~50 ms.
+    // (The queue keeps times in milliseconds, hence the 10 ms of slack.)
+    let waited = (calls[1].at - calls[0].at).to_std().unwrap();
+    assert!(
+        waited >= Duration::from_millis(990),
+        "the retry came {waited:?} after a rate limit that asked for 1 s"
+    );
     settled(&app).await;
     assert_eq!(app.sim.received().len(), 1);
     // A rate limit is not a token problem.
@@ -584,6 +595,40 @@ async fn a_meta_lead_with_an_invalid_email_is_counted_as_repaired_once_it_is_rea
     let leads = app.received(2).await;
     assert!(leads.iter().any(|l| l.payload.get("Email").is_none()));
     assert_eq!(app.metric(series).await - before, 1.0);
+}
+
+#[tokio::test]
+async fn the_ad_adgroup_and_page_ids_map_into_extra_ids_through_source_extra() {
+    let text = format!(
+        "{}ad_id = \"7000006\"\nadgroup_id = \"7000007\"\npage_id = \"7000008\"\n",
+        sources(PAGE_TOKEN, "")
+    );
+    let app = meta_app_with(&text).await;
+    app.sim
+        .graph()
+        .add_lead(graph_lead(
+            "8551",
+            Utc::now(),
+            &[("full_name", "Chidi Okeke")],
+        ))
+        .unwrap();
+    // Meta sends the ad id under both names; a different `adgroup_id` here shows that each
+    // name carries its own value.
+    let adgroup = "120210000000000002";
+    let body = notification(&["8551"]).replace(
+        &format!("\"adgroup_id\":\"{AD}\""),
+        &format!("\"adgroup_id\":\"{adgroup}\""),
+    );
+    assert!(body.contains(adgroup), "{body}");
+    let response = post_signed(&app, &body, Some(&sign(body.as_bytes()))).await;
+    assert_eq!(response.status(), 200);
+    let leads = app.received(1).await;
+    let payload = &leads[0].payload;
+    assert_eq!(extra(payload, "7000006").as_deref(), Some(AD));
+    assert_eq!(extra(payload, "7000007").as_deref(), Some(adgroup));
+    assert_eq!(extra(payload, "7000008").as_deref(), Some(PAGE));
+    // Mapped metadata never lands in the unmapped-fields note.
+    assert_eq!(extra(payload, "4444444"), None, "{payload}");
 }
 
 #[tokio::test]

@@ -1085,6 +1085,21 @@ async fn graph_errors_scripted_over_http_answer_one_lead_until_cleared_and_the_n
             ("GET", "/9300", 200),
         ]
     );
+
+    // A rate limit can say how long to wait.
+    client
+        .post(format!("{base}/_sim/graph/errors"))
+        .body(r#"{"code": 4, "times": 1, "retry_after": 7}"#)
+        .send()
+        .await
+        .unwrap();
+    let limited = client
+        .get(format!("{base}/graph/9301?access_token=EAAB-any"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.headers()["retry-after"], "7");
+    assert_eq!(graph_error(&limited.text().await.unwrap()), Some((4, None)));
 }
 
 #[tokio::test]
