@@ -297,16 +297,22 @@ async fn a_signed_body_with_unicode_escapes_verifies_and_the_decoded_text_reache
         ))
         .unwrap();
     // Meta signs the escaped, pure-ASCII bytes; the signature must be checked over exactly
-    // those, not over the text re-serialised after decoding.
+    // those, not over the text re-serialised after decoding. A notification carries only ids,
+    // none of them text: its non-ASCII `ad_name` is signed but never forwarded, so what the
+    // notification does forward, its `leadgen_id`, is sent escaped too ("5001" as
+    // `\u0035\u0030\u0030\u0031`) and must arrive decoded — in the Graph read and in its Extra
+    // ID. The non-ASCII text that reaches Onpipeline comes from Graph's own escaped answer.
     let body = format!(
-        r#"{{"object":"page","entry":[{{"id":"{PAGE}","time":1714558830,"changes":[{{"field":"leadgen","value":{{"ad_id":"{AD}","form_id":"{FORM}","leadgen_id":"5001","created_time":1714558830,"page_id":"{PAGE}","ad_name":"Caf\u00e9 \u00e9t\u00e9 \ud83c\udf75"}}}}]}}]}}"#
+        r#"{{"object":"page","entry":[{{"id":"{PAGE}","time":1714558830,"changes":[{{"field":"leadgen","value":{{"ad_id":"{AD}","form_id":"{FORM}","leadgen_id":"\u0035\u0030\u0030\u0031","created_time":1714558830,"page_id":"{PAGE}","ad_name":"Caf\u00e9 \u00e9t\u00e9 \ud83c\udf75"}}}}]}}]}}"#
     );
-    assert!(body.is_ascii() && body.contains(r"\u00e9"));
+    assert!(body.is_ascii() && body.contains(r"\u00e9") && !body.contains("5001"));
     let response = post_signed(&app, &body, Some(&sign(body.as_bytes()))).await;
     assert_eq!(response.status(), 200);
 
     let leads = app.received(1).await;
     let payload = &leads[0].payload;
+    assert_eq!(extra(payload, "7000001").unwrap(), "5001");
+    assert_eq!(reads_of(&app, "5001"), 1);
     assert_eq!(payload["FirstName"], "Zoë");
     assert_eq!(payload["LastName"], "Ångström");
     assert_eq!(extra(payload, "7000004").unwrap(), "乌龙茶 🍵");
