@@ -4,8 +4,8 @@
 //! * delivered or duplicate (409) → record the delivery and ack;
 //! * temporary failure → a new copy later, per [`RetryPolicy`] (and `Retry-After`), until the
 //!   lead is too old, then dead-letter;
-//! * rejected data (400, 406) → dead-letter with Onpipeline's answer;
-//! * 401/403/404 → **pause all delivery**: the lead goes back uncounted, nothing more is leased,
+//! * rejected data (Onpipeline's `Error` object with 400 or 406) → dead-letter with its answer;
+//! * 401/403/404, with or without an `Error` object → **pause all delivery**: the lead goes back uncounted, nothing more is leased,
 //!   and one probe is sent after a growing back-off (re-reading a token file first) until
 //!   Onpipeline accepts again.
 //!
