@@ -122,7 +122,7 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         .post(format!("{base}/in/website"))
         .header("origin", &base)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body("name=Sandra+Box&email=sandra%40example.com&budget=10k-50k")
+        .body("name=Sandra+Box&email=sandra%40example.com&phone=020+7946+0018&budget=10k-50k")
         .send()
         .await
         .unwrap();
@@ -141,11 +141,35 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         })
         .await;
     assert!(inbox.contains("1111111"), "the Extra ID is shown: {inbox}");
-    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    // The simulator logs each lead it creates, with the contacts masked.
+    let log = crate::helpers::eventually(
+        Duration::from_secs(10),
+        "the simulator's log line",
+        || async {
+            let log = std::fs::read_to_string(dir.path().join("log")).ok()?;
+            log.contains("Simulated Onpipeline created a lead")
+                .then_some(log)
+        },
+    )
+    .await;
     assert!(log.contains("SANDBOX MODE"), "{log}");
     assert!(
         !log.contains("sandra@example.com"),
         "emails are masked in logs:\n{log}"
+    );
+    assert!(
+        log.contains("s***@example.com"),
+        "the masked email is logged:\n{log}"
+    );
+    for clear in ["2079460018", "020 7946 0018", "020+7946+0018"] {
+        assert!(
+            !log.contains(clear),
+            "phone numbers are masked in logs ({clear} found):\n{log}"
+        );
+    }
+    assert!(
+        log.contains("+44********18"),
+        "the masked phone is logged:\n{log}"
     );
     child.kill().unwrap();
     child.wait().unwrap();
