@@ -229,3 +229,56 @@ async fn sim_command_serves_leadsin_over_https_with_its_ca() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Without a token and without `--sandbox`, `serve` starts, accepts leads into the queue, says
+/// at start-up that delivery is held (and why), and `/readyz` reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_token_logs_that_delivery_is_held_and_readyz_says_so() {
+    use crate::helpers::app::{GatewayEnv, GatewayProcess, default_sources, start_sim};
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.unset("LEADGATE_ONPIPELINE_TOKEN");
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let log = crate::helpers::eventually(Duration::from_secs(10), "the start-up log", || async {
+        let log = gateway.log();
+        log.contains("leadgate is listening").then_some(log)
+    })
+    .await;
+    let held = log
+        .lines()
+        .find(|line| line.contains("Delivery is held"))
+        .unwrap_or_else(|| panic!("a start-up line says delivery is held:\n{log}"));
+    assert!(held.contains("WARN"), "{held}");
+    assert!(
+        held.contains("LEADGATE_ONPIPELINE_TOKEN"),
+        "the line says how to fix it: {held}"
+    );
+
+    let http = client();
+    let readyz: Value = http
+        .get(format!("{}/readyz", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["status"], "degraded", "{readyz}");
+    assert_eq!(readyz["delivery"]["state"], "held", "{readyz}");
+    assert!(
+        readyz["delivery"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no Onpipeline token")),
+        "{readyz}"
+    );
+    let response = http
+        .post(format!("{}/in/website", gateway.base))
+        .json(&serde_json::json!({"name": "Held Lead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "leads are still accepted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sim.requests().is_empty(), "nothing is delivered while held");
+}
