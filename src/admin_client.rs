@@ -28,9 +28,9 @@ pub enum AdminCommand {
     },
     /// Delete a dead letter for good.
     Delete { id: String },
-    /// Pause delivery in that process until `resume`.
+    /// Pause delivery in every process on the queue until `resume`.
     Pause,
-    /// Resume delivery at once.
+    /// Resume delivery at once, in every process on the queue.
     Resume,
 }
 

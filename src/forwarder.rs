@@ -4,10 +4,15 @@
 //! * delivered or duplicate (409) → record the delivery and ack;
 //! * temporary failure → a new copy later, per [`RetryPolicy`] (and `Retry-After`), until the
 //!   lead is too old, then dead-letter;
-//! * rejected data (400, 406) → dead-letter with Onpipeline's answer;
-//! * 401/403/404 → **pause all delivery**: the lead goes back uncounted, nothing more is leased,
+//! * rejected data (Onpipeline's `Error` object with 400 or 406) → dead-letter with its answer;
+//! * 401/403/404, with or without an `Error` object → **pause all delivery**: the lead goes back uncounted, nothing more is leased,
 //!   and one probe is sent after a growing back-off (re-reading a token file first) until
 //!   Onpipeline accepts again.
+//!
+//! That pause is this process's own: each replica meets Onpipeline's answers and probes for
+//! itself. An **operator's pause** is shared instead: it is stored in the queue
+//! ([`Queue::pause_delivery`]) and every forwarder on the queue follows it within
+//! [`OPERATOR_PAUSE_POLL`], leasing nothing until it is cleared.
 //!
 //! A lead whose delivery is already recorded (its earlier lease expired after Onpipeline took
 //! it) is acked without being sent again.
@@ -203,23 +208,35 @@ impl DeliveryState {
         true
     }
 
-    /// Pauses delivery until an operator resumes it; returns false when this process does not
-    /// deliver (off or held).
-    pub fn pause_by_operator(&self) -> bool {
+    /// Pauses delivery until an operator resumes it, with the time the operator's pause began
+    /// (shared by every process on the queue); returns false when this process does not
+    /// deliver (off or held) or was already paused by the operator.
+    pub fn pause_by_operator(&self, since: DateTime<Utc>) -> bool {
         let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
         if matches!(
             *status,
-            DeliveryStatus::Off { .. } | DeliveryStatus::Held { .. }
+            DeliveryStatus::Off { .. }
+                | DeliveryStatus::Held { .. }
+                | DeliveryStatus::Paused {
+                    by_operator: true,
+                    ..
+                }
         ) {
             return false;
         }
         *status = DeliveryStatus::Paused {
             reason: "paused by an operator".to_owned(),
-            since: Utc::now(),
+            since,
             by_operator: true,
         };
         metrics::gauge!(metric::PAUSED).set(1.0);
         true
+    }
+
+    /// Ends an operator's pause (another process was told to resume); a pause Onpipeline caused
+    /// stays, since this process finds out for itself when Onpipeline accepts again.
+    fn end_operator_pause(&self) -> bool {
+        self.is_paused_by_operator() && self.resume()
     }
 
     /// Ends a pause Onpipeline caused, once it accepted a lead again; an operator's pause stays.
@@ -313,6 +330,44 @@ impl InFlight {
 /// How long one lease call waits for work before looking at shutdown and pause again.
 const LEASE_WAIT: Duration = Duration::from_millis(500);
 
+/// How often the operator's pause stored in the queue is read: a pause or resume sent to one
+/// process reaches the others within this.
+pub const OPERATOR_PAUSE_POLL: Duration = Duration::from_millis(500);
+
+/// Follows the operator's pause stored in the queue (`POST /admin/pause` on any process
+/// sharing it), until shutdown. It acts on what changed since its last read, so it leaves alone
+/// the process that took the call (which applied it at once); a read that raced with a call
+/// is set right by the next one.
+async fn follow_operator_pause(
+    queue: Queue,
+    state: Arc<DeliveryState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<Option<crate::queue::OperatorPause>> = None;
+    while !*shutdown.borrow() {
+        match queue.operator_pause().await {
+            Ok(pause) if last.as_ref() != Some(&pause) => {
+                match &pause {
+                    Some(p) if state.pause_by_operator(p.since) => {
+                        warn!("Delivery paused by an operator (through another process).");
+                    }
+                    None if state.end_operator_pause() => {
+                        info!("Delivery resumed by an operator (through another process).");
+                    }
+                    _ => {}
+                }
+                last = Some(pause);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "Could not read the operator's pause."),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(OPERATOR_PAUSE_POLL) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 impl Forwarder {
     /// Runs until `shutdown` turns true, then waits for in-flight deliveries to settle.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
@@ -320,6 +375,11 @@ impl Forwarder {
         let slots = Arc::new(Semaphore::new(this.concurrency));
         let in_flight = Arc::new(InFlight::default());
         let mut tasks = JoinSet::new();
+        let follower = tokio::spawn(follow_operator_pause(
+            this.queue.clone(),
+            this.state.clone(),
+            shutdown.clone(),
+        ));
         let first_probe_delay = Duration::from_secs(1).min(this.probe_max);
         let mut probe_delay = first_probe_delay;
         info!(
@@ -336,8 +396,10 @@ impl Forwarder {
                 // request.
                 while tasks.join_next().await.is_some() {}
                 if this.state.is_paused_by_operator() {
+                    // The poll also catches a resume that came between the check and the wait.
                     tokio::select! {
                         _ = this.state.resume.notified() => {}
+                        _ = tokio::time::sleep(OPERATOR_PAUSE_POLL) => {}
                         _ = shutdown.changed() => {}
                     }
                     continue;
@@ -423,6 +485,7 @@ impl Forwarder {
                     .await;
             }
         }
+        follower.abort();
         info!("Forwarder stopped.");
     }
 

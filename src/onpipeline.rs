@@ -29,7 +29,8 @@ pub enum Outcome {
         status: Option<u16>,
         after: Option<Duration>,
     },
-    /// Onpipeline refused the data for good (400, 406, or a 2xx carrying such an `Error`).
+    /// Onpipeline refused the data for good: its `Error` object says 400, 406, 413 or 422
+    /// (whatever the HTTP status). A bare status without that object is never a rejection.
     Rejected { reason: String, status: u16 },
     /// Our credentials or egress are wrong (401, 403, 404): stop all delivery until fixed.
     Paused { reason: String, status: u16 },
@@ -171,6 +172,14 @@ fn transport_failure(e: &reqwest::Error) -> Outcome {
 /// Reads an answer of Onpipeline, following its API reference: a JSON body with `Header` and
 /// `Data` on success, or an `Error` object (`Code`, `Message`) — which is an error even when
 /// the HTTP status is 2xx. The code in the body wins over the HTTP status when both exist.
+///
+/// Onpipeline's API always answers JSON, so an answer without an `Error` object and without a
+/// `Header` did not come from it: a proxy, a WAF or a load balancer in between answered (an
+/// HTML 400, 413 or 502 page, an empty body). Such an answer says nothing about the lead, so it
+/// is retried — never dead-lettered — except 401, 403 and 404, which still pause delivery: they
+/// mean our credentials, egress or URL are wrong, and pausing loses nothing while it probes.
+///
+/// This is the one place answers are classified; the table in the README follows it row by row.
 pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: SystemTime) -> Outcome {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     let error = json
@@ -197,56 +206,57 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
             .take(300)
             .collect::<String>();
         let reason = format!("Onpipeline error {code}: {message}");
-        return by_code(code, reason, after);
+        return match code {
+            409 => Outcome::Duplicate,
+            400 | 406 | 413 | 422 => Outcome::Rejected {
+                reason,
+                status: code,
+            },
+            401 | 403 | 404 => Outcome::Paused {
+                reason,
+                status: code,
+            },
+            _ => Outcome::RetryLater {
+                reason,
+                status: Some(code),
+                after,
+            },
+        };
     }
 
+    let header = json.as_ref().and_then(|j| j.get("Header"));
     match status {
-        200..=202 => {
-            let header = json.as_ref().and_then(|j| j.get("Header"));
-            if header.is_some() {
-                let lead_id = json
-                    .as_ref()
-                    .and_then(|j| j.pointer("/Data/LeadID"))
-                    .and_then(|id| match id {
-                        Value::String(s) => Some(s.clone()),
-                        Value::Number(n) => Some(n.to_string()),
-                        _ => None,
-                    });
-                Outcome::Delivered { lead_id, status }
-            } else {
-                // A 2xx that is not Onpipeline's JSON (a proxy page, an empty body): we cannot
-                // tell whether the lead was created, so try again; a repeat is answered 409.
-                Outcome::RetryLater {
-                    reason: format!(
-                        "HTTP {status} without Onpipeline's Header: {}",
-                        snippet(body)
-                    ),
-                    status: Some(status),
-                    after,
-                }
-            }
+        200..=202 if header.is_some() => {
+            let lead_id = json
+                .as_ref()
+                .and_then(|j| j.pointer("/Data/LeadID"))
+                .and_then(|id| match id {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                });
+            Outcome::Delivered { lead_id, status }
         }
-        _ => {
-            let reason = format!("HTTP {status}: {}", snippet(body));
-            by_code(status, reason, after)
-        }
-    }
-}
-
-fn by_code(code: u16, reason: String, after: Option<Duration>) -> Outcome {
-    match code {
-        409 => Outcome::Duplicate,
-        400 | 406 | 413 | 422 => Outcome::Rejected {
-            reason,
-            status: code,
+        // A 2xx that is not Onpipeline's JSON (a proxy page, an empty body): we cannot tell
+        // whether the lead was created, so try again; a repeat is answered 409.
+        200..=299 => Outcome::RetryLater {
+            reason: format!(
+                "HTTP {status} without Onpipeline's Header: {}",
+                snippet(body)
+            ),
+            status: Some(status),
+            after,
         },
         401 | 403 | 404 => Outcome::Paused {
-            reason,
-            status: code,
+            reason: format!("HTTP {status}: {}", snippet(body)),
+            status,
         },
         _ => Outcome::RetryLater {
-            reason,
-            status: Some(code),
+            reason: format!(
+                "HTTP {status} without Onpipeline's Error object: {}",
+                snippet(body)
+            ),
+            status: Some(status),
             after,
         },
     }
@@ -355,6 +365,58 @@ mod tests {
             matches!(&outcome, Outcome::RetryLater { reason, status: Some(502), .. } if reason.contains("Bad Gateway")),
             "{outcome:?}"
         );
+    }
+
+    /// Answers that are not Onpipeline's JSON come from something in between (a proxy, a WAF):
+    /// they say nothing about the lead, so they are retried, except the three statuses that
+    /// mean our credentials, egress or URL are wrong, which pause delivery.
+    #[test]
+    fn an_answer_without_onpipeline_s_error_object_is_retried_unless_it_means_pause() {
+        let html = b"<html><head><title>400 Bad Request</title></head><body>nginx</body></html>";
+        let rows: [(u16, &[u8], &str); 14] = [
+            (400, html, "retry"),
+            (406, html, "retry"),
+            (413, b"<html>Request Entity Too Large</html>", "retry"),
+            (422, b"Unprocessable", "retry"),
+            (409, html, "retry"),
+            (400, b"", "retry"),
+            (406, b"{}", "retry"),
+            (400, br#"{"Error":"not an object"}"#, "retry"),
+            (429, html, "retry"),
+            (502, html, "retry"),
+            (401, html, "paused"),
+            (403, b"<html>403 Forbidden</html>", "paused"),
+            (404, b"", "paused"),
+            (403, b"{}", "paused"),
+        ];
+        for (status, body, expected) in rows {
+            let outcome = classify(status, Some("3"), body, now());
+            assert_eq!(outcome.label(), expected, "HTTP {status}: {outcome:?}");
+            assert_eq!(outcome.status(), Some(status), "{outcome:?}");
+            if let Outcome::RetryLater { after, .. } = outcome {
+                assert_eq!(after, Some(Duration::from_secs(3)), "Retry-After is kept");
+            }
+        }
+    }
+
+    #[test]
+    fn a_html_400_page_gives_its_text_as_the_reason() {
+        let outcome = classify(
+            400,
+            None,
+            b"<html>\r\n<title>400 Bad Request</title>",
+            now(),
+        );
+        match outcome {
+            Outcome::RetryLater { reason, .. } => {
+                assert!(
+                    reason.starts_with("HTTP 400 without Onpipeline's Error object"),
+                    "{reason}"
+                );
+                assert!(reason.contains("400 Bad Request"), "{reason}");
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
     }
 
     #[test]

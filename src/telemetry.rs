@@ -52,7 +52,8 @@ pub fn mask_email(email: &str) -> String {
     }
 }
 
-/// `+442079460018` → `+44******18`: keeps a leading `+`, the first two and the last two digits.
+/// `+442079460018` → `+44********18`: keeps a leading `+`, the first two and the last two
+/// digits, and hides each digit between them with a `*`.
 pub fn mask_phone(phone: &str) -> String {
     let digits: Vec<char> = phone.chars().filter(|c| c.is_ascii_digit()).collect();
     if digits.len() < 6 {

@@ -21,8 +21,9 @@ use crate::telemetry::LogFormat;
 
 pub use sources::{BackfillForm, Limits, MetaSource, Origin, Source, SourceKind, Sources};
 
-/// Every `LEADGATE_*` variable. The README's configuration table lists the same set.
-#[derive(Deserialize)]
+/// Every `LEADGATE_*` variable. The README's configuration table lists the same set. Its
+/// `Debug` shows every secret (tokens, the Redis URL, the proxy URL) as `[REDACTED]`.
+#[derive(Debug, Deserialize)]
 pub struct Settings {
     #[serde(default = "defaults::listen")]
     pub listen: SocketAddr,
@@ -471,6 +472,64 @@ mod tests {
     fn a_short_admin_token_is_refused() {
         assert!(env(&[("LEADGATE_ADMIN_TOKEN", "short")]).is_err());
         assert!(env(&[("LEADGATE_ADMIN_TOKEN", "a-long-enough-admin-token")]).is_ok());
+    }
+
+    #[test]
+    fn debug_of_the_settings_never_shows_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "file-token-secret-0042\n").unwrap();
+        let secrets = [
+            "inline-token-secret-0041",
+            "file-token-secret-0042",
+            "admin-token-secret-0043",
+            "metrics-token-secret-0044",
+            "redis-pass-secret-0045",
+            "proxy-pass-secret-0046",
+        ];
+        let common = [
+            ("LEADGATE_ADMIN_TOKEN", "admin-token-secret-0043"),
+            ("LEADGATE_METRICS_TOKEN", "metrics-token-secret-0044"),
+            (
+                "LEADGATE_REDIS_URL",
+                "redis://leadgate:redis-pass-secret-0045@127.0.0.1:6379/0",
+            ),
+            (
+                "LEADGATE_EGRESS_PROXY",
+                "http://egress:proxy-pass-secret-0046@proxy.example:3128",
+            ),
+        ];
+        let file = token_file.display().to_string();
+        for token in [
+            ("LEADGATE_ONPIPELINE_TOKEN", "inline-token-secret-0041"),
+            ("LEADGATE_ONPIPELINE_TOKEN_FILE", file.as_str()),
+        ] {
+            let mut pairs = common.to_vec();
+            pairs.push(token);
+            let settings = env(&pairs).unwrap();
+            let token = settings.token_source().expect("a token is configured");
+            let printed = [
+                format!("{settings:?}"),
+                format!("{settings:#?}"),
+                format!("{token:?}"),
+                format!("{:?}", token.load().unwrap()),
+                format!("{:?}", settings.backend()),
+            ];
+            for text in &printed {
+                for secret in secrets {
+                    assert!(!text.contains(secret), "{secret} shown in {text}");
+                }
+            }
+            // The secrets are there, only hidden.
+            assert!(printed[0].contains("REDACTED"), "{}", printed[0]);
+            assert_eq!(
+                token.load().unwrap().expose_secret(),
+                match settings.onpipeline_token_file {
+                    Some(_) => "file-token-secret-0042",
+                    None => "inline-token-secret-0041",
+                }
+            );
+        }
     }
 
     #[test]

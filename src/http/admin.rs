@@ -89,6 +89,10 @@ pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
+    let operator_pause = match state.queue.operator_pause().await {
+        Ok(pause) => pause,
+        Err(e) => return queue_error(e),
+    };
     match state.queue.stats().await {
         Ok(stats) => HttpResponse::Ok().json(json!({
             "backend": state.queue.backend_name(),
@@ -99,6 +103,7 @@ pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
             "delivered": stats.delivered,
             "oldest_ready_ms": stats.oldest_ready_ms,
             "delivery": state.delivery.get(),
+            "operator_pause": operator_pause,
         })),
         Err(e) => queue_error(e),
     }
@@ -316,24 +321,40 @@ pub async fn delete_dead(
     }
 }
 
-/// `POST /admin/pause`: stops delivery in this process until `POST /admin/resume`.
+/// `POST /admin/pause`: stops delivery in every process on the queue until `POST
+/// /admin/resume` (to any of them). The pause is stored in the queue first — the other
+/// processes follow it within [`crate::forwarder::OPERATOR_PAUSE_POLL`] — then applied here at
+/// once.
 pub async fn pause(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
-    if state.delivery.pause_by_operator() {
-        warn!("Delivery paused by an operator.");
-    }
-    HttpResponse::Ok().json(json!({ "delivery": state.delivery.get() }))
+    let pause = match state.queue.pause_delivery(chrono::Utc::now()).await {
+        Ok(pause) => pause,
+        Err(e) => return queue_error(e),
+    };
+    state.delivery.pause_by_operator(pause.since);
+    warn!(since = %pause.since, "Delivery paused by an operator, for every process on the queue.");
+    HttpResponse::Ok().json(json!({
+        "delivery": state.delivery.get(),
+        "operator_pause": pause,
+    }))
 }
 
-/// `POST /admin/resume`: resumes delivery at once (also after Onpipeline refused us).
+/// `POST /admin/resume`: ends the operator's pause in every process on the queue, and in this
+/// process also a pause Onpipeline caused, at once (the others keep probing for themselves).
 pub async fn resume(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
+    if let Err(e) = state.queue.resume_delivery().await {
+        return queue_error(e);
+    }
     if state.delivery.resume() {
         info!("Delivery resumed by an operator.");
     }
-    HttpResponse::Ok().json(json!({ "delivery": state.delivery.get() }))
+    HttpResponse::Ok().json(json!({
+        "delivery": state.delivery.get(),
+        "operator_pause": null,
+    }))
 }

@@ -43,7 +43,13 @@
 //! -- Idempotency keys: the first lead queued with each (source, key); expired rows are replaced.
 //! CREATE TABLE idempotency (source TEXT NOT NULL, key TEXT NOT NULL, first_lead TEXT NOT NULL,
 //!                           expires_at INTEGER NOT NULL, UNIQUE (source, key));
+//! -- Switches that outlive the process. One row today: name 'operator_pause', value the
+//! -- OperatorPause JSON, present while an operator has paused delivery (kept across restarts).
+//! CREATE TABLE control (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 //! ```
+//!
+//! `control` was added to version 2 without a version change: it is created when missing, and
+//! an older build simply ignores it.
 //!
 //! One column says when a queued lead may next be leased: a new lead is available at once, a
 //! retry when its delay has passed, and a leased lead when its lease expires — so an expired
@@ -88,7 +94,7 @@ use tokio::time::Instant;
 
 use super::{
     Attempt, DeadLetter, Delivery, Enqueued, Error, Fsync, IdempotencyKey, LeadRecord, LeadState,
-    Lease, LeaseHandle, QueueSettings, Result, Settle, Stats,
+    Lease, LeaseHandle, OperatorPause, QueueSettings, Result, Settle, Stats,
 };
 use crate::lead::{LeadId, QueuedLead, Work};
 
@@ -133,7 +139,14 @@ CREATE TABLE IF NOT EXISTS idempotency (
     UNIQUE (source, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
+CREATE TABLE IF NOT EXISTS control (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 ";
+
+/// The `control` row of an operator's pause.
+const OPERATOR_PAUSE: &str = "operator_pause";
 
 /// The columns of `leads` a [`LeadRecord`] is read from, in [`RecordRow`] order.
 const RECORD_COLUMNS: &str = "lead_id, source, received_at, state, history, delivery, dead_reason,
@@ -184,6 +197,13 @@ enum Command {
     },
     DeleteDead {
         lead_id: String,
+        answer: oneshot::Sender<Result<bool>>,
+    },
+    /// Sets a `control` row unless it exists (`Some`), or deletes it (`None`); answers whether
+    /// the table changed.
+    Control {
+        name: &'static str,
+        value: Option<String>,
         answer: oneshot::Sender<Result<bool>>,
     },
     Ping {
@@ -519,6 +539,43 @@ impl EmbeddedQueue {
         })
     }
 
+    pub async fn pause_delivery(&self, pause: &OperatorPause) -> Result<OperatorPause> {
+        let value = serde_json::to_string(pause).map_err(anyhow::Error::from)?;
+        self.call(|answer| Command::Control {
+            name: OPERATOR_PAUSE,
+            value: Some(value),
+            answer,
+        })
+        .await?;
+        // Read back: a pause already in force was kept, with its own time.
+        Ok(self
+            .operator_pause()
+            .await?
+            .unwrap_or_else(|| pause.clone()))
+    }
+
+    pub async fn resume_delivery(&self) -> Result<bool> {
+        self.call(|answer| Command::Control {
+            name: OPERATOR_PAUSE,
+            value: None,
+            answer,
+        })
+        .await
+    }
+
+    pub async fn operator_pause(&self) -> Result<Option<OperatorPause>> {
+        let stored: Option<String> = self
+            .read(|conn| {
+                conn.prepare_cached("SELECT value FROM control WHERE name = ?1")?
+                    .query_row(params![OPERATOR_PAUSE], |row| row.get(0))
+                    .optional()
+            })
+            .await?;
+        stored
+            .map(|json| from_json(&json, "operator pause"))
+            .transpose()
+    }
+
     /// SQLite's durability is set by this process (`LEADGATE_EMBEDDED_FSYNC`), not by a server
     /// whose settings could surprise us.
     pub async fn durability_warning(&self) -> Result<Option<String>> {
@@ -823,6 +880,11 @@ fn run_batch(
                     delete_dead(conn, now, retention, lead_id)
                 }))
             }
+            Command::Control { name, value, .. } => {
+                Outcome::Changed(guarded(&tx, savepoints, |conn| {
+                    control(conn, name, value.as_deref())
+                }))
+            }
             Command::Ping { .. } => Outcome::Done(Ok(())),
         };
         if !savepoints && outcome.is_err() {
@@ -871,7 +933,9 @@ fn answer(command: Command, outcome: Outcome) {
             answer.send(r).map_err(drop)
         }
         (
-            Command::Revive { answer, .. } | Command::DeleteDead { answer, .. },
+            Command::Revive { answer, .. }
+            | Command::DeleteDead { answer, .. }
+            | Command::Control { answer, .. },
             Outcome::Changed(r),
         ) => answer.send(r).map_err(drop),
         (command, Outcome::Done(Err(e))) => fail(command, &e),
@@ -886,9 +950,9 @@ fn fail(command: Command, e: &Error) -> std::result::Result<(), ()> {
         Command::Settle { answer, .. } | Command::Ping { answer } => {
             answer.send(Err(copy_error(e))).map_err(drop)
         }
-        Command::Revive { answer, .. } | Command::DeleteDead { answer, .. } => {
-            answer.send(Err(copy_error(e))).map_err(drop)
-        }
+        Command::Revive { answer, .. }
+        | Command::DeleteDead { answer, .. }
+        | Command::Control { answer, .. } => answer.send(Err(copy_error(e))).map_err(drop),
     }
 }
 
@@ -1142,6 +1206,19 @@ fn delete_dead(conn: &Connection, now: i64, retention: Retention, lead_id: &str)
         )
         .and_then(|mut s| s.execute(params![lead_id, now.saturating_add(retention.record_ms)]))
         .map_err(map_sqlite)?;
+    Ok(changed == 1)
+}
+
+fn control(conn: &Connection, name: &str, value: Option<&str>) -> Result<bool> {
+    let changed = match value {
+        Some(value) => conn
+            .prepare_cached("INSERT OR IGNORE INTO control (name, value) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![name, value])),
+        None => conn
+            .prepare_cached("DELETE FROM control WHERE name = ?1")
+            .and_then(|mut s| s.execute(params![name])),
+    }
+    .map_err(map_sqlite)?;
     Ok(changed == 1)
 }
 

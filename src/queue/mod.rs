@@ -42,6 +42,12 @@
 //! 7. **Shared upstream rate.** [`Queue::acquire_upstream`] hands out request slots at no more
 //!    than the given rate across every process using the same store (Redis), or across the
 //!    process (embedded, one process per data directory).
+//! 8. **Operator pause.** [`Queue::pause_delivery`] records an operator's pause of delivery in
+//!    the store, so every process using it sees the same [`OperatorPause`] through
+//!    [`Queue::operator_pause`] (a pause already in force is kept, with its time);
+//!    [`Queue::resume_delivery`] clears it. It lasts until cleared, across restarts. The queue
+//!    only stores it: forwarders read it and stop leasing while it is set. Pauses caused by
+//!    Onpipeline's answers are not stored here: each process finds and probes those itself.
 
 pub mod embedded;
 pub mod redis;
@@ -272,6 +278,13 @@ pub struct LeadRecord {
     pub work: Option<Work>,
 }
 
+/// An operator's pause of delivery (`POST /admin/pause`), shared by every process on the queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorPause {
+    /// When the pause began (the first of several pause calls).
+    pub since: DateTime<Utc>,
+}
+
 /// Counts by state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
@@ -407,6 +420,23 @@ impl Queue {
     /// when the slot is taken, or how long to wait before asking again.
     pub async fn acquire_upstream(&self, per_second: std::num::NonZeroU32) -> Result<Duration> {
         dispatch!(self, q => q.acquire_upstream(per_second).await)
+    }
+
+    /// Records an operator's pause of delivery for every process on this queue. A pause already
+    /// in force is kept as it is. Returns the pause in force.
+    pub async fn pause_delivery(&self, since: DateTime<Utc>) -> Result<OperatorPause> {
+        let pause = OperatorPause { since };
+        dispatch!(self, q => q.pause_delivery(&pause).await)
+    }
+
+    /// Clears the operator's pause; false when there was none.
+    pub async fn resume_delivery(&self) -> Result<bool> {
+        dispatch!(self, q => q.resume_delivery().await)
+    }
+
+    /// The operator's pause in force, if any.
+    pub async fn operator_pause(&self) -> Result<Option<OperatorPause>> {
+        dispatch!(self, q => q.operator_pause().await)
     }
 
     /// A warning when the store's own settings put accepted leads at risk, to log at start-up:

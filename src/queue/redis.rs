@@ -15,10 +15,11 @@
 //! | `{P}:delayed` | sorted set | member = lead id of a retry copy, score = due time in ms (Redis server clock) | settle `RetryLater`; lease moves due members into `{P}:ready` | none |
 //! | `{P}:lead:<id>` | hash | the lead's record: `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `state` (`queued`, `delivered`, `dead`; absent = `queued`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter; absent = 1); `last_error`; `history` (JSON array of [`Attempt`]); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms); `source` and `received_at` (RFC 3339), written when `lead` goes (until then they are read from it) | enqueue (`HSET lead`, the only extra write per lead), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
 //! | `{P}:work:<id>` | string | the [`QueuedLead`] JSON of a delivered lead, moved out of its record at delivery | settle `Delivered` | `pii_ttl` |
-//! | `{P}:dead` | sorted set | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
+//! | `{P}:dead` | sorted set (not a stream: revive and delete_dead find a dead letter by its lead id, which `ZREM`/`ZSCORE` do in the same script as the record change, while a stream entry is addressed only by its own entry id; `ZREVRANGE` lists newest first) | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
 //! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
 //! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
 //! | `{P}:upstream` | string | the shared upstream rate limit's theoretical arrival time (GCRA), µs on the Redis server clock | acquire_upstream | a second past it |
+//! | `{P}:paused` | string | an operator's pause of delivery, [`OperatorPause`] JSON (`{"since": …}`); absent = not paused. Every forwarder on the queue reads it and leases nothing while it exists | pause_delivery (`SET NX`: a pause in force keeps its time), resume_delivery (`DEL`) | none (until an operator resumes) |
 //!
 //! A lead has at most one entry (in `{P}:ready` or `{P}:delayed`) at a time. A settle only acts
 //! when the entry is still pending with the delivery count its lease saw; a lease that expired
@@ -81,7 +82,7 @@ use tokio::time::Instant;
 
 use super::{
     Attempt, DeadLetter, Delivery, Enqueued, Error, IdempotencyKey, LeadRecord, LeadState, Lease,
-    LeaseHandle, QueueSettings, Result, Settle, Stats,
+    LeaseHandle, OperatorPause, QueueSettings, Result, Settle, Stats,
 };
 use crate::lead::{LeadId, QueuedLead, Work};
 
@@ -447,6 +448,13 @@ redis.call('SET', KEYS[1], string.format('%.0f', now + interval), 'PX',
 return 0
 "#;
 
+/// Sets the operator's pause unless one is in force, and answers the one in force.
+const PAUSE_LUA: &str = r#"
+-- KEYS[1] the operator pause; ARGV[1] OperatorPause JSON
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"#;
+
 /// The names of a queue's keys.
 struct Keys {
     tag: String,
@@ -456,6 +464,7 @@ struct Keys {
     dead: String,
     delivered: String,
     upstream: String,
+    paused: String,
 }
 
 impl Keys {
@@ -473,6 +482,7 @@ impl Keys {
             dead: format!("{tag}:dead"),
             delivered: format!("{tag}:delivered"),
             upstream: format!("{tag}:upstream"),
+            paused: format!("{tag}:paused"),
             tag,
         })
     }
@@ -510,6 +520,7 @@ struct Scripts {
     stats: Script,
     acquire: Script,
     prune: Script,
+    pause: Script,
 }
 
 impl Scripts {
@@ -528,6 +539,7 @@ impl Scripts {
             stats: Script::new(STATS_LUA),
             acquire: Script::new(ACQUIRE_LUA),
             prune: Script::new(PRUNE_LUA),
+            pause: Script::new(PAUSE_LUA),
         }
     }
 }
@@ -1048,6 +1060,34 @@ impl RedisQueue {
         )
         .await?;
         Ok(Duration::from_micros(wait_us))
+    }
+
+    pub async fn pause_delivery(&self, pause: &OperatorPause) -> Result<OperatorPause> {
+        let mut conn = self.inner.conn.clone();
+        let stored: String = timed(
+            self.inner
+                .scripts
+                .pause
+                .key(&self.inner.keys.paused)
+                .arg(to_json(pause)?)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        from_json(&stored, "operator pause")
+    }
+
+    pub async fn resume_delivery(&self) -> Result<bool> {
+        let mut conn = self.inner.conn.clone();
+        let removed: i64 = timed(conn.del(&self.inner.keys.paused)).await?;
+        Ok(removed > 0)
+    }
+
+    pub async fn operator_pause(&self) -> Result<Option<OperatorPause>> {
+        let mut conn = self.inner.conn.clone();
+        let stored: Option<String> = timed(conn.get(&self.inner.keys.paused)).await?;
+        stored
+            .map(|json| from_json(&json, "operator pause"))
+            .transpose()
     }
 
     /// Reads the server's persistence and eviction settings (on a cluster, those of the node

@@ -1,7 +1,8 @@
 //! A simulator of Onpipeline's API, because Onpipeline has no sandbox. It follows the reference
 //! (shared/reference/onpipeline-api.txt: Authentication, Leads IN, HTTP Responses / Errors):
 //! HTTPS only, the raw token in `Authorization`, `POST /Leadsin` answering the documented
-//! `Header`/`Data` or `Error` objects with the same HTTP status.
+//! `Header`/`Data` or `Error` objects with the same HTTP status (any other method on `/Leadsin`
+//! is a 405 `Error` and creates nothing).
 //!
 //! It serves three callers: `leadgate sim` ([`run`]), `leadgate serve --sandbox` and the
 //! integration tests (both through [`Simulator::start`]). Beyond the API it can be scripted
@@ -177,7 +178,8 @@ pub enum RequestOutcome {
 /// `{"kind":"status","status":503,"retry_after":"2","message":"..."}`,
 /// `{"kind":"raw","status":500,"content_type":"text/plain","body":"oops"}`,
 /// `{"kind":"delay","ms":1500}`, `{"kind":"drop"}`, `{"kind":"drop_after_accept"}`,
-/// `{"kind":"non_json_502"}`.
+/// `{"kind":"non_json","status":400}`, `{"kind":"non_json_502"}`,
+/// `{"kind":"success_status","status":202}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Fault {
@@ -210,9 +212,18 @@ pub enum Fault {
     /// Handle the request normally and, if the lead is created, close the connection without
     /// answering: the lead exists but the client cannot know (the retry-after-success case).
     DropAfterAccept,
-    /// An HTML 502 page, as a proxy in front of the API gives when it is down.
+    /// An HTML error page with this status, as a proxy, WAF or load balancer in front of the
+    /// API answers (nginx's page for the status: `400 Bad Request`, `413 Request Entity Too
+    /// Large`, …), not Onpipeline's JSON. No lead is recorded.
+    NonJson { status: u16 },
+    /// Shorthand for `{"kind":"non_json","status":502}`: the page a proxy gives when the API
+    /// behind it is down.
     #[serde(rename = "non_json_502")]
     NonJson502,
+    /// Handle the request normally and, if the lead is created, answer this success status
+    /// (the reference's 200 or 202) instead of 201, in the same documented shape: `Header`
+    /// with `Code` equal to the status, and `Data.LeadID`. Refusals are answered as usual.
+    SuccessStatus { status: u16 },
 }
 
 impl Fault {
@@ -573,7 +584,8 @@ mod tests {
         let faults: Vec<Fault> = serde_json::from_str(
             r#"[{"kind":"status","status":503,"retry_after":"2"},{"kind":"delay","ms":5},
                 {"kind":"drop"},{"kind":"drop_after_accept"},{"kind":"non_json_502"},
-                {"kind":"raw","status":200,"body":"ok"}]"#,
+                {"kind":"raw","status":200,"body":"ok"},{"kind":"non_json","status":400},
+                {"kind":"success_status","status":202}]"#,
         )
         .unwrap();
         assert_eq!(faults[0], Fault::retry_after(503, "2"));
@@ -582,5 +594,7 @@ mod tests {
         assert_eq!(faults[3], Fault::DropAfterAccept);
         assert_eq!(faults[4], Fault::NonJson502);
         assert!(matches!(faults[5], Fault::Raw { status: 200, .. }));
+        assert_eq!(faults[6], Fault::NonJson { status: 400 });
+        assert_eq!(faults[7], Fault::SuccessStatus { status: 202 });
     }
 }

@@ -34,7 +34,11 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
             .route("/settings", web::get().to(get_settings))
             .route("/settings", web::post().to(post_settings)),
     )
-    .route("/Leadsin", web::route().to(leadsin))
+    .service(
+        web::resource("/Leadsin")
+            .route(web::post().to(leadsin))
+            .default_service(web::to(leadsin_wrong_method)),
+    )
     .default_service(web::to(other_resource));
 }
 
@@ -119,10 +123,21 @@ fn error_response(
 }
 
 fn created_response(lead_id: &str) -> HttpResponse {
-    HttpResponse::Created().json(CreatedEnvelope {
+    success_response(StatusCode::CREATED, lead_id)
+}
+
+/// The reference's success shape with any of its success statuses (200, 201, 202): `Header`
+/// with `Code` equal to the HTTP status, and `Data.LeadID`.
+fn success_response(status: StatusCode, lead_id: &str) -> HttpResponse {
+    let (header_status, code) = match status.as_u16() {
+        200 => ("OK", "200"),
+        202 => ("Accepted", "202"),
+        _ => ("Created", "201"),
+    };
+    HttpResponse::build(status).json(CreatedEnvelope {
         header: CreatedHeader {
-            status: "Created",
-            code: "201",
+            status: header_status,
+            code,
             time: onpipeline_time(),
             endpoint: "Leadsin",
         },
@@ -130,15 +145,21 @@ fn created_response(lead_id: &str) -> HttpResponse {
     })
 }
 
-/// What a proxy in front of an API answers when the API is down: an HTML page, not JSON.
-fn bad_gateway_page() -> HttpResponse {
-    HttpResponse::BadGateway()
+/// What a proxy, WAF or load balancer in front of an API answers on its own: nginx's HTML page
+/// for the status, not the API's JSON.
+fn proxy_page(status: StatusCode) -> HttpResponse {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    HttpResponse::build(status)
         .content_type(ContentType::html())
-        .body(
-            "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
-             <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n\
-             </body>\r\n</html>\r\n",
-        )
+        .body(format!(
+            "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n\
+             <center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n\
+             </body>\r\n</html>\r\n"
+        ))
 }
 
 /// A response whose body stream fails before yielding anything. actix-http encodes the status
@@ -346,7 +367,20 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
             }
             builder.body(body)
         }
-        Some(Fault::NonJson502) => bad_gateway_page(),
+        Some(Fault::NonJson { status }) => {
+            proxy_page(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+        Some(Fault::NonJson502) => proxy_page(StatusCode::BAD_GATEWAY),
+        Some(Fault::SuccessStatus { status }) => match create_lead(&req, &body, &shared, peer_ip) {
+            Ok(lead_id) => {
+                let status = StatusCode::from_u16(status)
+                    .ok()
+                    .filter(StatusCode::is_success)
+                    .unwrap_or(StatusCode::CREATED);
+                success_response(status, &lead_id)
+            }
+            Err(error) => answer(Err(error)),
+        },
         Some(Fault::Drop) => {
             return in_flight.settle(dropped_connection(), RequestOutcome::Dropped);
         }
@@ -356,6 +390,22 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
         },
     };
     in_flight.settle(response, RequestOutcome::Answered)
+}
+
+/// `/Leadsin` with any method but POST: 405 in the documented Error shape, and nothing is
+/// created or logged as a Leadsin request (only a POST creates a lead).
+async fn leadsin_wrong_method(req: HttpRequest) -> HttpResponse {
+    let peer_ip = peer_ip(&req);
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method Not Allowed - Leadsin accepts POST only",
+        peer_ip,
+        None,
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+    response
 }
 
 /// Every resource but `/Leadsin`: the simulator implements no other, so after the shared checks a

@@ -372,3 +372,115 @@ async fn the_admin_cli_talks_to_a_running_instance() {
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains("401"));
 }
+
+/// `GET` or `POST` an admin path of a gateway process, as JSON.
+async fn admin_call(http: &reqwest::Client, method: reqwest::Method, url: String) -> Value {
+    let response = http
+        .request(method, url)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn readyz(http: &reqwest::Client, base: &str) -> Value {
+    http.get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Two replicas on one Redis: an operator's pause sent to one holds delivery in both (each
+/// shows it), and a resume sent to the other delivers every lead once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pause_sent_to_one_replica_holds_every_replica_until_resumed_on_another() {
+    use crate::helpers::app::{GatewayEnv, GatewayProcess, client, start_sim, wait_received};
+    use crate::helpers::redis::RedisServer;
+    use reqwest::Method;
+
+    let redis = RedisServer::start();
+    let sim = start_sim(Vec::new()).await;
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", redis.url())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN);
+    let replicas = [
+        GatewayProcess::start(&env, &[]).await,
+        GatewayProcess::start(&env, &[]).await,
+    ];
+    let [a, b] = [&replicas[0].base, &replicas[1].base];
+    let http = client();
+
+    let paused = admin_call(&http, Method::POST, format!("{a}/admin/pause")).await;
+    assert_eq!(paused["delivery"]["state"], "paused", "{paused}");
+    let since = paused["operator_pause"]["since"].clone();
+    assert!(since.is_string(), "{paused}");
+    for base in [a, b] {
+        let ready = eventually(
+            Duration::from_secs(10),
+            "every replica to show the pause",
+            || async {
+                let ready = readyz(&http, base).await;
+                (ready["delivery"]["state"] == "paused").then_some(ready)
+            },
+        )
+        .await;
+        assert_eq!(ready["status"], "degraded", "{ready}");
+        assert_eq!(ready["delivery"]["by_operator"], true, "{ready}");
+        assert_eq!(
+            ready["delivery"]["since"], since,
+            "one pause, one time: {ready}"
+        );
+        let stats = admin_call(&http, Method::GET, format!("{base}/admin/stats")).await;
+        assert_eq!(stats["delivery"]["state"], "paused", "{stats}");
+        assert_eq!(stats["operator_pause"]["since"], since, "{stats}");
+    }
+
+    for i in 0..6 {
+        let base = if i % 2 == 0 { a } else { b };
+        let response = http
+            .post(format!("{base}/in/website"))
+            .json(&json!({"name": format!("Lead Pause{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "leads are accepted while paused");
+    }
+    // Longer than a lease wait and a pause poll: a replica that ignored the pause would send.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(sim.requests().is_empty(), "neither replica delivers");
+    let stats = admin_call(&http, Method::GET, format!("{b}/admin/stats")).await;
+    assert_eq!(stats["ready"], 6, "{stats}");
+
+    let resumed = admin_call(&http, Method::POST, format!("{b}/admin/resume")).await;
+    assert_eq!(resumed["delivery"]["state"], "running", "{resumed}");
+    let leads = wait_received(&sim, 6, Duration::from_secs(20)).await;
+    let mut names: Vec<_> = leads
+        .iter()
+        .map(|l| l.payload["LastName"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 6, "each lead once");
+    for base in [a, b] {
+        eventually(
+            Duration::from_secs(10),
+            "every replica to resume",
+            || async {
+                (readyz(&http, base).await["delivery"]["state"] == "running").then_some(())
+            },
+        )
+        .await;
+        let stats = admin_call(&http, Method::GET, format!("{base}/admin/stats")).await;
+        assert_eq!(stats["operator_pause"], Value::Null, "{stats}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.received().len(), 6);
+    assert!(sim.requests().iter().all(|r| r.status == Some(201)));
+}

@@ -222,14 +222,18 @@ async fn a_page_on_a_foreign_origin_may_not_post() {
     assert_nothing_queued(&app).await;
 }
 
-#[tokio::test]
-async fn the_per_address_rate_limit_answers_429_with_retry_after() {
-    let sources = crate::helpers::app::default_sources().replacen(
+/// The default sources with the website form limited to 2 requests a minute per client.
+fn two_per_minute_per_ip() -> String {
+    crate::helpers::app::default_sources().replacen(
         "per_ip = \"off\"\ntotal = \"off\"",
         "per_ip = \"2/minute\"\ntotal = \"off\"",
         1,
-    );
-    let app = TestApp::spawn_with(&sources, |_| {}).await;
+    )
+}
+
+#[tokio::test]
+async fn the_per_address_rate_limit_answers_429_with_retry_after() {
+    let app = TestApp::spawn_with(&two_per_minute_per_ip(), |_| {}).await;
     for _ in 0..2 {
         let ok = app.post_json("website", &json!({"name": "Ana Ruiz"})).await;
         assert_eq!(ok.status(), 202);
@@ -273,4 +277,57 @@ async fn requests_with_bad_keys_do_not_spend_a_partner_s_rate_budget() {
         );
     }
     assert_eq!(app.post_partner(&body).await.status(), 429);
+}
+
+/// Posts a JSON lead as if through a proxy that says the client is `client`.
+async fn post_forwarded_for(app: &TestApp, client: &str) -> reqwest::Response {
+    app.http
+        .post(app.url("/in/website"))
+        .header("x-forwarded-for", client)
+        .json(&json!({"name": "Ana Ruiz"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_rate_budget() {
+    let app = TestApp::spawn_with(&two_per_minute_per_ip(), |env| {
+        env.set("LEADGATE_TRUSTED_PROXIES", "127.0.0.1/32");
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(post_forwarded_for(&app, "198.51.100.1").await.status(), 202);
+    }
+    let limited = post_forwarded_for(&app, "198.51.100.1").await;
+    assert_error(limited, 429, "rate_limited").await;
+    // Another client behind the same proxy, and the proxy's own hop appended after it.
+    assert_eq!(post_forwarded_for(&app, "198.51.100.2").await.status(), 202);
+    assert_eq!(
+        post_forwarded_for(&app, "198.51.100.2, 127.0.0.1")
+            .await
+            .status(),
+        202
+    );
+    assert_error(
+        post_forwarded_for(&app, "198.51.100.2").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    app.received(4).await;
+}
+
+#[tokio::test]
+async fn without_trusted_proxies_x_forwarded_for_is_ignored_and_the_peer_s_budget_is_shared() {
+    let app = TestApp::spawn_with(&two_per_minute_per_ip(), |env| {
+        env.unset("LEADGATE_TRUSTED_PROXIES");
+    })
+    .await;
+    assert_eq!(post_forwarded_for(&app, "198.51.100.1").await.status(), 202);
+    assert_eq!(post_forwarded_for(&app, "198.51.100.2").await.status(), 202);
+    // A third "client" is the same peer: claiming another address buys no budget.
+    let limited = post_forwarded_for(&app, "198.51.100.3").await;
+    assert_error(limited, 429, "rate_limited").await;
+    app.received(2).await;
 }

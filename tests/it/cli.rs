@@ -165,7 +165,7 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         .post(format!("{base}/in/website"))
         .header("origin", &base)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body("name=Sandra+Box&email=sandra%40example.com&budget=10k-50k")
+        .body("name=Sandra+Box&email=sandra%40example.com&phone=020+7946+0018&budget=10k-50k")
         .send()
         .await
         .unwrap();
@@ -184,11 +184,35 @@ async fn serve_sandbox_delivers_the_demo_form_to_the_simulator() {
         })
         .await;
     assert!(inbox.contains("1111111"), "the Extra ID is shown: {inbox}");
-    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    // The simulator logs each lead it creates, with the contacts masked.
+    let log = crate::helpers::eventually(
+        Duration::from_secs(10),
+        "the simulator's log line",
+        || async {
+            let log = std::fs::read_to_string(dir.path().join("log")).ok()?;
+            log.contains("Simulated Onpipeline created a lead")
+                .then_some(log)
+        },
+    )
+    .await;
     assert!(log.contains("SANDBOX MODE"), "{log}");
     assert!(
         !log.contains("sandra@example.com"),
         "emails are masked in logs:\n{log}"
+    );
+    assert!(
+        log.contains("s***@example.com"),
+        "the masked email is logged:\n{log}"
+    );
+    for clear in ["2079460018", "020 7946 0018", "020+7946+0018"] {
+        assert!(
+            !log.contains(clear),
+            "phone numbers are masked in logs ({clear} found):\n{log}"
+        );
+    }
+    assert!(
+        log.contains("+44********18"),
+        "the masked phone is logged:\n{log}"
     );
     child.kill().unwrap();
     child.wait().unwrap();
@@ -247,4 +271,57 @@ async fn sim_command_serves_leadsin_over_https_with_its_ca() {
     assert_eq!(refused.status(), 401);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// Without a token and without `--sandbox`, `serve` starts, accepts leads into the queue, says
+/// at start-up that delivery is held (and why), and `/readyz` reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_token_logs_that_delivery_is_held_and_readyz_says_so() {
+    use crate::helpers::app::{GatewayEnv, GatewayProcess, default_sources, start_sim};
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.unset("LEADGATE_ONPIPELINE_TOKEN");
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let log = crate::helpers::eventually(Duration::from_secs(10), "the start-up log", || async {
+        let log = gateway.log();
+        log.contains("leadgate is listening").then_some(log)
+    })
+    .await;
+    let held = log
+        .lines()
+        .find(|line| line.contains("Delivery is held"))
+        .unwrap_or_else(|| panic!("a start-up line says delivery is held:\n{log}"));
+    assert!(held.contains("WARN"), "{held}");
+    assert!(
+        held.contains("LEADGATE_ONPIPELINE_TOKEN"),
+        "the line says how to fix it: {held}"
+    );
+
+    let http = client();
+    let readyz: Value = http
+        .get(format!("{}/readyz", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["status"], "degraded", "{readyz}");
+    assert_eq!(readyz["delivery"]["state"], "held", "{readyz}");
+    assert!(
+        readyz["delivery"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no Onpipeline token")),
+        "{readyz}"
+    );
+    let response = http
+        .post(format!("{}/in/website", gateway.base))
+        .json(&serde_json::json!({"name": "Held Lead"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202, "leads are still accepted");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sim.requests().is_empty(), "nothing is delivered while held");
 }

@@ -138,6 +138,131 @@ async fn rejected_data_is_dead_lettered_with_onpipeline_s_reason() {
     }
 }
 
+/// A 400 or 406 HTML page is a proxy or WAF talking, not Onpipeline (whose API always answers
+/// JSON): the lead is retried and delivered, not dead-lettered.
+#[tokio::test]
+async fn html_error_pages_from_something_in_between_are_retried_not_dead_lettered() {
+    let app = TestApp::spawn().await;
+    app.sim.push_faults([
+        Fault::NonJson { status: 400 },
+        Fault::NonJson { status: 406 },
+        Fault::NonJson { status: 413 },
+    ]);
+    let id = post_one(&app, "Behind Proxy").await;
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Proxy");
+    let record = eventually(Duration::from_secs(5), "the delivered record", || async {
+        let record = app
+            .gateway()
+            .queue()
+            .lead(id.parse().unwrap())
+            .await
+            .unwrap()?;
+        (record.state == leadgate::queue::LeadState::Delivered).then_some(record)
+    })
+    .await;
+    let seen: Vec<_> = record
+        .attempts
+        .iter()
+        .map(|a| (a.status, a.outcome))
+        .collect();
+    use leadgate::queue::AttemptOutcome::{Delivered, Retry};
+    assert_eq!(
+        seen,
+        [
+            (Some(400), Retry),
+            (Some(406), Retry),
+            (Some(413), Retry),
+            (Some(201), Delivered)
+        ],
+        "{record:?}"
+    );
+    assert!(
+        record.attempts[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("400 Bad Request")),
+        "{record:?}"
+    );
+    assert!(
+        app.gateway()
+            .queue()
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// An HTML 403 (a WAF refusing our address) still pauses delivery, uncounted, and the probe
+/// that follows delivers the lead.
+#[tokio::test]
+async fn an_html_403_page_pauses_delivery_like_onpipeline_s_own_403() {
+    let app = TestApp::spawn().await;
+    app.sim.push_faults([Fault::NonJson { status: 403 }]);
+    let id = post_one(&app, "Waf Blocked").await;
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Blocked");
+    let record = eventually(Duration::from_secs(5), "the delivered record", || async {
+        let record = app
+            .gateway()
+            .queue()
+            .lead(id.parse().unwrap())
+            .await
+            .unwrap()?;
+        (record.state == leadgate::queue::LeadState::Delivered).then_some(record)
+    })
+    .await;
+    let seen: Vec<_> = record
+        .attempts
+        .iter()
+        .map(|a| (a.number, a.status, a.outcome))
+        .collect();
+    use leadgate::queue::AttemptOutcome::{Delivered, Paused};
+    assert_eq!(
+        seen,
+        [(1, Some(403), Paused), (1, Some(201), Delivered)],
+        "paused, not counted, then delivered by the probe: {record:?}"
+    );
+    assert_eq!(app.gateway().delivery(), DeliveryStatus::Running);
+}
+
+/// Onpipeline documents 200, 201 and 202 as success: each, with its `Header`, is a delivery
+/// with the `LeadID` recorded, sent once.
+#[tokio::test]
+async fn a_200_or_202_with_a_header_is_delivered_once_with_its_lead_id() {
+    for code in [200u16, 202] {
+        let app = TestApp::spawn().await;
+        app.sim.push_faults([Fault::SuccessStatus { status: code }]);
+        let id = post_one(&app, "Quietly Accepted").await;
+        let leads = app.received(1).await;
+        let delivery = eventually(Duration::from_secs(10), "the delivery record", || async {
+            app.gateway()
+                .queue()
+                .delivery_of(id.parse().unwrap())
+                .await
+                .unwrap()
+        })
+        .await;
+        assert!(!delivery.duplicate, "{delivery:?}");
+        assert_eq!(
+            delivery.onpipeline_lead_id.as_deref(),
+            Some(leads[0].lead_id.as_str()),
+            "HTTP {code}"
+        );
+        assert_eq!(statuses(&app), [Some(code)]);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(app.sim.requests().len(), 1, "sent once");
+        assert_eq!(
+            app.stats().await,
+            leadgate::queue::Stats {
+                delivered: 1,
+                ..Default::default()
+            }
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_409_duplicate_counts_as_delivered_and_is_not_resent() {
     let app = TestApp::spawn().await;

@@ -175,6 +175,98 @@ async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_
     );
 }
 
+/// `serve --no-forwarder` and `serve --no-ingest` split the roles on one Redis, as the README
+/// says: the ingest-only process queues and never delivers; the forwarder-only one delivers
+/// what the other queued, each lead once, and answers `503 unavailable` on `/in/...`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_only_and_forwarder_only_processes_split_the_work_on_one_redis() {
+    const ADMIN: &str = "admin-token-0123456789";
+    let redis = RedisServer::start();
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", redis.url())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN);
+    let http = client();
+
+    let ingest = GatewayProcess::start(&env, &["--no-forwarder"]).await;
+    for i in 0..5 {
+        let response = http
+            .post(format!("{}/in/website", ingest.base))
+            .json(&json!({"name": format!("Lead Split{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let readyz: Value = http
+        .get(format!("{}/readyz", ingest.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["status"], "ready", "{readyz}");
+    assert_eq!(readyz["delivery"]["state"], "off", "{readyz}");
+    // Long enough for a forwarder to have leased and sent them, had one run.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        sim.requests().is_empty(),
+        "the ingest-only process delivers nothing"
+    );
+    let stats: Value = http
+        .get(format!("{}/admin/stats", ingest.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats["ready"].as_u64(), stats["leased"].as_u64()),
+        (Some(5), Some(0)),
+        "{stats}"
+    );
+
+    let forwarder = GatewayProcess::start(&env, &["--no-ingest"]).await;
+    let refused = http
+        .post(format!("{}/in/website", forwarder.base))
+        .json(&json!({"name": "Lead Refused"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let readyz: Value = http
+        .get(format!("{}/readyz", forwarder.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["status"], "ready", "{readyz}");
+    assert_eq!(readyz["ingest"], false, "{readyz}");
+    assert_eq!(readyz["delivery"]["state"], "running", "{readyz}");
+
+    let leads = wait_received(&sim, 5, Duration::from_secs(20)).await;
+    let names = exactly_once(&leads);
+    assert!(!names.contains("Refused"), "{names:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.received().len(), 5);
+    assert!(
+        sim.requests().iter().all(|r| r.status == Some(201)),
+        "each lead was sent once: {:?}",
+        sim.requests()
+    );
+    drop(ingest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted() {
     let mut redis = RedisServer::start_with(RedisOptions { append_only: true });

@@ -140,9 +140,16 @@ async fn iso_8859_1_form_is_decoded_by_its_charset() {
         .unwrap();
     assert_eq!(response.status(), 303);
     let leads = app.received(1).await;
-    assert_eq!(leads[0].payload["FirstName"], "José");
-    assert_eq!(leads[0].payload["LastName"], "Muñoz");
-    assert_eq!(leads[0].payload["City"], "Málaga");
+    assert_eq!(
+        leads[0].payload,
+        json!({
+            "FirstName": "José",
+            "LastName": "Muñoz",
+            "Email": [{"Address": "jose@example.es", "Type": "work"}],
+            "City": "Málaga",
+            "Extra": [{"ID": "3333333", "Value": "Website form"}]
+        })
+    );
 }
 
 #[tokio::test]
@@ -169,19 +176,20 @@ async fn repeated_keys_and_bracketed_names_keep_every_value() {
     assert_eq!(response.status(), 303);
     let lead = &app.received(1).await[0].payload;
     assert_eq!(
-        lead["Email"],
-        json!([
-            {"Address": "li@example.com", "Type": "work"},
-            {"Address": "wei@example.org", "Type": "work"}
-        ])
-    );
-    assert_eq!(
-        lead["Extra"],
-        json!([
-            {"ID": "2222222", "Value": "a, b"},
-            {"ID": "3333333", "Value": "Website form"},
-            {"ID": "4444444", "Value": "interest: pricing, demo"}
-        ])
+        *lead,
+        json!({
+            "FirstName": "Li",
+            "LastName": "Wei",
+            "Email": [
+                {"Address": "li@example.com", "Type": "work"},
+                {"Address": "wei@example.org", "Type": "work"}
+            ],
+            "Extra": [
+                {"ID": "2222222", "Value": "a, b"},
+                {"ID": "3333333", "Value": "Website form"},
+                {"ID": "4444444", "Value": "interest: pricing, demo"}
+            ]
+        })
     );
 }
 
@@ -330,4 +338,120 @@ async fn a_wildcard_origin_opens_cors_but_never_redirects_elsewhere() {
         response.headers()["location"],
         "https://www.example.com/thanks"
     );
+}
+
+/// Every value of `name` in the answer's headers.
+fn header_values(response: &reqwest::Response, name: &str) -> Vec<String> {
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn preflight(app: &TestApp, origin: &str, method: &str) -> reqwest::Response {
+    app.http
+        .request(reqwest::Method::OPTIONS, app.url("/in/website"))
+        .header("origin", origin)
+        .header("access-control-request-method", method)
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_preflight_from_an_allowed_origin_is_granted_with_vary_origin() {
+    let app = TestApp::spawn().await;
+    let granted = preflight(&app, "https://www.example.com", "POST").await;
+    assert_eq!(granted.status(), 204);
+    assert_eq!(
+        header_values(&granted, "access-control-allow-origin"),
+        ["https://www.example.com"],
+        "the origin is echoed, never *"
+    );
+    assert_eq!(
+        header_values(&granted, "access-control-allow-methods"),
+        ["POST, OPTIONS"]
+    );
+    let allowed_headers = header_values(&granted, "access-control-allow-headers").join(",");
+    for needed in ["Content-Type", "Accept", "Idempotency-Key"] {
+        assert!(allowed_headers.contains(needed), "{allowed_headers}");
+    }
+    assert_eq!(header_values(&granted, "vary"), ["Origin"]);
+}
+
+#[tokio::test]
+async fn a_preflight_from_a_foreign_origin_is_refused_without_allow_origin() {
+    let app = TestApp::spawn().await;
+    for origin in [
+        "https://evil.example",
+        "https://www.example.com.evil.example",
+        "http://www.example.com",
+    ] {
+        let refused = preflight(&app, origin, "POST").await;
+        assert_eq!(refused.status(), 403, "{origin}");
+        assert!(
+            header_values(&refused, "access-control-allow-origin").is_empty(),
+            "{origin} is not granted"
+        );
+        assert!(header_values(&refused, "access-control-allow-methods").is_empty());
+        assert_eq!(header_values(&refused, "vary"), ["Origin"]);
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+    }
+    // An allowed page asking for another method than POST is not granted a method either.
+    let other_method = preflight(&app, "https://www.example.com", "DELETE").await;
+    assert_eq!(other_method.status(), 403);
+    assert!(header_values(&other_method, "access-control-allow-methods").is_empty());
+    assert_eq!(header_values(&other_method, "vary"), ["Origin"]);
+}
+
+#[tokio::test]
+async fn answers_echo_only_an_allowed_origin_and_always_vary_on_origin() {
+    let app = TestApp::spawn().await;
+    let post = |origin: Option<&'static str>, body: Value| {
+        let mut request = app.http.post(app.url("/in/website")).json(&body);
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    let allowed = post(Some("https://www.example.com"), json!({"name": "Ana Ruiz"}))
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 202);
+    assert_eq!(
+        header_values(&allowed, "access-control-allow-origin"),
+        ["https://www.example.com"]
+    );
+    assert_eq!(header_values(&allowed, "vary"), ["Origin"]);
+
+    // An error answer to an allowed page carries the grant too, so its script can read it.
+    let invalid = post(
+        Some("https://www.example.com"),
+        json!({"email": "ana@example.com"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(invalid.status(), 422);
+    assert_eq!(
+        header_values(&invalid, "access-control-allow-origin"),
+        ["https://www.example.com"]
+    );
+    assert_eq!(header_values(&invalid, "vary"), ["Origin"]);
+
+    let foreign = post(Some("https://evil.example"), json!({"name": "Ana Ruiz"}))
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    assert!(header_values(&foreign, "access-control-allow-origin").is_empty());
+    assert_eq!(header_values(&foreign, "vary"), ["Origin"]);
+
+    let no_origin = post(None, json!({"name": "Ana Ruiz"})).await.unwrap();
+    assert_eq!(no_origin.status(), 202);
+    assert!(header_values(&no_origin, "access-control-allow-origin").is_empty());
+    assert_eq!(header_values(&no_origin, "vary"), ["Origin"]);
+    app.received(2).await;
 }

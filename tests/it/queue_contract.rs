@@ -61,6 +61,7 @@ contract!(redis = Redis, embedded = Embedded => [
     dead_letters_are_listed_newest_first,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
     upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
+    operator_pause_is_shared_by_every_process_kept_across_reopening_and_cleared_by_resume,
 ]);
 
 // A Redis Cluster of three masters: the keys share one slot, blocking reads go to its node.
@@ -79,6 +80,7 @@ contract!(cluster = Cluster => [
     deleted_dead_letter_loses_its_data_and_keeps_its_record,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
     upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
+    operator_pause_is_shared_by_every_process_kept_across_reopening_and_cleared_by_resume,
 ]);
 
 // `rediss://` to a server whose certificate chains to the CA given as `ca_file`.
@@ -607,6 +609,43 @@ async fn acknowledged_enqueue_survives_reopening_the_queue(kind: Kind) {
             .unwrap(),
         Enqueued::Replayed { first: lead.id }
     );
+}
+
+async fn operator_pause_is_shared_by_every_process_kept_across_reopening_and_cleared_by_resume(
+    kind: Kind,
+) {
+    let mut harness = Harness::durable(kind);
+    let [a, b] = harness.processes().await;
+    assert_eq!(b.operator_pause().await.unwrap(), None);
+    assert!(!b.resume_delivery().await.unwrap(), "nothing to resume");
+
+    let first = chrono::DateTime::parse_from_rfc3339("2026-03-01T09:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let pause = a.pause_delivery(first).await.unwrap();
+    assert_eq!(pause.since, first);
+    assert_eq!(b.operator_pause().await.unwrap(), Some(pause.clone()));
+    // A second pause keeps the first one's time.
+    let again = b
+        .pause_delivery(first + chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(again, pause);
+    // Leads still go in and wait: the queue only stores the pause.
+    a.enqueue(&lead("acme"), None).await.unwrap();
+    assert_eq!(b.stats().await.unwrap().ready, 1);
+
+    drop((a, b));
+    harness.restart_store();
+    let [a, b] = harness.processes().await;
+    assert_eq!(
+        a.operator_pause().await.unwrap(),
+        Some(pause),
+        "a pause lasts until an operator resumes"
+    );
+    assert!(b.resume_delivery().await.unwrap());
+    assert_eq!(a.operator_pause().await.unwrap(), None);
+    assert!(!a.resume_delivery().await.unwrap());
 }
 
 async fn stats_count_entries_by_state(kind: Kind) {

@@ -523,6 +523,91 @@ async fn non_json_502_fault_answers_a_proxy_html_page() {
 }
 
 #[tokio::test]
+async fn non_json_fault_answers_a_proxy_html_page_with_any_status() {
+    let sim = start().await;
+    sim.push_faults([
+        Fault::NonJson { status: 400 },
+        Fault::NonJson { status: 413 },
+    ]);
+    for (status, title) in [(400, "400 Bad Request"), (413, "413 Payload Too Large")] {
+        let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+        assert_eq!(answer.status.as_u16(), status);
+        assert!(
+            answer.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/html")
+        );
+        assert!(answer.text.contains(title), "{}", answer.text);
+        assert!(serde_json::from_str::<Value>(&answer.text).is_err());
+    }
+    assert!(sim.received().is_empty());
+    assert_eq!(statuses(&sim), vec![Some(400), Some(413)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn success_status_fault_creates_the_lead_and_answers_200_or_202_in_the_documented_shape() {
+    let sim = start().await;
+    sim.push_faults([
+        Fault::SuccessStatus { status: 200 },
+        Fault::SuccessStatus { status: 202 },
+    ]);
+    for (status, header_status) in [(200u16, "OK"), (202, "Accepted")] {
+        let answer = post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+        assert_eq!(answer.status.as_u16(), status, "{}", answer.text);
+        let body = answer.json();
+        assert_eq!(body["Header"]["Code"], json!(status.to_string()), "{body}");
+        assert_eq!(body["Header"]["Status"], header_status, "{body}");
+        assert_eq!(body["Header"]["Endpoint"], "Leadsin", "{body}");
+        let lead_id = body["Data"]["LeadID"].as_str().expect("a LeadID");
+        assert_eq!(sim.received().last().unwrap().lead_id, lead_id);
+    }
+    assert_eq!(sim.received().len(), 2);
+    // A refusal is still a refusal: the fault only changes the status of a success.
+    sim.push_faults([Fault::SuccessStatus { status: 202 }]);
+    post_lead(&sim, Some("someone-else"), &mike())
+        .await
+        .assert_error(401, "Invalid Token", "127.0.0.1");
+    assert_eq!(sim.received().len(), 2);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn leadsin_with_another_method_than_post_is_405_and_creates_nothing() {
+    let sim = start().await;
+    let client = client(&sim);
+    let url = format!("{}/Leadsin", sim.base_url());
+    for method in [
+        reqwest::Method::GET,
+        reqwest::Method::PUT,
+        reqwest::Method::PATCH,
+        reqwest::Method::DELETE,
+    ] {
+        let response = client
+            .request(method.clone(), &url)
+            .header("Authorization", LEAD_TOKEN)
+            .header("content-type", "application/json")
+            .body(mike().to_string())
+            .send()
+            .await
+            .unwrap();
+        let answer = Answer {
+            status: response.status(),
+            headers: response.headers().clone(),
+            text: response.text().await.unwrap(),
+        };
+        answer.assert_error(405, "Method Not Allowed", "127.0.0.1");
+        assert_eq!(answer.headers["allow"], "POST", "{method}");
+    }
+    assert!(sim.received().is_empty(), "only a POST creates a lead");
+    assert!(sim.requests().is_empty(), "{:?}", sim.requests());
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(sim.received().len(), 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn drop_fault_closes_the_connection_without_any_http_answer() {
     let sim = start().await;
     sim.push_faults([Fault::Drop]);
