@@ -11,7 +11,8 @@
 //! | endpoint | body / answer |
 //! |---|---|
 //! | `GET /_sim/leads` | `[ReceivedLead]`, same as [`Simulator::received`] |
-//! | `DELETE /_sim/leads` | 204; forgets leads, the duplicate memory and the request log |
+//! | `DELETE /_sim/leads` | 204; forgets leads, duplicate memory, repeats and request log |
+//! | `GET /_sim/repeats` | `[RepeatedLead]`, same as [`Simulator::repeats`]: each 409'd repeat |
 //! | `GET /_sim/requests` | `[RequestLog]`, same as [`Simulator::requests`] |
 //! | `GET /_sim/faults` | the faults not yet consumed |
 //! | `POST /_sim/faults` | a [`Fault`] or a list of them, appended; answers `{"pending": N}` |
@@ -149,6 +150,19 @@ pub struct ReceivedLead {
     pub received_at: DateTime<Utc>,
 }
 
+/// A POST refused with 409 because it repeated a lead already accepted (duplicate detection
+/// on). Nothing is stored for it, so [`Simulator::received`] never shows the repeat; this record
+/// is how a test counts how often a lead Onpipeline already had was sent again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RepeatedLead {
+    /// The `LeadID` of the accepted lead it repeats.
+    pub lead_id: String,
+    /// The repeated JSON body as received.
+    pub payload: serde_json::Value,
+    pub peer_ip: IpAddr,
+    pub at: DateTime<Utc>,
+}
+
 /// One request to `/Leadsin`, logged when its handler starts (the body has been read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RequestLog {
@@ -238,7 +252,8 @@ impl Fault {
 /// Behaviour switches that persist until changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimSettings {
-    /// Answer 409 to a lead whose canonical payload equals an accepted one. Off by default.
+    /// Answer 409 to a lead whose canonical payload equals an accepted one (and record the
+    /// repeat, see [`RepeatedLead`]). Off by default.
     pub detect_duplicates: bool,
     /// Added before every `/Leadsin` request is handled (faults included).
     pub latency_ms: u64,
@@ -358,6 +373,12 @@ impl Simulator {
         self.shared.received()
     }
 
+    /// The POSTs refused with 409 as repeats of an accepted lead, in order (only while duplicate
+    /// detection is on; with it off a repeat is stored as a new lead).
+    pub fn repeats(&self) -> Vec<RepeatedLead> {
+        self.shared.repeats()
+    }
+
     /// Every `/Leadsin` request, in arrival order.
     pub fn requests(&self) -> Vec<RequestLog> {
         self.shared.requests()
@@ -404,7 +425,7 @@ impl Simulator {
         self.shared.settings()
     }
 
-    /// Forgets received leads (and so the duplicate memory) and the request log.
+    /// Forgets received leads (and so the duplicate memory), the repeats and the request log.
     pub fn reset(&self) {
         self.shared.reset();
     }
@@ -478,9 +499,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         if args.detect_duplicates { "on" } else { "off" }
     );
     println!(
-        "  inspect: GET {}/_sim/leads, GET {}/_sim/requests",
-        sim.base_url(),
-        sim.base_url()
+        "  inspect: GET {base}/_sim/leads, GET {base}/_sim/requests, GET {base}/_sim/repeats",
+        base = sim.base_url()
     );
 
     shutdown_signal().await;

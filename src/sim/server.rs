@@ -28,6 +28,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
             .route("/leads", web::get().to(get_leads))
             .route("/leads", web::delete().to(delete_leads))
             .route("/requests", web::get().to(get_requests))
+            .route("/repeats", web::get().to(get_repeats))
             .route("/faults", web::get().to(get_faults))
             .route("/faults", web::post().to(post_faults))
             .route("/faults", web::delete().to(delete_faults))
@@ -212,7 +213,8 @@ fn authenticate(
 /// 4. token is `read-only` (no write operations) → 403
 /// 5. body is not JSON → 406
 /// 6. body is not a lead as the reference describes (mandatory names, types, shapes) → 406
-/// 7. duplicate detection on and the same canonical payload already accepted → 409
+/// 7. duplicate detection on and the same canonical payload already accepted → 409 (the
+///    repeat is recorded, nothing is stored)
 /// 8. otherwise the lead is stored → 201 with a new `LeadID`
 ///
 /// Authentication comes before anything about the body so an unauthenticated caller learns
@@ -390,6 +392,10 @@ async fn delete_leads(shared: web::Data<Shared>) -> HttpResponse {
 
 async fn get_requests(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(shared.requests())
+}
+
+async fn get_repeats(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(shared.repeats())
 }
 
 async fn get_faults(shared: web::Data<Shared>) -> HttpResponse {

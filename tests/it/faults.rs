@@ -7,25 +7,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leadgate::queue::AttemptOutcome;
-use leadgate::sim::{Fault, ReceivedLead, RequestOutcome, Simulator};
+use leadgate::sim::{Fault, RequestOutcome, Simulator};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{
-    GatewayEnv, GatewayProcess, TOKEN, TestApp, client, default_sources, start_sim, wait_received,
+    ADMIN_TOKEN, GatewayEnv, GatewayProcess, TOKEN, TestApp, assert_resends_at_most, client,
+    default_sources, exactly_once, start_sim, wait_received,
 };
 use crate::helpers::eventually;
 use crate::helpers::redis::{RedisOptions, RedisServer};
 use crate::helpers::tcp::Relay;
 
-/// The distinct last names the simulator received, failing on any duplicate.
-fn exactly_once(leads: &[ReceivedLead]) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for lead in leads {
-        let name = lead.payload["LastName"].as_str().unwrap().to_owned();
-        assert!(seen.insert(name.clone()), "{name} reached Onpipeline twice");
-    }
-    seen
-}
+/// Deliveries in flight at once per gateway process in the kill tests: after a kill -9, at most
+/// this many leads can have reached Onpipeline without their delivery being recorded.
+const CONCURRENCY: usize = 8;
 
 /// Posts one lead, retrying (with the same idempotency key) until the gateway answers 2xx, as a
 /// careful sender does. Returns the number of refusals and failures seen on the way.
@@ -60,13 +55,18 @@ async fn post_until_accepted(
 async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
     const LEADS: usize = 1000;
     let sim = Arc::new(start_sim(Vec::new()).await);
-    // A lease cut short by the kill is delivered again; Onpipeline answers 409 to a repeat.
+    // A lease cut short by the kill is delivered again; the simulator answers 409 to a repeat
+    // and records it.
     sim.set_detect_duplicates(true);
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
-    env.set("LEADGATE_LEASE_TIMEOUT", "1s")
-        .set("LEADGATE_ONPIPELINE_TIMEOUT", "800ms")
-        .set("LEADGATE_ONPIPELINE_RATE", "1000");
+    // The timeout is generous so that no answer is lost to it under load: the kill is then the
+    // only way a lead can reach Onpipeline without its delivery being recorded.
+    env.set("LEADGATE_LEASE_TIMEOUT", "5s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "3s")
+        .set("LEADGATE_ONPIPELINE_RATE", "1000")
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     if let Some(redis) = redis {
         env.set("LEADGATE_REDIS_URL", redis.url());
     }
@@ -97,8 +97,14 @@ async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
         LEADS,
         "{refused} posts had to be retried"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The leases the killed process held have been taken over and settled by now.
+    gateway.wait_idle(Duration::from_secs(30)).await;
     assert_eq!(sim.received().len(), LEADS);
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "one kill -9 of a process with 8 deliveries in flight",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +144,9 @@ async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_
     env.set("LEADGATE_REDIS_URL", redis.url())
         .set("LEADGATE_LEASE_TIMEOUT", "2s")
         .set("LEADGATE_ONPIPELINE_TIMEOUT", "1500ms")
-        .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string());
+        .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string())
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut replicas = Vec::new();
     for _ in 0..3 {
         replicas.push(GatewayProcess::start(&env, &[]).await);
@@ -164,6 +172,12 @@ async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_
     replicas[0].kill9();
     let leads = wait_received(&sim, LEADS, Duration::from_secs(120)).await;
     assert_eq!(exactly_once(&leads).len(), LEADS);
+    replicas[1].wait_idle(Duration::from_secs(30)).await;
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "one kill -9 of a replica with 8 deliveries in flight",
+    );
     let busiest = busiest_second(&sim);
     assert!(
         busiest <= RATE,
@@ -641,6 +655,11 @@ async fn sigterm_releases_leases_still_running_at_the_deadline() {
     gateway.restart(|_| {}).await;
     let leads = wait_received(&sim, 5, Duration::from_secs(20)).await;
     assert_eq!(exactly_once(&leads).len(), 5);
+    assert_resends_at_most(
+        &sim,
+        0,
+        "a graceful shutdown, whose cut-off sends created nothing",
+    );
     let requests = sim.requests();
     assert_eq!(
         requests.len(),

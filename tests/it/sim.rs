@@ -441,6 +441,26 @@ async fn duplicate_detection_answers_409_for_the_same_payload_in_any_key_order()
     );
     assert_eq!(sim.received().len(), 2);
     assert_eq!(statuses(&sim), vec![Some(201), Some(409), Some(201)]);
+
+    // The refused repeat is not stored as a lead, but it is recorded: which lead, when, from
+    // where, and the body as sent.
+    let repeats = sim.repeats();
+    assert_eq!(repeats.len(), 1, "{repeats:?}");
+    assert_eq!(repeats[0].lead_id, sim.received()[0].lead_id);
+    assert_eq!(repeats[0].payload, mike());
+    assert_eq!(repeats[0].peer_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert!(repeats[0].at >= sim.received()[0].received_at);
+    assert!(repeats[0].at <= sim.received()[1].received_at);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn repeats_are_not_recorded_while_duplicate_detection_is_off() {
+    let sim = start().await;
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(sim.received().len(), 2, "both stored as leads");
+    assert!(sim.repeats().is_empty());
     sim.stop().await;
 }
 
@@ -750,6 +770,19 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
         ]
     );
 
+    let repeats: Value = client
+        .get(format!("{base}/_sim/repeats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(repeats, serde_json::to_value(sim.repeats()).unwrap());
+    assert_eq!(repeats.as_array().unwrap().len(), 1);
+    assert_eq!(repeats[0]["lead_id"], leads[0]["lead_id"]);
+    assert_eq!(repeats[0]["payload"], mike());
+
     let reset = client
         .delete(format!("{base}/_sim/leads"))
         .send()
@@ -758,6 +791,7 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
     assert_eq!(reset.status(), StatusCode::NO_CONTENT);
     assert!(sim.received().is_empty());
     assert!(sim.requests().is_empty());
+    assert!(sim.repeats().is_empty());
     // The duplicate memory went with the leads.
     assert_eq!(
         post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,
