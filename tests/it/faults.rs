@@ -22,25 +22,38 @@ use crate::helpers::tcp::Relay;
 /// this many leads can have reached Onpipeline without their delivery being recorded.
 const CONCURRENCY: usize = 8;
 
-/// Posts one lead, retrying (with the same idempotency key) until the gateway answers 2xx, as a
-/// careful sender does. Returns the number of refusals and failures seen on the way.
+/// Where a lead was finally accepted, and how many refusals and failures came first.
+struct Posted {
+    /// Index of the gateway that answered 2xx.
+    by: usize,
+    failures: u32,
+}
+
+/// Posts one lead to `bases[first]`, retrying (with the same idempotency key) until a gateway
+/// answers 2xx, as a careful sender does; a refused or failed post goes to the next gateway
+/// of the list (with one gateway: the same one again).
 async fn post_until_accepted(
     http: &reqwest::Client,
-    base: &std::sync::Mutex<String>,
+    bases: &[String],
+    first: usize,
     name: &str,
-) -> u32 {
+) -> Posted {
     let mut failures = 0;
+    let mut by = first;
     loop {
-        let url = format!("{}/in/website", base.lock().unwrap());
         let sent = http
-            .post(url)
+            .post(format!("{}/in/website", bases[by]))
             .header("idempotency-key", name)
             .json(&json!({"name": format!("Lead {name}")}))
             .timeout(Duration::from_secs(5))
             .send()
             .await;
         match sent {
-            Ok(r) if r.status() == 202 => return failures,
+            Ok(r) if r.status() == 202 => return Posted { by, failures },
+            // actix's own answer when a request has not fully arrived within 5 s (the test
+            // process posting thousands at once on two cores): nothing was read, so nothing
+            // was queued.
+            Ok(r) if r.status() == 408 => failures += 1,
             Ok(r) => {
                 assert_eq!(r.status(), 503, "only 503 may refuse a valid lead");
                 assert!(r.headers().contains_key("retry-after"));
@@ -48,6 +61,7 @@ async fn post_until_accepted(
             }
             Err(_) => failures += 1,
         }
+        by = (by + 1) % bases.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -71,12 +85,17 @@ async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
         env.set("LEADGATE_REDIS_URL", redis.url());
     }
     let mut gateway = GatewayProcess::start(&env, &[]).await;
-    let base = Arc::new(std::sync::Mutex::new(gateway.base.clone()));
+    // A restart keeps the port.
+    let bases = Arc::new(vec![gateway.base.clone()]);
     let http = client();
     let mut posters = tokio::task::JoinSet::new();
     for i in 0..LEADS {
-        let (http, base) = (http.clone(), base.clone());
-        posters.spawn(async move { post_until_accepted(&http, &base, &format!("K{i:04}")).await });
+        let (http, bases) = (http.clone(), bases.clone());
+        posters.spawn(async move {
+            post_until_accepted(&http, &bases, 0, &format!("K{i:04}"))
+                .await
+                .failures
+        });
         if i == LEADS / 3 {
             // Deliveries are under way by now.
             eventually(Duration::from_secs(20), "deliveries to start", || async {
@@ -132,52 +151,116 @@ fn busiest_second(sim: &Simulator) -> usize {
     busiest
 }
 
+/// Three replicas on one Redis, each leaving from its own loopback address so the simulator
+/// tells them apart. 3,000 leads are posted round-robin across the three at a steady pace, and
+/// halfway through, while posts and deliveries are in flight, one replica is killed with -9.
+/// Posts it refuses (or drops) go to a survivor with the same idempotency key, as a sender
+/// retries. The two survivors finish every accepted lead, each once, taking over the killed
+/// replica's leases, and all three together never exceed the shared upstream rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_one() {
     const LEADS: usize = 3000;
     const RATE: usize = 150;
+    const BATCH: usize = 30;
     let redis = RedisServer::start_with(RedisOptions { append_only: true });
     let sim = Arc::new(start_sim(Vec::new()).await);
     sim.set_detect_duplicates(true);
+    // Each delivery is in flight for a while, so the killed replica surely holds some.
+    sim.set_latency(Duration::from_millis(100));
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_REDIS_URL", redis.url())
-        .set("LEADGATE_LEASE_TIMEOUT", "2s")
-        .set("LEADGATE_ONPIPELINE_TIMEOUT", "1500ms")
+        .set("LEADGATE_LEASE_TIMEOUT", "3s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "2s")
         .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string())
         .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
         .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let egress: Vec<std::net::IpAddr> = (2..5)
+        .map(|last| std::net::Ipv4Addr::new(127, 0, 0, last).into())
+        .collect();
     let mut replicas = Vec::new();
-    for _ in 0..3 {
+    for ip in &egress {
+        env.set("LEADGATE_EGRESS_IP", ip.to_string());
         replicas.push(GatewayProcess::start(&env, &[]).await);
     }
-    let bases: Vec<_> = replicas.iter().map(|r| r.base.clone()).collect();
+    let bases = Arc::new(replicas.iter().map(|r| r.base.clone()).collect::<Vec<_>>());
+    let killed = egress[0];
     let http = client();
     let mut posters = tokio::task::JoinSet::new();
+    let mut killed_at = None;
     for i in 0..LEADS {
-        let http = http.clone();
-        // The first replica is killed midway: posts go to the two that stay.
-        let base = Arc::new(std::sync::Mutex::new(bases[1 + i % 2].clone()));
-        posters.spawn(async move { post_until_accepted(&http, &base, &format!("R{i:04}")).await });
+        let (http, bases) = (http.clone(), bases.clone());
+        posters.spawn(async move {
+            post_until_accepted(&http, &bases, i % 3, &format!("R{i:04}")).await
+        });
+        if i % BATCH == BATCH - 1 {
+            // About 375 posts a second: posting lasts longer than the kill takes to come.
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        if i == LEADS / 2 {
+            eventually(
+                Duration::from_secs(30),
+                "a delivery of the first replica in flight",
+                || async {
+                    sim.requests()
+                        .iter()
+                        .any(|r| r.peer_ip == killed && r.outcome == RequestOutcome::InFlight)
+                        .then_some(())
+                },
+            )
+            .await;
+            replicas[0].kill9();
+            killed_at = Some(chrono::Utc::now());
+        }
     }
-    while let Some(result) = posters.join_next().await {
-        result.unwrap();
+    let killed_at = killed_at.unwrap();
+    let mut accepted_by = [0usize; 3];
+    let mut refused = 0;
+    while let Some(posted) = posters.join_next().await {
+        let posted = posted.unwrap();
+        accepted_by[posted.by] += 1;
+        refused += posted.failures;
     }
-    eventually(
-        Duration::from_secs(60),
-        "a third of the leads delivered",
-        || async { (sim.received().len() >= LEADS / 3).then_some(()) },
-    )
-    .await;
-    replicas[0].kill9();
+    assert!(
+        accepted_by[0] > 0,
+        "the killed replica had accepted leads: {accepted_by:?}"
+    );
+    assert!(
+        refused > 0,
+        "posts were still coming when the replica died, and were re-sent"
+    );
+
     let leads = wait_received(&sim, LEADS, Duration::from_secs(120)).await;
     assert_eq!(exactly_once(&leads).len(), LEADS);
     replicas[1].wait_idle(Duration::from_secs(30)).await;
+    assert_eq!(sim.received().len(), LEADS);
     assert_resends_at_most(
         &sim,
         CONCURRENCY,
         "one kill -9 of a replica with 8 deliveries in flight",
     );
+
+    // The killed replica held deliveries when it died: Onpipeline saw their requests cut off.
+    let requests = sim.requests();
+    let cut_off = requests
+        .iter()
+        .filter(|r| r.peer_ip == killed && r.outcome == RequestOutcome::Cancelled)
+        .count();
+    assert!(cut_off > 0, "no delivery of the killed replica was cut off");
+    // Everything after the kill came from the survivors, and both took part. (A request of the
+    // killed replica whose latency ended just as it died may still be handled a moment later.)
+    let mut after_kill = [0usize; 3];
+    let settled = killed_at + chrono::Duration::seconds(1);
+    for lead in leads.iter().filter(|l| l.received_at > settled) {
+        let replica = egress.iter().position(|ip| *ip == lead.peer_ip).unwrap();
+        after_kill[replica] += 1;
+    }
+    assert_eq!(after_kill[0], 0, "{after_kill:?}");
+    assert!(
+        after_kill[1] > 0 && after_kill[2] > 0,
+        "both survivors delivered: {after_kill:?}"
+    );
+
     let busiest = busiest_second(&sim);
     assert!(
         busiest <= RATE,
