@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leadgate::queue::AttemptOutcome;
+use leadgate::queue::{Attempt, AttemptOutcome};
 use leadgate::sim::{Fault, RequestOutcome, Simulator};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{
-    ADMIN_TOKEN, GatewayEnv, GatewayProcess, TOKEN, TestApp, assert_resends_at_most, client,
+    ADMIN_TOKEN, GatewayEnv, GatewayProcess, TOKEN, assert_resends_at_most, client,
     default_sources, exactly_once, start_sim, wait_received,
 };
 use crate::helpers::eventually;
@@ -272,33 +272,46 @@ async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_
     );
 }
 
+/// Redis killed for 20 s while leads are posted and delivered, then started again on its
+/// append-only file: meanwhile ingest answers 503 with `Retry-After` and `/readyz` says the
+/// queue is unreachable; afterwards every lead answered 202 is delivered, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted() {
     let mut redis = RedisServer::start_with(RedisOptions { append_only: true });
-    let app = TestApp::spawn_with(&default_sources(), |env| {
-        env.set("LEADGATE_REDIS_URL", redis.url());
-    })
-    .await;
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", redis.url())
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
+    let readyz = |http: reqwest::Client, base: String| async move {
+        let response = http.get(format!("{base}/readyz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
     let mut accepted = BTreeSet::new();
     let mut refused_while_down = 0;
+    let mut unready_while_down = None;
     let started = Instant::now();
     let mut stopped_at = None;
+    let mut restarted = false;
     let mut i = 0;
     while started.elapsed() < Duration::from_secs(30) {
         if stopped_at.is_none() && started.elapsed() > Duration::from_secs(3) {
             redis.stop();
             stopped_at = Some(Instant::now());
         }
-        if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(20))
-            && !redis_up(&redis).await
-        {
+        if !restarted && stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
             redis.restart();
+            restarted = true;
         }
         let name = format!("D{i:04}");
         i += 1;
         let response = http
-            .post(app.url("/in/website"))
+            .post(format!("{}/in/website", gateway.base))
             .json(&json!({"name": format!("Lead {name}")}))
             .send()
             .await
@@ -313,14 +326,28 @@ async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted()
             }
             other => panic!("unexpected {other}"),
         }
+        if unready_while_down.is_none()
+            && !restarted
+            && stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
+        {
+            unready_while_down = Some(readyz(http.clone(), gateway.base.clone()).await);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         refused_while_down > 10,
         "ingest answered 503 while Redis was down"
     );
+    let (status, body) = unready_while_down.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["queue"]["reachable"], false, "{body}");
+    let (status, body) = readyz(http.clone(), gateway.base.clone()).await;
+    assert_eq!(status, 200, "ready again once Redis is back: {body}");
+    assert_eq!(body["queue"]["reachable"], true, "{body}");
+
     let received = eventually(Duration::from_secs(60), "every accepted lead", || async {
-        let received = exactly_once(&app.sim.received());
+        let received = exactly_once(&sim.received());
         accepted.is_subset(&received).then_some(received)
     })
     .await;
@@ -331,38 +358,40 @@ async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted()
         extra.len() <= 2,
         "leads that were refused arrived: {extra:?}"
     );
-}
-
-async fn redis_up(redis: &RedisServer) -> bool {
-    tokio::net::TcpStream::connect(
-        redis
-            .url()
-            .trim_start_matches("redis://")
-            .trim_end_matches('/'),
-    )
-    .await
-    .is_ok()
+    gateway.wait_idle(Duration::from_secs(30)).await;
+    // A delivery in flight when Redis died can be sent again: its record could not be written
+    // before the lease ran out.
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "Redis dying under at most 8 deliveries in flight",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on_schedule() {
     let sim = Arc::new(start_sim(Vec::new()).await);
     let relay = Relay::start(sim.addr()).await;
-    let app = TestApp::spawn_against(sim.clone(), &default_sources(), |env| {
-        env.set("LEADGATE_ONPIPELINE_URL", format!("https://{}", relay.addr))
-            .set("LEADGATE_RETRY_BASE", "250ms")
-            .set("LEADGATE_RETRY_MAX_DELAY", "2s")
-            .set("LEADGATE_DELIVERY_CONCURRENCY", "2");
-    })
-    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_ONPIPELINE_URL", format!("https://{}", relay.addr))
+        .set("LEADGATE_RETRY_BASE", "250ms")
+        .set("LEADGATE_RETRY_MAX_DELAY", "2s")
+        .set("LEADGATE_DELIVERY_CONCURRENCY", "2")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
 
     // Down: connections refused for a minute.
     relay.down();
     let mut ids = Vec::new();
     for i in 0..10 {
-        let response = app
-            .post_json("website", &json!({"name": format!("Lead O{i}")}))
-            .await;
+        let response = http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": format!("Lead O{i}")}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
         ids.push(
             response.json::<Value>().await.unwrap()["id"]
@@ -394,15 +423,14 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
     // The attempts followed the schedule: never longer apart than the cap (plus the time an
     // attempt itself took), and a 429's Retry-After was honoured.
     let mut saw_429 = false;
+    gateway.wait_idle(Duration::from_secs(20)).await;
     for id in &ids {
-        let record = app
-            .gateway()
-            .queue()
-            .lead(id.parse().unwrap())
+        let record = gateway
+            .admin_get(&format!("/admin/leads/{id}"))
             .await
-            .unwrap()
             .unwrap();
-        let attempts = &record.attempts;
+        let attempts: Vec<Attempt> = serde_json::from_value(record["attempts"].clone()).unwrap();
+        let attempts = &attempts;
         assert_eq!(
             attempts.last().unwrap().outcome,
             AttemptOutcome::Delivered,
@@ -529,38 +557,30 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
     }
 }
 
-fn admin(app: &TestApp, method: reqwest::Method, path: String) -> reqwest::RequestBuilder {
-    app.http
-        .request(method, app.url(&path))
-        .bearer_auth("admin-token-0123456789")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
     let sim = Arc::new(start_sim(Vec::new()).await);
     // The account has these custom fields; the source first maps `budget` to a wrong one.
     sim.set_custom_fields(&["1111111", "2222222", "3333333", "4444444"]);
     let wrong = default_sources().replacen("budget = \"1111111\"", "budget = \"9999999\"", 1);
-    let mut app = TestApp::spawn_against(sim.clone(), &wrong, |env| {
-        env.set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
-    })
-    .await;
-    let response = app
-        .post_json("website", &json!({"name": "Nadia Budget", "budget": "10k"}))
-        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &wrong);
+    env.set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut gateway = GatewayProcess::start(&env, &[]).await;
+    let response = client()
+        .post(format!("{}/in/website", gateway.base))
+        .json(&json!({"name": "Nadia Budget", "budget": "10k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
 
     let dead: Value = eventually(Duration::from_secs(10), "the dead letter", || async {
-        let body: Value = admin(&app, reqwest::Method::GET, "/admin/dead".into())
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = gateway.admin_get("/admin/dead").await?;
         (body["dead"].as_array()?.len() == 1).then_some(body)
     })
     .await;
@@ -572,13 +592,16 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
             .contains("9999999"),
         "{dead}"
     );
+    assert_eq!(dead["dead"][0]["history"][0]["status"], 406, "{dead}");
     assert!(sim.received().is_empty());
 
-    // Fix the mapping, restart, replay.
-    std::fs::write(app.env.dir.join("leadgate.toml"), default_sources()).unwrap();
-    app.stop().await;
-    app.start().await;
-    let replayed: Value = admin(&app, reqwest::Method::POST, "/admin/dead/replay".into())
+    // Fix the mapping, restart (gracefully), replay.
+    std::fs::write(dir.path().join("leadgate.toml"), default_sources()).unwrap();
+    gateway.sigterm();
+    assert!(gateway.wait_exit(Duration::from_secs(30)).await.success());
+    gateway.restart(|_| {}).await;
+    let replayed: Value = gateway
+        .admin(reqwest::Method::POST, "/admin/dead/replay")
         .json(&json!({"ids": [id]}))
         .send()
         .await
@@ -587,7 +610,7 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         .await
         .unwrap();
     assert_eq!(replayed["replayed"], json!([id]), "{replayed}");
-    let leads = app.received(1).await;
+    let leads = wait_received(&sim, 1, Duration::from_secs(20)).await;
     let extra: BTreeMap<String, String> = leads[0].payload["Extra"]
         .as_array()
         .unwrap()
@@ -604,23 +627,9 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         Some("10k"),
         "{extra:?}"
     );
-    let stats: Value = admin(&app, reqwest::Method::GET, "/admin/stats".into())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(stats["dead"], 0, "{stats}");
     // The simulator has the lead a moment before the gateway records the delivery.
     let record: Value = eventually(Duration::from_secs(5), "the delivered record", || async {
-        let record: Value = admin(&app, reqwest::Method::GET, format!("/admin/leads/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let record = gateway.admin_get(&format!("/admin/leads/{id}")).await?;
         (record["state"] == "delivered").then_some(record)
     })
     .await;
@@ -629,6 +638,8 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         2,
         "the 406, then the delivery: {record}"
     );
+    let stats = gateway.admin_stats().await.unwrap();
+    assert_eq!(stats["dead"], 0, "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

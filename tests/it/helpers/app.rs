@@ -469,17 +469,27 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `GET /admin/stats` (the environment must set `LEADGATE_ADMIN_TOKEN` to [`ADMIN_TOKEN`]).
-    pub async fn admin_stats(&self) -> Option<Value> {
+    /// A request to the admin API (the environment must set `LEADGATE_ADMIN_TOKEN` to
+    /// [`ADMIN_TOKEN`]).
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         client()
-            .get(format!("{}/admin/stats", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// `GET` on the admin API, as JSON; `None` when it does not answer JSON.
+    pub async fn admin_get(&self, path: &str) -> Option<Value> {
+        self.admin(reqwest::Method::GET, path)
             .send()
             .await
             .ok()?
             .json()
             .await
             .ok()
+    }
+
+    pub async fn admin_stats(&self) -> Option<Value> {
+        self.admin_get("/admin/stats").await
     }
 
     /// Waits until the queue holds nothing ready, leased or delayed: every lead is delivered or
