@@ -182,8 +182,13 @@ pub enum RequestOutcome {
     Answered,
     /// The connection was closed without an answer, by a `drop` or `drop_after_accept` fault.
     Dropped,
-    /// The client hung up before the answer was ready; nothing was recorded.
+    /// The client hung up before the request was handled; nothing was recorded.
     Cancelled,
+    /// The client hung up after the request was handled, while its answer was held back
+    /// ([`SimSettings::answer_delay_ms`]): what it did stays (a lead created, a repeat refused
+    /// and recorded), but the client never heard. A slow Onpipeline that commits, then answers
+    /// after the client's timeout.
+    Abandoned,
 }
 
 /// A scripted misbehaviour, consumed by the next `/Leadsin` request. JSON form (over
@@ -255,8 +260,15 @@ pub struct SimSettings {
     /// Answer 409 to a lead whose canonical payload equals an accepted one (and record the
     /// repeat, see [`RepeatedLead`]). Off by default.
     pub detect_duplicates: bool,
-    /// Added before every `/Leadsin` request is handled (faults included).
+    /// Added before every `/Leadsin` request is handled (faults included). A client that hangs
+    /// up meanwhile cancels the request: nothing is recorded.
     pub latency_ms: u64,
+    /// Added after a `/Leadsin` request is handled and before it is answered (not to faults
+    /// that answer without handling it): the lead is created at once, the answer comes late.
+    /// A client that gives up meanwhile leaves the lead created
+    /// ([`RequestOutcome::Abandoned`]).
+    #[serde(default)]
+    pub answer_delay_ms: u64,
     /// The account's custom field IDs. When set, a lead whose `Extra` names another ID is
     /// refused with 406, as an account without that custom field would. Unset: any ID.
     #[serde(default)]
@@ -271,6 +283,8 @@ pub struct SettingsUpdate {
     pub detect_duplicates: Option<bool>,
     #[serde(default)]
     pub latency_ms: Option<u64>,
+    #[serde(default)]
+    pub answer_delay_ms: Option<u64>,
     /// Sets the account's custom field IDs; an empty list clears it (any ID accepted).
     #[serde(default)]
     pub custom_fields: Option<Vec<String>>,
@@ -417,6 +431,15 @@ impl Simulator {
     pub fn set_latency(&self, latency: Duration) {
         self.shared.update_settings(SettingsUpdate {
             latency_ms: Some(u64::try_from(latency.as_millis()).unwrap_or(u64::MAX)),
+            ..SettingsUpdate::default()
+        });
+    }
+
+    /// From now on, each request is handled at once and answered this much later (a slow
+    /// Onpipeline that commits before it answers); zero turns it off.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.shared.update_settings(SettingsUpdate {
+            answer_delay_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
             ..SettingsUpdate::default()
         });
     }

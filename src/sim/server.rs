@@ -264,11 +264,13 @@ fn masked(payload: &serde_json::Value, array: &str, key: &str, mask: fn(&str) ->
 }
 
 /// One `/Leadsin` request in the log. If the handler's future is dropped before it settles the
-/// entry (actix drops it when the client hangs up), the entry is marked cancelled.
+/// entry (actix drops it when the client hangs up), the entry is marked cancelled, or abandoned
+/// when the request had been handled and only its answer was still held back.
 struct InFlight {
     shared: web::Data<Shared>,
     id: u64,
     settled: bool,
+    handled: bool,
 }
 
 impl InFlight {
@@ -283,7 +285,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared.settle(self.id, None, RequestOutcome::Cancelled);
+            let outcome = if self.handled {
+                RequestOutcome::Abandoned
+            } else {
+                RequestOutcome::Cancelled
+            };
+            self.shared.settle(self.id, None, outcome);
         }
     }
 }
@@ -291,10 +298,11 @@ impl Drop for InFlight {
 async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> HttpResponse {
     let peer_ip = peer_ip(&req);
     let (id, fault, settings) = shared.arrive(peer_ip);
-    let in_flight = InFlight {
+    let mut in_flight = InFlight {
         shared: shared.clone(),
         id,
         settled: false,
+        handled: false,
     };
     if settings.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
@@ -313,9 +321,13 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
         }
     };
     let response = match fault {
-        None => answer(create_lead(&req, &body, &shared, peer_ip)),
+        None => {
+            in_flight.handled = true;
+            answer(create_lead(&req, &body, &shared, peer_ip))
+        }
         Some(Fault::Delay { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            in_flight.handled = true;
             answer(create_lead(&req, &body, &shared, peer_ip))
         }
         Some(Fault::Status {
@@ -357,6 +369,9 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
             Err(error) => answer(Err(error)),
         },
     };
+    if in_flight.handled && settings.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(settings.answer_delay_ms)).await;
+    }
     in_flight.settle(response, RequestOutcome::Answered)
 }
 

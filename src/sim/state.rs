@@ -164,6 +164,9 @@ impl Shared {
         if let Some(ms) = update.latency_ms {
             state.settings.latency_ms = ms;
         }
+        if let Some(ms) = update.answer_delay_ms {
+            state.settings.answer_delay_ms = ms;
+        }
         if let Some(ids) = update.custom_fields {
             state.settings.custom_fields = (!ids.is_empty()).then_some(ids);
         }

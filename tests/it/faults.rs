@@ -403,39 +403,75 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(sim.received().is_empty());
 
-    // Back, but slow past the 2 s timeout, then throttled, then failing, then a proxy's page.
-    sim.push_faults([
-        Fault::Delay { ms: 3_000 },
-        Fault::Delay { ms: 3_000 },
-        Fault::Status {
-            status: 429,
-            retry_after: Some("3".into()),
-            message: Some("Too many requests".into()),
-        },
-    ]);
-    sim.push_faults((0..5).map(|_| Fault::status(500)));
-    sim.push_faults([Fault::NonJson502]);
+    // Back, but slow for a while: each lead is created at once and answered after the 2 s
+    // timeout, so the gateway never hears and sends it again; the repeat is answered 409.
+    sim.set_detect_duplicates(true);
+    sim.set_answer_delay(Duration::from_secs(3));
+    let slow_from = chrono::Utc::now();
     relay.up().await;
+    let abandoned = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.outcome == RequestOutcome::Abandoned)
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    eventually(Duration::from_secs(30), "several late answers", || async {
+        (abandoned() >= 4).then_some(())
+    })
+    .await;
+    sim.set_answer_delay(Duration::ZERO);
+    // Requests already waiting for their late answer time out up to 2 s later.
+    let slow_until = chrono::Utc::now() + chrono::Duration::seconds(2);
+    // Then throttled, then a burst of failures, then a proxy's page.
+    sim.push_faults([Fault::Status {
+        status: 429,
+        retry_after: Some("3".into()),
+        message: Some("Too many requests".into()),
+    }]);
+    sim.push_faults((0..20).map(|_| Fault::status(500)));
+    sim.push_faults([Fault::NonJson502]);
 
     let leads = wait_received(&sim, ids.len(), Duration::from_secs(60)).await;
     assert_eq!(exactly_once(&leads).len(), ids.len());
+    gateway.wait_idle(Duration::from_secs(60)).await;
+    assert!(sim.pending_faults().is_empty(), "every fault was met");
+    let requests = sim.requests();
+    let answered = |status: u16| requests.iter().filter(|r| r.status == Some(status)).count();
+    assert_eq!(
+        (answered(429), answered(500), answered(502)),
+        (1, 20, 1),
+        "{requests:?}"
+    );
+    // Each late answer made the gateway send that lead once more, no more: the repeats the
+    // simulator refused are exactly the answers the gateway never heard.
+    let repeats = sim.repeats();
+    assert_eq!(
+        repeats.len(),
+        abandoned(),
+        "one repeat per late answer: {repeats:?}"
+    );
 
     // The attempts followed the schedule: never longer apart than the cap (plus the time an
-    // attempt itself took), and a 429's Retry-After was honoured.
+    // attempt itself took, and slots held by slow answers), and a 429's Retry-After was
+    // honoured. A lead answered late ends with the 409 of its repeat.
     let mut saw_429 = false;
-    gateway.wait_idle(Duration::from_secs(20)).await;
+    let mut ended_duplicate = BTreeSet::new();
     for id in &ids {
         let record = gateway
             .admin_get(&format!("/admin/leads/{id}"))
             .await
             .unwrap();
+        assert_eq!(record["state"], "delivered", "{record}");
         let attempts: Vec<Attempt> = serde_json::from_value(record["attempts"].clone()).unwrap();
-        let attempts = &attempts;
-        assert_eq!(
-            attempts.last().unwrap().outcome,
-            AttemptOutcome::Delivered,
-            "{attempts:?}"
-        );
+        let last = attempts.last().unwrap();
+        match last.outcome {
+            AttemptOutcome::Delivered => {}
+            AttemptOutcome::Duplicate => {
+                ended_duplicate.insert(id.clone());
+            }
+            other => panic!("ended {other:?}: {attempts:?}"),
+        }
         assert!(
             attempts.len() > 3,
             "retried through the outage: {attempts:?}"
@@ -443,10 +479,14 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
         for pair in attempts.windows(2) {
             let gap = (pair[1].at - pair[0].at).to_std().unwrap();
             let spent = Duration::from_millis(pair[0].duration_ms);
-            // Cap (2 s), plus waiting for a delivery slot held by slow attempts (2 × 2 s
-            // timeout), plus slack.
+            // Cap (2 s), plus waiting for a delivery slot held by attempts timing out (2 × 2 s),
+            // plus slack; while answers were slow, slots stayed busy for the whole phase.
+            let mut allowed = spent + Duration::from_secs(7);
+            if pair[0].at < slow_until && pair[1].at > slow_from {
+                allowed += (slow_until - slow_from).to_std().unwrap();
+            }
             assert!(
-                gap <= spent + Duration::from_secs(7),
+                gap <= allowed,
                 "waited {gap:?} after an attempt that took {spent:?}: {attempts:?}"
             );
             if pair[0].status == Some(429) {
@@ -459,6 +499,12 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
         }
     }
     assert!(saw_429, "the 429 was met by one of the leads");
+    let repeated: BTreeSet<&str> = repeats.iter().map(|r| r.lead_id.as_str()).collect();
+    assert_eq!(
+        ended_duplicate.len(),
+        repeated.len(),
+        "each lead created by a late answer was settled by its 409"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -645,6 +645,67 @@ async fn client_giving_up_during_a_delay_cancels_the_request_and_records_nothing
 }
 
 #[tokio::test]
+async fn an_answer_delay_creates_the_lead_at_once_and_answers_late() {
+    let sim = start().await;
+    sim.set_answer_delay(Duration::from_millis(300));
+    let posting = tokio::spawn({
+        let client = client(&sim);
+        let url = format!("{}/Leadsin", sim.base_url());
+        async move {
+            let started = Instant::now();
+            let answer = send(&client, url, Some(LEAD_TOKEN), mike().to_string()).await;
+            (answer.status, started.elapsed())
+        }
+    });
+    // Created before the answer leaves.
+    eventually("the lead is created", || sim.received().len() == 1).await;
+    assert_eq!(sim.requests()[0].outcome, RequestOutcome::InFlight);
+    let (status, took) = posting.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(statuses(&sim), vec![Some(201)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_giving_up_on_a_late_answer_leaves_the_lead_created_and_its_retry_is_a_repeat() {
+    let sim = start().await;
+    sim.set_detect_duplicates(true);
+    sim.set_answer_delay(Duration::from_secs(60));
+    let impatient = client_builder(&sim)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!("{}/Leadsin", sim.base_url());
+    let result = impatient
+        .post(&url)
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await;
+    assert!(result.expect_err("the client gives up").is_timeout());
+    drop(impatient);
+    eventually("the request is abandoned", || {
+        sim.requests()
+            .first()
+            .is_some_and(|r| r.outcome == RequestOutcome::Abandoned)
+    })
+    .await;
+    assert_eq!(sim.received().len(), 1, "the lead stays created");
+    assert_eq!(statuses(&sim), vec![None]);
+
+    // The client tries again (now answered at once): Onpipeline already has it.
+    sim.set_answer_delay(Duration::ZERO);
+    send(&client(&sim), url, Some(LEAD_TOKEN), mike().to_string())
+        .await
+        .assert_error(409, "Conflict - Duplicate", "127.0.0.1");
+    assert_eq!(sim.received().len(), 1);
+    assert_eq!(sim.repeats().len(), 1);
+    assert_eq!(sim.repeats()[0].lead_id, sim.received()[0].lead_id);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn persistent_latency_delays_every_request() {
     let sim = start().await;
     sim.set_latency(Duration::from_millis(200));
@@ -659,6 +720,7 @@ async fn persistent_latency_delays_every_request() {
         SimSettings {
             detect_duplicates: false,
             latency_ms: 200,
+            answer_delay_ms: 0,
             custom_fields: None,
         }
     );
@@ -715,7 +777,7 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
         .unwrap();
     assert_eq!(
         settings,
-        json!({"detect_duplicates": true, "latency_ms": 0, "custom_fields": null})
+        json!({"detect_duplicates": true, "latency_ms": 0, "answer_delay_ms": 0, "custom_fields": null})
     );
     assert!(sim.settings().detect_duplicates);
 
