@@ -368,6 +368,85 @@ async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted()
     );
 }
 
+/// Onpipeline takes a lead while the gateway cannot reach Redis: the gateway keeps trying to
+/// record the delivery (the lease has not run out), records it once Redis is reachable again
+/// ten seconds later, and never sends the lead again, even after the lease would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_while_redis_is_unreachable_is_recorded_when_it_returns_and_not_sent_again()
+{
+    const LEASE: Duration = Duration::from_secs(15);
+    let redis = RedisServer::start_with(RedisOptions { append_only: true });
+    let relay = Relay::start(redis.addr()).await;
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    // Onpipeline takes a second to answer: time to cut Redis off while the request is out.
+    sim.set_latency(Duration::from_secs(1));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", format!("redis://{}/", relay.addr))
+        .set("LEADGATE_LEASE_TIMEOUT", format!("{}s", LEASE.as_secs()))
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let response = client()
+        .post(format!("{}/in/website", gateway.base))
+        .json(&json!({"name": "Lead Unrecorded"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    eventually(
+        Duration::from_secs(10),
+        "the delivery to be sent",
+        || async { (!sim.requests().is_empty()).then_some(()) },
+    )
+    .await;
+    let sent = Instant::now();
+    relay.down();
+    wait_received(&sim, 1, Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(5), "Onpipeline's answer", || async {
+        (sim.requests()[0].status == Some(201)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    relay.up().await;
+
+    let record = eventually(Duration::from_secs(5), "the delivery record", || async {
+        let record = gateway.admin_get(&format!("/admin/leads/{id}")).await?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    assert!(
+        sent.elapsed() < LEASE,
+        "recorded within the lease: {:?}",
+        sent.elapsed()
+    );
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{record}");
+    assert_eq!(attempts[0]["outcome"], "delivered", "{record}");
+    assert_eq!(
+        record["delivery"]["onpipeline_lead_id"],
+        sim.received()[0].lead_id
+    );
+
+    // Past the moment the lease would have run out, the lead was not sent again.
+    tokio::time::sleep((LEASE + Duration::from_secs(3)).saturating_sub(sent.elapsed())).await;
+    assert_eq!(sim.requests().len(), 1, "{:?}", sim.requests());
+    assert_eq!(sim.received().len(), 1);
+    assert_resends_at_most(&sim, 0, "a Redis outage shorter than the lease");
+    assert!(
+        gateway
+            .log()
+            .contains("Could not settle a lease; retrying."),
+        "the settle was retried while Redis was away:\n{}",
+        gateway.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on_schedule() {
     let sim = Arc::new(start_sim(Vec::new()).await);
