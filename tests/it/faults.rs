@@ -767,67 +767,170 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
     assert_eq!(stats["dead"], 0, "{stats}");
 }
 
+/// What one post during the SIGTERM test got, and when.
+struct Post {
+    name: String,
+    started: Instant,
+    finished: Instant,
+    /// The HTTP status and whether `Retry-After` came with it; `None`: no answer (the process
+    /// had exited).
+    answer: Option<(u16, bool)>,
+}
+
+/// SIGTERM while leads are posted concurrently and deliveries are in flight: every lead answered
+/// 202 is delivered once (those the drain did not reach after a restart); from the first 503
+/// on, every post gets 503 with `Retry-After` until the process is gone, `/readyz` answers 503
+/// meanwhile, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_nothing_and_refuses_new_leads_while_draining() {
+    const POSTERS: usize = 8;
     let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
     // Slow answers keep deliveries in flight while the gateway drains.
     sim.set_latency(Duration::from_millis(1500));
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_SHUTDOWN_TIMEOUT", "10s")
         .set("LEADGATE_ONPIPELINE_TIMEOUT", "5s")
-        .set("LEADGATE_LEASE_TIMEOUT", "10s");
+        .set("LEADGATE_LEASE_TIMEOUT", "10s")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
-    let mut accepted = BTreeSet::new();
-    for i in 0..40 {
-        let name = format!("S{i:02}");
-        let response = http
-            .post(format!("{}/in/website", gateway.base))
-            .json(&json!({"name": format!("Lead {name}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-        accepted.insert(name);
-    }
-    eventually(Duration::from_secs(10), "deliveries in flight", || async {
-        (!sim.requests().is_empty()).then_some(())
-    })
-    .await;
-    gateway.sigterm();
-    let mut refused = 0;
-    let drain_started = Instant::now();
-    while drain_started.elapsed() < Duration::from_secs(1) {
-        match http
-            .post(format!("{}/in/website", gateway.base))
-            .json(&json!({"name": "Lead Late"}))
-            .send()
-            .await
-        {
-            Ok(response) => {
-                assert_eq!(response.status(), 503, "nothing is accepted while draining");
-                assert!(response.headers().contains_key("retry-after"));
-                refused += 1;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut posters = tokio::task::JoinSet::new();
+    for poster in 0..POSTERS {
+        let (http, base) = (http.clone(), gateway.base.clone());
+        let (stop, accepted_so_far) = (stop.clone(), accepted_so_far.clone());
+        posters.spawn(async move {
+            let mut posts = Vec::new();
+            for n in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("S{poster}x{n:03}");
+                let started = Instant::now();
+                let sent = http
+                    .post(format!("{base}/in/website"))
+                    .json(&json!({"name": format!("Lead {name}")}))
+                    .send()
+                    .await;
+                let answer = sent
+                    .ok()
+                    .map(|r| (r.status().as_u16(), r.headers().contains_key("retry-after")));
+                if answer.is_some_and(|(status, _)| status == 202) {
+                    accepted_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let gone = answer.is_none();
+                posts.push(Post {
+                    name,
+                    started,
+                    finished: Instant::now(),
+                    answer,
+                });
+                if gone {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(_) => break,
-        }
+            posts
+        });
+    }
+    eventually(
+        Duration::from_secs(20),
+        "leads accepted and deliveries in flight",
+        || async {
+            (accepted_so_far.load(std::sync::atomic::Ordering::Relaxed) >= 40
+                && sim
+                    .requests()
+                    .iter()
+                    .any(|r| r.outcome == RequestOutcome::InFlight))
+            .then_some(())
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    gateway.sigterm();
+    // /readyz while the process drains, until it no longer answers.
+    let mut readyz = Vec::new();
+    loop {
+        let asked = Instant::now();
+        let Ok(response) = http
+            .get(format!("{}/readyz", gateway.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        else {
+            break;
+        };
+        readyz.push((asked, response.status().as_u16()));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(refused > 0, "requests during the drain get 503");
     let status = gateway.wait_exit(Duration::from_secs(30)).await;
     assert!(
         status.success(),
         "exit 0 after a graceful shutdown: {status}\n{}",
         gateway.log()
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut posts = Vec::new();
+    while let Some(some) = posters.join_next().await {
+        posts.extend(some.unwrap());
+    }
+
+    let mut accepted = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for post in &posts {
+        match post.answer {
+            Some((202, _)) => {
+                accepted.insert(post.name.clone());
+            }
+            Some((503, retry_after)) => {
+                assert!(retry_after, "503 with Retry-After");
+                refused.insert(post.name.clone());
+            }
+            Some((other, _)) => panic!("{} was answered {other}", post.name),
+            None => assert!(
+                post.started > signalled,
+                "{} got no answer before the shutdown",
+                post.name
+            ),
+        }
+    }
+    let drain_seen = posts
+        .iter()
+        .filter(|p| matches!(p.answer, Some((503, _))))
+        .map(|p| p.finished)
+        .min()
+        .expect("posts during the drain get 503");
+    for post in posts.iter().filter(|p| p.started > drain_seen) {
+        assert!(
+            !matches!(post.answer, Some((202, _))),
+            "{} was accepted after the drain had begun",
+            post.name
+        );
+    }
+    let readyz_after: Vec<u16> = readyz
+        .iter()
+        .filter(|(at, _)| *at > drain_seen)
+        .map(|(_, status)| *status)
+        .collect();
+    assert!(
+        !readyz_after.is_empty() && readyz_after.iter().all(|s| *s == 503),
+        "/readyz answers 503 while draining: {readyz:?}"
+    );
 
     sim.set_latency(Duration::ZERO);
     gateway.restart(|_| {}).await;
     let leads = wait_received(&sim, accepted.len(), Duration::from_secs(60)).await;
-    let received = exactly_once(&leads);
-    assert_eq!(received.len(), accepted.len());
-    assert!(!received.contains("Late"), "a refused lead was not queued");
+    assert_eq!(
+        exactly_once(&leads),
+        accepted,
+        "every accepted lead, once, and none of the {} refused",
+        refused.len()
+    );
+    gateway.wait_idle(Duration::from_secs(20)).await;
+    assert_resends_at_most(&sim, 0, "a graceful shutdown that finished its deliveries");
 }
 
 /// Deliveries still running at the shutdown deadline give their leads back at once, so the
