@@ -143,3 +143,37 @@ async fn kill_9_during_delivery_loses_nothing_and_creates_nothing_twice() {
         "one kill -9 of a process with 8 deliveries in flight",
     );
 }
+
+/// `serve` reads Redis's persistence settings at start-up and warns in its log when the
+/// append-only file is off (with the loss that leaves); against a Redis run as the README
+/// recommends it says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_warns_at_start_up_when_redis_runs_without_its_append_only_file() {
+    let sim = start_sim(Vec::new()).await;
+    let without_aof = RedisServer::start();
+    let with_aof = RedisServer::start_with(RedisOptions { append_only: true });
+    for (redis, warns) in [(&without_aof, true), (&with_aof, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+        env.set("LEADGATE_REDIS_URL", redis.url());
+        let gateway = GatewayProcess::start(&env, &[]).await;
+        // The check runs before the listener is bound, which is logged next.
+        let log = crate::helpers::eventually(Duration::from_secs(10), "start-up", || async {
+            let log = gateway.log();
+            log.contains("leadgate is listening.").then_some(log)
+        })
+        .await;
+        let line = log
+            .lines()
+            .find(|l| l.contains("The queue's store puts accepted leads at risk."));
+        assert_eq!(line.is_some(), warns, "{log}");
+        if let Some(line) = line {
+            assert!(line.contains("WARN"), "{line}");
+            assert!(
+                line.contains("Redis runs without its append-only file (appendonly no)"),
+                "{line}"
+            );
+            assert!(line.contains("Set appendonly yes"), "{line}");
+        }
+    }
+}
