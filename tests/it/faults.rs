@@ -598,7 +598,7 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
             "LEADGATE_ONPIPELINE_TOKEN_FILE",
             token_file.display().to_string(),
         )
-        .set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     let gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
     let mut ids = Vec::new();
@@ -669,7 +669,7 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
     for id in &ids {
         let record: Value = http
             .get(format!("{}/admin/leads/{id}", gateway.base))
-            .bearer_auth("admin-token-0123456789")
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
