@@ -903,24 +903,55 @@ impl Forwarder {
         self.settle(lease, settle).await;
     }
 
-    /// Settles with a few retries: failing to record a delivery would make the lead be sent
-    /// again after its lease expires (Onpipeline then answers 409, still counted once).
+    /// Settles a lease, retrying when the queue fails.
+    ///
+    /// A delivery is retried until shortly before the lease runs out: a lead whose delivery is
+    /// not recorded by then is leased again and sent again (the crash window; Onpipeline's 409
+    /// then counts it as delivered), while recording it late is safe — a `Delivered` settle is
+    /// recorded even for a lease that expired meanwhile (contract §4 in `queue`). So a queue
+    /// outage shorter than the lease does not send the lead twice. Any other settle is tried a
+    /// few times: one that fails leaves the lease to expire, and the lead is simply leased
+    /// again.
     async fn settle(&self, lease: Lease, how: Settle) {
         if matches!(how, Settle::Dead { .. }) {
             metrics::counter!(metric::DEAD_LETTERED).increment(1);
         }
+        let delivered = matches!(how, Settle::Delivered { .. });
+        // Leaves time for a last try to land before the lease runs out.
+        let lease_ends = lease.leased_at + self.lease_timeout.mul_f64(0.9);
+        let (max_wait, max_tries) = if delivered {
+            (Duration::from_secs(2), u32::MAX)
+        } else {
+            (Duration::from_secs(5), 6)
+        };
         let mut wait = Duration::from_millis(100);
-        for attempt in 1..=6 {
-            match self.queue.settle(lease.clone(), how.clone()).await {
+        let mut attempt = 0;
+        let error = loop {
+            attempt += 1;
+            let e = match self.queue.settle(lease.clone(), how.clone()).await {
                 Ok(()) => return,
-                Err(e) => {
-                    warn!(error = %e, attempt, "Could not settle a lease; retrying.");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
+                Err(e) => e,
+            };
+            if attempt >= max_tries || (delivered && Instant::now() + wait >= lease_ends) {
+                break e;
             }
+            warn!(error = %e, attempt, "Could not settle a lease; retrying.");
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(max_wait);
+        };
+        if delivered {
+            error!(
+                error = %error,
+                attempts = attempt,
+                "Could not record a delivery before its lease ran out; the lead will be sent again (a 409 then counts as delivered)."
+            );
+        } else {
+            error!(
+                error = %error,
+                attempts = attempt,
+                "Giving up settling a lease; it will be redelivered after its timeout."
+            );
         }
-        error!("Giving up settling a lease; it will be redelivered after its timeout.");
     }
 }
 
@@ -946,6 +977,7 @@ mod tests {
             attempt: 1,
             last_error: None,
             history: Vec::new(),
+            leased_at: std::time::Instant::now(),
             handle: LeaseHandle::Embedded {
                 entry_id: 1,
                 lease_token: 1,

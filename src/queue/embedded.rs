@@ -327,12 +327,13 @@ impl EmbeddedQueue {
             tokio::pin!(added);
             added.as_mut().enable();
 
+            let asked = std::time::Instant::now();
             let leased = self.call(|answer| Command::Lease { max, answer }).await?;
             let token = leased.token;
             let leases: Vec<Lease> = leased
                 .rows
                 .into_iter()
-                .filter_map(|row| decode_lease(row, token))
+                .filter_map(|row| decode_lease(row, token, asked))
                 .collect();
             let now = Instant::now();
             if !leases.is_empty() || now >= deadline {
@@ -1252,7 +1253,7 @@ fn purge(conn: &mut Connection) {
 /// A lead whose record cannot be read is logged and skipped: its entry stays leased, so it is
 /// never lost, and comes back (and is logged again) after each lease timeout until an
 /// operator removes it.
-fn decode_lease(row: LeasedRow, lease_token: i64) -> Option<Lease> {
+fn decode_lease(row: LeasedRow, lease_token: i64, asked: std::time::Instant) -> Option<Lease> {
     let decoded = row
         .lead
         .as_deref()
@@ -1265,6 +1266,7 @@ fn decode_lease(row: LeasedRow, lease_token: i64) -> Option<Lease> {
             attempt: row.attempt,
             last_error: row.last_error,
             history,
+            leased_at: asked,
             handle: LeaseHandle::Embedded {
                 entry_id: row.id,
                 lease_token,

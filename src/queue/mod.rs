@@ -157,6 +157,9 @@ pub struct Lease {
     pub last_error: Option<String>,
     /// Every attempt made so far, oldest first (carried from copy to copy).
     pub history: Vec<Attempt>,
+    /// Taken just before the lease was asked for, so no later than the moment it began: the
+    /// lease runs for at least the visibility timeout from here.
+    pub leased_at: std::time::Instant,
     pub(crate) handle: LeaseHandle,
 }
 

@@ -1188,6 +1188,7 @@ impl RedisQueue {
         let inner = &self.inner;
         let cursor = inner.claim_cursor.lock().unwrap().clone();
         let mut conn = inner.conn.clone();
+        let asked = std::time::Instant::now();
         let (next_cursor, next_due, leased): (String, i64, Vec<(String, i64, String)>) = timed(
             inner
                 .scripts
@@ -1204,14 +1205,18 @@ impl RedisQueue {
         )
         .await?;
         *inner.claim_cursor.lock().unwrap() = next_cursor;
-        let leases = self.hydrate(leased).await?;
+        let leases = self.hydrate(leased, asked).await?;
         let next_due = u64::try_from(next_due).ok().map(Duration::from_millis);
         Ok((leases, next_due))
     }
 
     /// Reads the leads of leased entries `(stream id, deliveries, lead id)`. If this fails the
     /// entries stay pending and come back after the lease timeout.
-    async fn hydrate(&self, leased: Vec<(String, i64, String)>) -> Result<Vec<Lease>> {
+    async fn hydrate(
+        &self,
+        leased: Vec<(String, i64, String)>,
+        asked: std::time::Instant,
+    ) -> Result<Vec<Lease>> {
         if leased.is_empty() {
             return Ok(Vec::new());
         }
@@ -1227,7 +1232,7 @@ impl RedisQueue {
             .into_iter()
             .zip(rows)
             .filter_map(|((stream_id, deliveries, lead_id), row)| {
-                decode_lease(stream_id, deliveries, &lead_id, row)
+                decode_lease(stream_id, deliveries, &lead_id, row, asked)
             })
             .collect())
     }
@@ -1247,6 +1252,7 @@ impl RedisQueue {
             .group(GROUP, &inner.consumer)
             .count(max)
             .block(block_ms);
+        let asked = std::time::Instant::now();
         let read = tokio::time::timeout(
             block + RESPONSE_TIMEOUT,
             conn.xread_options::<_, _, Option<StreamReadReply>>(
@@ -1280,7 +1286,7 @@ impl RedisQueue {
                 (msg.id, 1, lead_id)
             })
             .collect();
-        self.hydrate(leased).await
+        self.hydrate(leased, asked).await
     }
 }
 
@@ -1543,6 +1549,7 @@ fn decode_lease(
     deliveries: i64,
     lead_id: &str,
     row: Vec<String>,
+    asked: std::time::Instant,
 ) -> Option<Lease> {
     let mut fields = row.into_iter();
     match fields.next().as_deref() {
@@ -1572,6 +1579,7 @@ fn decode_lease(
             attempt,
             last_error: (!last_error.is_empty()).then_some(last_error),
             history,
+            leased_at: asked,
             handle: LeaseHandle::Redis {
                 stream_id,
                 deliveries,

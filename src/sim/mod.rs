@@ -12,7 +12,8 @@
 //! | endpoint | body / answer |
 //! |---|---|
 //! | `GET /_sim/leads` | `[ReceivedLead]`, same as [`Simulator::received`] |
-//! | `DELETE /_sim/leads` | 204; forgets leads, the duplicate memory and the request log |
+//! | `DELETE /_sim/leads` | 204; forgets leads, duplicate memory, repeats and request log |
+//! | `GET /_sim/repeats` | `[RepeatedLead]`, same as [`Simulator::repeats`]: each 409'd repeat |
 //! | `GET /_sim/requests` | `[RequestLog]`, same as [`Simulator::requests`] |
 //! | `GET /_sim/faults` | the faults not yet consumed |
 //! | `POST /_sim/faults` | a [`Fault`] or a list of them, appended; answers `{"pending": N}` |
@@ -150,6 +151,19 @@ pub struct ReceivedLead {
     pub received_at: DateTime<Utc>,
 }
 
+/// A POST refused with 409 because it repeated a lead already accepted (duplicate detection
+/// on). Nothing is stored for it, so [`Simulator::received`] never shows the repeat; this record
+/// is how a test counts how often a lead Onpipeline already had was sent again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RepeatedLead {
+    /// The `LeadID` of the accepted lead it repeats.
+    pub lead_id: String,
+    /// The repeated JSON body as received.
+    pub payload: serde_json::Value,
+    pub peer_ip: IpAddr,
+    pub at: DateTime<Utc>,
+}
+
 /// One request to `/Leadsin`, logged when its handler starts (the body has been read).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RequestLog {
@@ -169,8 +183,13 @@ pub enum RequestOutcome {
     Answered,
     /// The connection was closed without an answer, by a `drop` or `drop_after_accept` fault.
     Dropped,
-    /// The client hung up before the answer was ready; nothing was recorded.
+    /// The client hung up before the request was handled; nothing was recorded.
     Cancelled,
+    /// The client hung up after the request was handled, while its answer was held back
+    /// ([`SimSettings::answer_delay_ms`]): what it did stays (a lead created, a repeat refused
+    /// and recorded), but the client never heard. A slow Onpipeline that commits, then answers
+    /// after the client's timeout.
+    Abandoned,
 }
 
 /// A scripted misbehaviour, consumed by the next `/Leadsin` request. JSON form (over
@@ -249,10 +268,18 @@ impl Fault {
 /// Behaviour switches that persist until changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimSettings {
-    /// Answer 409 to a lead whose canonical payload equals an accepted one. Off by default.
+    /// Answer 409 to a lead whose canonical payload equals an accepted one (and record the
+    /// repeat, see [`RepeatedLead`]). Off by default.
     pub detect_duplicates: bool,
-    /// Added before every `/Leadsin` request is handled (faults included).
+    /// Added before every `/Leadsin` request is handled (faults included). A client that hangs
+    /// up meanwhile cancels the request: nothing is recorded.
     pub latency_ms: u64,
+    /// Added after a `/Leadsin` request is handled and before it is answered (not to faults
+    /// that answer without handling it): the lead is created at once, the answer comes late.
+    /// A client that gives up meanwhile leaves the lead created
+    /// ([`RequestOutcome::Abandoned`]).
+    #[serde(default)]
+    pub answer_delay_ms: u64,
     /// The account's custom field IDs. When set, a lead whose `Extra` names another ID is
     /// refused with 406, as an account without that custom field would. Unset: any ID.
     #[serde(default)]
@@ -267,6 +294,8 @@ pub struct SettingsUpdate {
     pub detect_duplicates: Option<bool>,
     #[serde(default)]
     pub latency_ms: Option<u64>,
+    #[serde(default)]
+    pub answer_delay_ms: Option<u64>,
     /// Sets the account's custom field IDs; an empty list clears it (any ID accepted).
     #[serde(default)]
     pub custom_fields: Option<Vec<String>>,
@@ -369,6 +398,12 @@ impl Simulator {
         self.shared.received()
     }
 
+    /// The POSTs refused with 409 as repeats of an accepted lead, in order (only while duplicate
+    /// detection is on; with it off a repeat is stored as a new lead).
+    pub fn repeats(&self) -> Vec<RepeatedLead> {
+        self.shared.repeats()
+    }
+
     /// Every `/Leadsin` request, in arrival order.
     pub fn requests(&self) -> Vec<RequestLog> {
         self.shared.requests()
@@ -411,11 +446,20 @@ impl Simulator {
         });
     }
 
+    /// From now on, each request is handled at once and answered this much later (a slow
+    /// Onpipeline that commits before it answers); zero turns it off.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.shared.update_settings(SettingsUpdate {
+            answer_delay_ms: Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+            ..SettingsUpdate::default()
+        });
+    }
+
     pub fn settings(&self) -> SimSettings {
         self.shared.settings()
     }
 
-    /// Forgets received leads (and so the duplicate memory) and the request log.
+    /// Forgets received leads (and so the duplicate memory), the repeats and the request log.
     pub fn reset(&self) {
         self.shared.reset();
     }
@@ -489,9 +533,8 @@ pub async fn run(args: SimArgs) -> anyhow::Result<()> {
         if args.detect_duplicates { "on" } else { "off" }
     );
     println!(
-        "  inspect: GET {}/_sim/leads, GET {}/_sim/requests",
-        sim.base_url(),
-        sim.base_url()
+        "  inspect: GET {base}/_sim/leads, GET {base}/_sim/requests, GET {base}/_sim/repeats",
+        base = sim.base_url()
     );
 
     shutdown_signal().await;

@@ -28,6 +28,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
             .route("/leads", web::get().to(get_leads))
             .route("/leads", web::delete().to(delete_leads))
             .route("/requests", web::get().to(get_requests))
+            .route("/repeats", web::get().to(get_repeats))
             .route("/faults", web::get().to(get_faults))
             .route("/faults", web::post().to(post_faults))
             .route("/faults", web::delete().to(delete_faults))
@@ -233,7 +234,8 @@ fn authenticate(
 /// 4. token is `read-only` (no write operations) → 403
 /// 5. body is not JSON → 406
 /// 6. body is not a lead as the reference describes (mandatory names, types, shapes) → 406
-/// 7. duplicate detection on and the same canonical payload already accepted → 409
+/// 7. duplicate detection on and the same canonical payload already accepted → 409 (the
+///    repeat is recorded, nothing is stored)
 /// 8. otherwise the lead is stored → 201 with a new `LeadID`
 ///
 /// Authentication comes before anything about the body so an unauthenticated caller learns
@@ -283,11 +285,13 @@ fn masked(payload: &serde_json::Value, array: &str, key: &str, mask: fn(&str) ->
 }
 
 /// One `/Leadsin` request in the log. If the handler's future is dropped before it settles the
-/// entry (actix drops it when the client hangs up), the entry is marked cancelled.
+/// entry (actix drops it when the client hangs up), the entry is marked cancelled, or abandoned
+/// when the request had been handled and only its answer was still held back.
 struct InFlight {
     shared: web::Data<Shared>,
     id: u64,
     settled: bool,
+    handled: bool,
 }
 
 impl InFlight {
@@ -302,7 +306,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared.settle(self.id, None, RequestOutcome::Cancelled);
+            let outcome = if self.handled {
+                RequestOutcome::Abandoned
+            } else {
+                RequestOutcome::Cancelled
+            };
+            self.shared.settle(self.id, None, outcome);
         }
     }
 }
@@ -310,10 +319,11 @@ impl Drop for InFlight {
 async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> HttpResponse {
     let peer_ip = peer_ip(&req);
     let (id, fault, settings) = shared.arrive(peer_ip);
-    let in_flight = InFlight {
+    let mut in_flight = InFlight {
         shared: shared.clone(),
         id,
         settled: false,
+        handled: false,
     };
     if settings.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
@@ -332,9 +342,13 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
         }
     };
     let response = match fault {
-        None => answer(create_lead(&req, &body, &shared, peer_ip)),
+        None => {
+            in_flight.handled = true;
+            answer(create_lead(&req, &body, &shared, peer_ip))
+        }
         Some(Fault::Delay { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            in_flight.handled = true;
             answer(create_lead(&req, &body, &shared, peer_ip))
         }
         Some(Fault::Status {
@@ -389,6 +403,9 @@ async fn leadsin(req: HttpRequest, body: Bytes, shared: web::Data<Shared>) -> Ht
             Err(error) => answer(Err(error)),
         },
     };
+    if in_flight.handled && settings.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(settings.answer_delay_ms)).await;
+    }
     in_flight.settle(response, RequestOutcome::Answered)
 }
 
@@ -440,6 +457,10 @@ async fn delete_leads(shared: web::Data<Shared>) -> HttpResponse {
 
 async fn get_requests(shared: web::Data<Shared>) -> HttpResponse {
     HttpResponse::Ok().json(shared.requests())
+}
+
+async fn get_repeats(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(shared.repeats())
 }
 
 async fn get_faults(shared: web::Data<Shared>) -> HttpResponse {

@@ -1,7 +1,7 @@
 //! What the simulator remembers between requests. One mutex guards it all: every critical
 //! section is a few pushes or lookups and never spans an `.await`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 
@@ -9,7 +9,8 @@ use chrono::Utc;
 use rand::Rng;
 
 use super::{
-    Fault, ReceivedLead, RequestLog, RequestOutcome, SettingsUpdate, SimSettings, TokenKind,
+    Fault, ReceivedLead, RepeatedLead, RequestLog, RequestOutcome, SettingsUpdate, SimSettings,
+    TokenKind,
 };
 
 /// Fixed at start: who may call.
@@ -27,8 +28,10 @@ pub(crate) struct Shared {
 #[derive(Default)]
 struct State {
     leads: Vec<ReceivedLead>,
-    /// Canonical payloads of `leads`, for duplicate detection.
-    seen: HashSet<String>,
+    /// Canonical payloads of `leads`, with the `LeadID` each was given, for duplicate detection.
+    seen: HashMap<String, String>,
+    /// Every POST refused with 409 as a repeat of a stored lead.
+    repeats: Vec<RepeatedLead>,
     /// Each entry with the id its handler uses to settle it.
     requests: Vec<(u64, RequestLog)>,
     next_request: u64,
@@ -87,7 +90,8 @@ impl Shared {
     }
 
     /// Stores an accepted lead under a new Onpipeline-looking id, unless duplicate detection is
-    /// on and the same canonical payload was stored before.
+    /// on and the same canonical payload was stored before: then the refused repeat is recorded
+    /// (which lead it repeats, when, from where) and nothing is stored.
     pub fn admit(
         &self,
         payload: serde_json::Value,
@@ -95,12 +99,20 @@ impl Shared {
         peer_ip: IpAddr,
     ) -> Admission {
         let mut state = self.lock();
-        if state.settings.detect_duplicates && state.seen.contains(&canonical) {
-            return Admission::Duplicate;
+        if state.settings.detect_duplicates {
+            if let Some(first) = state.seen.get(&canonical).cloned() {
+                state.repeats.push(RepeatedLead {
+                    lead_id: first,
+                    payload,
+                    peer_ip,
+                    at: Utc::now(),
+                });
+                return Admission::Duplicate;
+            }
         }
         state.next_lead += 1;
         let lead_id = lead_id(state.next_lead);
-        state.seen.insert(canonical);
+        state.seen.insert(canonical, lead_id.clone());
         state.leads.push(ReceivedLead {
             payload,
             peer_ip,
@@ -112,6 +124,10 @@ impl Shared {
 
     pub fn received(&self) -> Vec<ReceivedLead> {
         self.lock().leads.clone()
+    }
+
+    pub fn repeats(&self) -> Vec<RepeatedLead> {
+        self.lock().repeats.clone()
     }
 
     pub fn requests(&self) -> Vec<RequestLog> {
@@ -148,18 +164,22 @@ impl Shared {
         if let Some(ms) = update.latency_ms {
             state.settings.latency_ms = ms;
         }
+        if let Some(ms) = update.answer_delay_ms {
+            state.settings.answer_delay_ms = ms;
+        }
         if let Some(ids) = update.custom_fields {
             state.settings.custom_fields = (!ids.is_empty()).then_some(ids);
         }
         state.settings.clone()
     }
 
-    /// Forgets received leads (and so the duplicate memory) and the request log. Pending
-    /// faults and settings stay.
+    /// Forgets received leads (and so the duplicate memory), the refused repeats and the
+    /// request log. Pending faults and settings stay.
     pub fn reset(&self) {
         let mut state = self.lock();
         state.leads.clear();
         state.seen.clear();
+        state.repeats.clear();
         state.requests.clear();
     }
 }

@@ -220,6 +220,72 @@ async fn a_dead_letter_can_be_listed_read_and_deleted() {
     assert_eq!(stats["dead"], 0);
 }
 
+/// Posts `names` while Onpipeline refuses each with 406; returns their ids once all are dead.
+async fn dead_letters(app: &TestApp, names: &[&str]) -> Vec<String> {
+    app.sim.push_faults(names.iter().map(|_| Fault::Status {
+        status: 406,
+        retry_after: None,
+        message: Some("Not acceptable - bad data".into()),
+    }));
+    let mut ids = Vec::new();
+    for name in names {
+        let response = app.post_json("website", &json!({"name": name})).await;
+        assert_eq!(response.status(), 202);
+        ids.push(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    eventually(Duration::from_secs(10), "the dead letters", || async {
+        (app.stats().await.dead == names.len() as u64).then_some(())
+    })
+    .await;
+    ids
+}
+
+#[tokio::test]
+async fn replay_all_sends_every_dead_letter_again_once() {
+    let app = app_with_admin().await;
+    let mut ids = dead_letters(&app, &["Dead One", "Dead Two", "Dead Three"]).await;
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"all": true}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut replayed: Vec<String> = answer["replayed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    replayed.sort();
+    ids.sort();
+    assert_eq!(replayed, ids, "{answer}");
+    assert_eq!(answer["failed"], json!([]), "{answer}");
+    let leads = app.received(3).await;
+    let mut names: Vec<&str> = leads
+        .iter()
+        .map(|l| l.payload["LastName"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["One", "Three", "Two"]);
+    let stats: Value = eventually(Duration::from_secs(5), "the deliveries", || async {
+        let stats: Value = admin_get(&app, "/admin/stats").await.json().await.ok()?;
+        (stats["delivered"] == 3).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["dead"], 0, "{stats}");
+    // Nothing is left to replay.
+    let again: Value = admin_post(&app, "/admin/dead/replay", json!({"all": true}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["replayed"], json!([]), "{again}");
+}
+
 #[tokio::test]
 async fn replay_reports_ids_it_cannot_find() {
     let app = app_with_admin().await;
@@ -483,4 +549,76 @@ async fn an_operator_pause_sent_to_one_replica_holds_every_replica_until_resumed
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sim.received().len(), 6);
     assert!(sim.requests().iter().all(|r| r.status == Some(201)));
+}
+
+/// `leadgate admin dead`, `lead`, `delete` and `replay` against a running instance, each
+/// checked against what the instance then holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_lists_reads_deletes_and_replays_dead_letters() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Cli Dropped", "Cli Replayed"]).await;
+    let (dropped, replayed) = (&ids[0], &ids[1]);
+    let run = |args: &[&str]| {
+        let output = tokio::task::block_in_place(|| {
+            Command::new(env!("CARGO_BIN_EXE_leadgate"))
+                .env_clear()
+                .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+                .env("LEADGATE_ADMIN_URL", &app.base)
+                .arg("admin")
+                .args(args)
+                .output()
+                .unwrap()
+        });
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), stdout, stderr)
+    };
+
+    let (ok, stdout, stderr) = run(&["dead"]);
+    assert!(ok, "{stderr}");
+    let dead: Value = serde_json::from_str(&stdout).unwrap();
+    let listed: Vec<&str> = dead["dead"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{stdout}");
+    assert!(listed.contains(&dropped.as_str()) && listed.contains(&replayed.as_str()));
+    assert!(
+        stdout.contains("bad data"),
+        "the reasons are shown: {stdout}"
+    );
+
+    let (ok, stdout, stderr) = run(&["lead", dropped]);
+    assert!(ok, "{stderr}");
+    let record: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(record["state"], "dead", "{stdout}");
+    assert_eq!(record["attempts"][0]["status"], 406, "{stdout}");
+
+    let (ok, _, stderr) = run(&["delete", dropped]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&["delete", dropped]);
+    assert!(!ok, "a second delete finds nothing");
+    assert!(stderr.contains("404"), "{stderr}");
+
+    let (ok, stdout, stderr) = run(&["replay", replayed]);
+    assert!(ok, "{stderr}");
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["replayed"], json!([replayed]), "{stdout}");
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Replayed");
+
+    let record = eventually(Duration::from_secs(5), "the delivered record", || async {
+        let (ok, stdout, _) = run(&["lead", replayed]);
+        let record: Value = serde_json::from_str(&stdout).ok()?;
+        (ok && record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    assert_eq!(record["delivery"]["onpipeline_lead_id"], leads[0].lead_id);
+    let stats = app.stats().await;
+    assert_eq!(stats.dead, 0, "one deleted, one replayed: {stats:?}");
+    let (ok, _, stderr) = run(&["lead", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
+    assert!(!ok, "an unknown lead is an error");
+    assert!(stderr.contains("404"), "{stderr}");
 }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::app::{client, free_port};
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, client, default_sources, free_port, start_sim,
+};
 
 fn leadgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_leadgate"));
@@ -324,4 +326,58 @@ async fn serve_without_a_token_logs_that_delivery_is_held_and_readyz_says_so() {
     assert_eq!(response.status(), 202, "leads are still accepted");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(sim.requests().is_empty(), "nothing is delivered while held");
+}
+
+/// `--log-format json`: every line is one JSON object; lines about a lead carry its `source`
+/// and `lead_id` as fields, and emails and phone numbers appear only masked. In the sandbox
+/// the simulator runs in the process, so its line about the created lead (which names the
+/// lead's contact details) is in the same log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_source_and_lead_id_and_mask_emails_and_phones() {
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    let gateway = GatewayProcess::start(&env, &["--sandbox", "--log-format", "json"]).await;
+    let response = client()
+        .post(format!("{}/in/website", gateway.base))
+        .json(&serde_json::json!({
+            "name": "Jana Json", "email": "jana.json@example.com", "phone": "+44 20 7946 0018"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log = crate::helpers::eventually(Duration::from_secs(20), "the delivery", || async {
+        let log = gateway.log();
+        log.contains("Lead delivered.").then_some(log)
+    })
+    .await;
+
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let find = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in:\n{log}"))
+    };
+    let queued = find("Lead queued.");
+    assert_eq!(queued["source"], "website", "{queued}");
+    assert_eq!(queued["lead_id"], id.as_str(), "{queued}");
+    // The forwarder's lines carry them through their span.
+    let delivered = find("Lead delivered.");
+    assert_eq!(delivered["span"]["source"], "website", "{delivered}");
+    assert_eq!(delivered["span"]["lead_id"], id.as_str(), "{delivered}");
+    let created = find("Simulated Onpipeline created a lead");
+    assert_eq!(created["email"], "j***@example.com", "{created}");
+    assert_eq!(created["phone"], "+44********18", "{created}");
+    assert!(!log.contains("jana.json@example.com"), "{log}");
+    assert!(!log.contains("2079460018"), "{log}");
 }

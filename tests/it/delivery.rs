@@ -433,3 +433,52 @@ async fn connection_refused_is_retried_and_delivered_once_onpipeline_is_reachabl
     let leads = app.received(1).await;
     assert_eq!(leads[0].payload["LastName"], "Lead");
 }
+
+#[tokio::test]
+async fn a_lead_still_failing_past_the_retry_max_age_is_dead_lettered_with_every_attempt() {
+    let app = TestApp::spawn_with(&crate::helpers::app::default_sources(), |env| {
+        env.set("LEADGATE_RETRY_MAX_AGE", "2s");
+    })
+    .await;
+    // Onpipeline fails every request for longer than the lead may keep trying.
+    app.sim.push_faults((0..1000).map(|_| status(500)));
+    let id = post_one(&app, "Never Delivered").await;
+    let dead = eventually(Duration::from_secs(20), "the dead letter", || async {
+        let dead = app.gateway().queue().dead_letters(10).await.unwrap();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    app.sim.clear_faults();
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    assert_eq!(letter.lead.id.to_string(), id);
+    assert!(
+        letter
+            .reason
+            .starts_with(&format!("gave up after {} attempts", letter.attempts)),
+        "{}",
+        letter.reason
+    );
+    assert!(letter.reason.contains("500"), "{}", letter.reason);
+    // The full history: one entry per request Onpipeline saw, numbered 1, 2, 3…, each a 500.
+    let requests = app.sim.requests();
+    assert!(
+        requests.len() > 3,
+        "retried until the age ran out: {requests:?}"
+    );
+    assert_eq!(letter.history.len(), requests.len(), "{:?}", letter.history);
+    assert_eq!(letter.attempts as usize, requests.len());
+    for (n, attempt) in letter.history.iter().enumerate() {
+        assert_eq!(attempt.number as usize, n + 1, "{:?}", letter.history);
+        assert_eq!(attempt.status, Some(500));
+        assert_eq!(attempt.outcome, leadgate::queue::AttemptOutcome::Retry);
+    }
+    let span = letter.history.last().unwrap().at - letter.history[0].at;
+    assert!(
+        span < chrono::Duration::seconds(2),
+        "no attempt after the max age: {span:?}"
+    );
+    let stats = app.stats().await;
+    assert_eq!((stats.dead, stats.ready, stats.delayed), (1, 0, 0));
+    assert!(app.sim.received().is_empty());
+}

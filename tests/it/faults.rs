@@ -6,46 +6,54 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leadgate::queue::AttemptOutcome;
-use leadgate::sim::{Fault, ReceivedLead, RequestOutcome, Simulator};
+use leadgate::queue::{Attempt, AttemptOutcome};
+use leadgate::sim::{Fault, RequestOutcome, Simulator};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{
-    GatewayEnv, GatewayProcess, TOKEN, TestApp, client, default_sources, start_sim, wait_received,
+    ADMIN_TOKEN, GatewayEnv, GatewayProcess, TOKEN, assert_resends_at_most, client,
+    default_sources, exactly_once, start_sim, wait_received,
 };
 use crate::helpers::eventually;
 use crate::helpers::redis::{RedisOptions, RedisServer};
 use crate::helpers::tcp::Relay;
 
-/// The distinct last names the simulator received, failing on any duplicate.
-fn exactly_once(leads: &[ReceivedLead]) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for lead in leads {
-        let name = lead.payload["LastName"].as_str().unwrap().to_owned();
-        assert!(seen.insert(name.clone()), "{name} reached Onpipeline twice");
-    }
-    seen
+/// Deliveries in flight at once per gateway process in the kill tests: after a kill -9, at most
+/// this many leads can have reached Onpipeline without their delivery being recorded.
+const CONCURRENCY: usize = 8;
+
+/// Where a lead was finally accepted, and how many refusals and failures came first.
+struct Posted {
+    /// Index of the gateway that answered 2xx.
+    by: usize,
+    failures: u32,
 }
 
-/// Posts one lead, retrying (with the same idempotency key) until the gateway answers 2xx, as a
-/// careful sender does. Returns the number of refusals and failures seen on the way.
+/// Posts one lead to `bases[first]`, retrying (with the same idempotency key) until a gateway
+/// answers 2xx, as a careful sender does; a refused or failed post goes to the next gateway
+/// of the list (with one gateway: the same one again).
 async fn post_until_accepted(
     http: &reqwest::Client,
-    base: &std::sync::Mutex<String>,
+    bases: &[String],
+    first: usize,
     name: &str,
-) -> u32 {
+) -> Posted {
     let mut failures = 0;
+    let mut by = first;
     loop {
-        let url = format!("{}/in/website", base.lock().unwrap());
         let sent = http
-            .post(url)
+            .post(format!("{}/in/website", bases[by]))
             .header("idempotency-key", name)
             .json(&json!({"name": format!("Lead {name}")}))
             .timeout(Duration::from_secs(5))
             .send()
             .await;
         match sent {
-            Ok(r) if r.status() == 202 => return failures,
+            Ok(r) if r.status() == 202 => return Posted { by, failures },
+            // actix's own answer when a request has not fully arrived within 5 s (the test
+            // process posting thousands at once on two cores): nothing was read, so nothing
+            // was queued.
+            Ok(r) if r.status() == 408 => failures += 1,
             Ok(r) => {
                 assert_eq!(r.status(), 503, "only 503 may refuse a valid lead");
                 assert!(r.headers().contains_key("retry-after"));
@@ -53,6 +61,7 @@ async fn post_until_accepted(
             }
             Err(_) => failures += 1,
         }
+        by = (by + 1) % bases.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -60,23 +69,33 @@ async fn post_until_accepted(
 async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
     const LEADS: usize = 1000;
     let sim = Arc::new(start_sim(Vec::new()).await);
-    // A lease cut short by the kill is delivered again; Onpipeline answers 409 to a repeat.
+    // A lease cut short by the kill is delivered again; the simulator answers 409 to a repeat
+    // and records it.
     sim.set_detect_duplicates(true);
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
-    env.set("LEADGATE_LEASE_TIMEOUT", "1s")
-        .set("LEADGATE_ONPIPELINE_TIMEOUT", "800ms")
-        .set("LEADGATE_ONPIPELINE_RATE", "1000");
+    // The timeout is generous so that no answer is lost to it under load: the kill is then the
+    // only way a lead can reach Onpipeline without its delivery being recorded.
+    env.set("LEADGATE_LEASE_TIMEOUT", "5s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "3s")
+        .set("LEADGATE_ONPIPELINE_RATE", "1000")
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     if let Some(redis) = redis {
         env.set("LEADGATE_REDIS_URL", redis.url());
     }
     let mut gateway = GatewayProcess::start(&env, &[]).await;
-    let base = Arc::new(std::sync::Mutex::new(gateway.base.clone()));
+    // A restart keeps the port.
+    let bases = Arc::new(vec![gateway.base.clone()]);
     let http = client();
     let mut posters = tokio::task::JoinSet::new();
     for i in 0..LEADS {
-        let (http, base) = (http.clone(), base.clone());
-        posters.spawn(async move { post_until_accepted(&http, &base, &format!("K{i:04}")).await });
+        let (http, bases) = (http.clone(), bases.clone());
+        posters.spawn(async move {
+            post_until_accepted(&http, &bases, 0, &format!("K{i:04}"))
+                .await
+                .failures
+        });
         if i == LEADS / 3 {
             // Deliveries are under way by now.
             eventually(Duration::from_secs(20), "deliveries to start", || async {
@@ -97,8 +116,14 @@ async fn kill_9_while_posting_and_delivering(redis: Option<&RedisServer>) {
         LEADS,
         "{refused} posts had to be retried"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The leases the killed process held have been taken over and settled by now.
+    gateway.wait_idle(Duration::from_secs(30)).await;
     assert_eq!(sim.received().len(), LEADS);
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "one kill -9 of a process with 8 deliveries in flight",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,44 +151,116 @@ fn busiest_second(sim: &Simulator) -> usize {
     busiest
 }
 
+/// Three replicas on one Redis, each leaving from its own loopback address so the simulator
+/// tells them apart. 3,000 leads are posted round-robin across the three at a steady pace, and
+/// halfway through, while posts and deliveries are in flight, one replica is killed with -9.
+/// Posts it refuses (or drops) go to a survivor with the same idempotency key, as a sender
+/// retries. The two survivors finish every accepted lead, each once, taking over the killed
+/// replica's leases, and all three together never exceed the shared upstream rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_the_work_and_the_upstream_rate_and_survive_losing_one() {
     const LEADS: usize = 3000;
     const RATE: usize = 150;
+    const BATCH: usize = 30;
     let redis = RedisServer::start_with(RedisOptions { append_only: true });
     let sim = Arc::new(start_sim(Vec::new()).await);
     sim.set_detect_duplicates(true);
+    // Each delivery is in flight for a while, so the killed replica surely holds some.
+    sim.set_latency(Duration::from_millis(100));
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_REDIS_URL", redis.url())
-        .set("LEADGATE_LEASE_TIMEOUT", "2s")
-        .set("LEADGATE_ONPIPELINE_TIMEOUT", "1500ms")
-        .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string());
+        .set("LEADGATE_LEASE_TIMEOUT", "3s")
+        .set("LEADGATE_ONPIPELINE_TIMEOUT", "2s")
+        .set("LEADGATE_ONPIPELINE_RATE", RATE.to_string())
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let egress: Vec<std::net::IpAddr> = (2..5)
+        .map(|last| std::net::Ipv4Addr::new(127, 0, 0, last).into())
+        .collect();
     let mut replicas = Vec::new();
-    for _ in 0..3 {
+    for ip in &egress {
+        env.set("LEADGATE_EGRESS_IP", ip.to_string());
         replicas.push(GatewayProcess::start(&env, &[]).await);
     }
-    let bases: Vec<_> = replicas.iter().map(|r| r.base.clone()).collect();
+    let bases = Arc::new(replicas.iter().map(|r| r.base.clone()).collect::<Vec<_>>());
+    let killed = egress[0];
     let http = client();
     let mut posters = tokio::task::JoinSet::new();
+    let mut killed_at = None;
     for i in 0..LEADS {
-        let http = http.clone();
-        // The first replica is killed midway: posts go to the two that stay.
-        let base = Arc::new(std::sync::Mutex::new(bases[1 + i % 2].clone()));
-        posters.spawn(async move { post_until_accepted(&http, &base, &format!("R{i:04}")).await });
+        let (http, bases) = (http.clone(), bases.clone());
+        posters.spawn(async move {
+            post_until_accepted(&http, &bases, i % 3, &format!("R{i:04}")).await
+        });
+        if i % BATCH == BATCH - 1 {
+            // About 375 posts a second: posting lasts longer than the kill takes to come.
+            tokio::time::sleep(Duration::from_millis(80)).await;
+        }
+        if i == LEADS / 2 {
+            eventually(
+                Duration::from_secs(30),
+                "a delivery of the first replica in flight",
+                || async {
+                    sim.requests()
+                        .iter()
+                        .any(|r| r.peer_ip == killed && r.outcome == RequestOutcome::InFlight)
+                        .then_some(())
+                },
+            )
+            .await;
+            replicas[0].kill9();
+            killed_at = Some(chrono::Utc::now());
+        }
     }
-    while let Some(result) = posters.join_next().await {
-        result.unwrap();
+    let killed_at = killed_at.unwrap();
+    let mut accepted_by = [0usize; 3];
+    let mut refused = 0;
+    while let Some(posted) = posters.join_next().await {
+        let posted = posted.unwrap();
+        accepted_by[posted.by] += 1;
+        refused += posted.failures;
     }
-    eventually(
-        Duration::from_secs(60),
-        "a third of the leads delivered",
-        || async { (sim.received().len() >= LEADS / 3).then_some(()) },
-    )
-    .await;
-    replicas[0].kill9();
+    assert!(
+        accepted_by[0] > 0,
+        "the killed replica had accepted leads: {accepted_by:?}"
+    );
+    assert!(
+        refused > 0,
+        "posts were still coming when the replica died, and were re-sent"
+    );
+
     let leads = wait_received(&sim, LEADS, Duration::from_secs(120)).await;
     assert_eq!(exactly_once(&leads).len(), LEADS);
+    replicas[1].wait_idle(Duration::from_secs(30)).await;
+    assert_eq!(sim.received().len(), LEADS);
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "one kill -9 of a replica with 8 deliveries in flight",
+    );
+
+    // The killed replica held deliveries when it died: Onpipeline saw their requests cut off.
+    let requests = sim.requests();
+    let cut_off = requests
+        .iter()
+        .filter(|r| r.peer_ip == killed && r.outcome == RequestOutcome::Cancelled)
+        .count();
+    assert!(cut_off > 0, "no delivery of the killed replica was cut off");
+    // Everything after the kill came from the survivors, and both took part. (A request of the
+    // killed replica whose latency ended just as it died may still be handled a moment later.)
+    let mut after_kill = [0usize; 3];
+    let settled = killed_at + chrono::Duration::seconds(1);
+    for lead in leads.iter().filter(|l| l.received_at > settled) {
+        let replica = egress.iter().position(|ip| *ip == lead.peer_ip).unwrap();
+        after_kill[replica] += 1;
+    }
+    assert_eq!(after_kill[0], 0, "{after_kill:?}");
+    assert!(
+        after_kill[1] > 0 && after_kill[2] > 0,
+        "both survivors delivered: {after_kill:?}"
+    );
+
     let busiest = busiest_second(&sim);
     assert!(
         busiest <= RATE,
@@ -267,33 +364,46 @@ async fn ingest_only_and_forwarder_only_processes_split_the_work_on_one_redis() 
     drop(ingest);
 }
 
+/// Redis killed for 20 s while leads are posted and delivered, then started again on its
+/// append-only file: meanwhile ingest answers 503 with `Retry-After` and `/readyz` says the
+/// queue is unreachable; afterwards every lead answered 202 is delivered, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted() {
     let mut redis = RedisServer::start_with(RedisOptions { append_only: true });
-    let app = TestApp::spawn_with(&default_sources(), |env| {
-        env.set("LEADGATE_REDIS_URL", redis.url());
-    })
-    .await;
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", redis.url())
+        .set("LEADGATE_DELIVERY_CONCURRENCY", CONCURRENCY.to_string())
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
+    let readyz = |http: reqwest::Client, base: String| async move {
+        let response = http.get(format!("{base}/readyz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
     let mut accepted = BTreeSet::new();
     let mut refused_while_down = 0;
+    let mut unready_while_down = None;
     let started = Instant::now();
     let mut stopped_at = None;
+    let mut restarted = false;
     let mut i = 0;
     while started.elapsed() < Duration::from_secs(30) {
         if stopped_at.is_none() && started.elapsed() > Duration::from_secs(3) {
             redis.stop();
             stopped_at = Some(Instant::now());
         }
-        if stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(20))
-            && !redis_up(&redis).await
-        {
+        if !restarted && stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(20)) {
             redis.restart();
+            restarted = true;
         }
         let name = format!("D{i:04}");
         i += 1;
         let response = http
-            .post(app.url("/in/website"))
+            .post(format!("{}/in/website", gateway.base))
             .json(&json!({"name": format!("Lead {name}")}))
             .send()
             .await
@@ -308,14 +418,28 @@ async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted()
             }
             other => panic!("unexpected {other}"),
         }
+        if unready_while_down.is_none()
+            && !restarted
+            && stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(5))
+        {
+            unready_while_down = Some(readyz(http.clone(), gateway.base.clone()).await);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         refused_while_down > 10,
         "ingest answered 503 while Redis was down"
     );
+    let (status, body) = unready_while_down.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["queue"]["reachable"], false, "{body}");
+    let (status, body) = readyz(http.clone(), gateway.base.clone()).await;
+    assert_eq!(status, 200, "ready again once Redis is back: {body}");
+    assert_eq!(body["queue"]["reachable"], true, "{body}");
+
     let received = eventually(Duration::from_secs(60), "every accepted lead", || async {
-        let received = exactly_once(&app.sim.received());
+        let received = exactly_once(&sim.received());
         accepted.is_subset(&received).then_some(received)
     })
     .await;
@@ -326,38 +450,119 @@ async fn redis_down_for_20_seconds_refuses_with_503_and_loses_nothing_accepted()
         extra.len() <= 2,
         "leads that were refused arrived: {extra:?}"
     );
+    gateway.wait_idle(Duration::from_secs(30)).await;
+    // A delivery in flight when Redis died can be sent again: its record could not be written
+    // before the lease ran out.
+    assert_resends_at_most(
+        &sim,
+        CONCURRENCY,
+        "Redis dying under at most 8 deliveries in flight",
+    );
 }
 
-async fn redis_up(redis: &RedisServer) -> bool {
-    tokio::net::TcpStream::connect(
-        redis
-            .url()
-            .trim_start_matches("redis://")
-            .trim_end_matches('/'),
+/// Onpipeline takes a lead while the gateway cannot reach Redis: the gateway keeps trying to
+/// record the delivery (the lease has not run out), records it once Redis is reachable again
+/// ten seconds later, and never sends the lead again, even after the lease would have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_made_while_redis_is_unreachable_is_recorded_when_it_returns_and_not_sent_again()
+{
+    const LEASE: Duration = Duration::from_secs(15);
+    let redis = RedisServer::start_with(RedisOptions { append_only: true });
+    let relay = Relay::start(redis.addr()).await;
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
+    // Onpipeline takes a second to answer: time to cut Redis off while the request is out.
+    sim.set_latency(Duration::from_secs(1));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_REDIS_URL", format!("redis://{}/", relay.addr))
+        .set("LEADGATE_LEASE_TIMEOUT", format!("{}s", LEASE.as_secs()))
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let response = client()
+        .post(format!("{}/in/website", gateway.base))
+        .json(&json!({"name": "Lead Unrecorded"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    eventually(
+        Duration::from_secs(10),
+        "the delivery to be sent",
+        || async { (!sim.requests().is_empty()).then_some(()) },
     )
-    .await
-    .is_ok()
+    .await;
+    let sent = Instant::now();
+    relay.down();
+    wait_received(&sim, 1, Duration::from_secs(5)).await;
+    eventually(Duration::from_secs(5), "Onpipeline's answer", || async {
+        (sim.requests()[0].status == Some(201)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    relay.up().await;
+
+    let record = eventually(Duration::from_secs(5), "the delivery record", || async {
+        let record = gateway.admin_get(&format!("/admin/leads/{id}")).await?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    assert!(
+        sent.elapsed() < LEASE,
+        "recorded within the lease: {:?}",
+        sent.elapsed()
+    );
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{record}");
+    assert_eq!(attempts[0]["outcome"], "delivered", "{record}");
+    assert_eq!(
+        record["delivery"]["onpipeline_lead_id"],
+        sim.received()[0].lead_id
+    );
+
+    // Past the moment the lease would have run out, the lead was not sent again.
+    tokio::time::sleep((LEASE + Duration::from_secs(3)).saturating_sub(sent.elapsed())).await;
+    assert_eq!(sim.requests().len(), 1, "{:?}", sim.requests());
+    assert_eq!(sim.received().len(), 1);
+    assert_resends_at_most(&sim, 0, "a Redis outage shorter than the lease");
+    assert!(
+        gateway
+            .log()
+            .contains("Could not settle a lease; retrying."),
+        "the settle was retried while Redis was away:\n{}",
+        gateway.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on_schedule() {
     let sim = Arc::new(start_sim(Vec::new()).await);
     let relay = Relay::start(sim.addr()).await;
-    let app = TestApp::spawn_against(sim.clone(), &default_sources(), |env| {
-        env.set("LEADGATE_ONPIPELINE_URL", format!("https://{}", relay.addr))
-            .set("LEADGATE_RETRY_BASE", "250ms")
-            .set("LEADGATE_RETRY_MAX_DELAY", "2s")
-            .set("LEADGATE_DELIVERY_CONCURRENCY", "2");
-    })
-    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.set("LEADGATE_ONPIPELINE_URL", format!("https://{}", relay.addr))
+        .set("LEADGATE_RETRY_BASE", "250ms")
+        .set("LEADGATE_RETRY_MAX_DELAY", "2s")
+        .set("LEADGATE_DELIVERY_CONCURRENCY", "2")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
 
     // Down: connections refused for a minute.
     relay.down();
     let mut ids = Vec::new();
     for i in 0..10 {
-        let response = app
-            .post_json("website", &json!({"name": format!("Lead O{i}")}))
-            .await;
+        let response = http
+            .post(format!("{}/in/website", gateway.base))
+            .json(&json!({"name": format!("Lead O{i}")}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 202);
         ids.push(
             response.json::<Value>().await.unwrap()["id"]
@@ -369,40 +574,75 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(sim.received().is_empty());
 
-    // Back, but slow past the 2 s timeout, then throttled, then failing, then a proxy's page.
-    sim.push_faults([
-        Fault::Delay { ms: 3_000 },
-        Fault::Delay { ms: 3_000 },
-        Fault::Status {
-            status: 429,
-            retry_after: Some("3".into()),
-            message: Some("Too many requests".into()),
-        },
-    ]);
-    sim.push_faults((0..5).map(|_| Fault::status(500)));
-    sim.push_faults([Fault::NonJson502]);
+    // Back, but slow for a while: each lead is created at once and answered after the 2 s
+    // timeout, so the gateway never hears and sends it again; the repeat is answered 409.
+    sim.set_detect_duplicates(true);
+    sim.set_answer_delay(Duration::from_secs(3));
+    let slow_from = chrono::Utc::now();
     relay.up().await;
+    let abandoned = || {
+        sim.requests()
+            .iter()
+            .filter(|r| r.outcome == RequestOutcome::Abandoned)
+            .count()
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    eventually(Duration::from_secs(30), "several late answers", || async {
+        (abandoned() >= 4).then_some(())
+    })
+    .await;
+    sim.set_answer_delay(Duration::ZERO);
+    // Requests already waiting for their late answer time out up to 2 s later.
+    let slow_until = chrono::Utc::now() + chrono::Duration::seconds(2);
+    // Then throttled, then a burst of failures, then a proxy's page.
+    sim.push_faults([Fault::Status {
+        status: 429,
+        retry_after: Some("3".into()),
+        message: Some("Too many requests".into()),
+    }]);
+    sim.push_faults((0..20).map(|_| Fault::status(500)));
+    sim.push_faults([Fault::NonJson502]);
 
     let leads = wait_received(&sim, ids.len(), Duration::from_secs(60)).await;
     assert_eq!(exactly_once(&leads).len(), ids.len());
+    gateway.wait_idle(Duration::from_secs(60)).await;
+    assert!(sim.pending_faults().is_empty(), "every fault was met");
+    let requests = sim.requests();
+    let answered = |status: u16| requests.iter().filter(|r| r.status == Some(status)).count();
+    assert_eq!(
+        (answered(429), answered(500), answered(502)),
+        (1, 20, 1),
+        "{requests:?}"
+    );
+    // Each late answer made the gateway send that lead once more, no more: the repeats the
+    // simulator refused are exactly the answers the gateway never heard.
+    let repeats = sim.repeats();
+    assert_eq!(
+        repeats.len(),
+        abandoned(),
+        "one repeat per late answer: {repeats:?}"
+    );
 
     // The attempts followed the schedule: never longer apart than the cap (plus the time an
-    // attempt itself took), and a 429's Retry-After was honoured.
+    // attempt itself took, and slots held by slow answers), and a 429's Retry-After was
+    // honoured. A lead answered late ends with the 409 of its repeat.
     let mut saw_429 = false;
+    let mut ended_duplicate = BTreeSet::new();
     for id in &ids {
-        let record = app
-            .gateway()
-            .queue()
-            .lead(id.parse().unwrap())
+        let record = gateway
+            .admin_get(&format!("/admin/leads/{id}"))
             .await
-            .unwrap()
             .unwrap();
-        let attempts = &record.attempts;
-        assert_eq!(
-            attempts.last().unwrap().outcome,
-            AttemptOutcome::Delivered,
-            "{attempts:?}"
-        );
+        assert_eq!(record["state"], "delivered", "{record}");
+        let attempts: Vec<Attempt> = serde_json::from_value(record["attempts"].clone()).unwrap();
+        let last = attempts.last().unwrap();
+        match last.outcome {
+            AttemptOutcome::Delivered => {}
+            AttemptOutcome::Duplicate => {
+                ended_duplicate.insert(id.clone());
+            }
+            other => panic!("ended {other:?}: {attempts:?}"),
+        }
         assert!(
             attempts.len() > 3,
             "retried through the outage: {attempts:?}"
@@ -410,10 +650,14 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
         for pair in attempts.windows(2) {
             let gap = (pair[1].at - pair[0].at).to_std().unwrap();
             let spent = Duration::from_millis(pair[0].duration_ms);
-            // Cap (2 s), plus waiting for a delivery slot held by slow attempts (2 × 2 s
-            // timeout), plus slack.
+            // Cap (2 s), plus waiting for a delivery slot held by attempts timing out (2 × 2 s),
+            // plus slack; while answers were slow, slots stayed busy for the whole phase.
+            let mut allowed = spent + Duration::from_secs(7);
+            if pair[0].at < slow_until && pair[1].at > slow_from {
+                allowed += (slow_until - slow_from).to_std().unwrap();
+            }
             assert!(
-                gap <= spent + Duration::from_secs(7),
+                gap <= allowed,
                 "waited {gap:?} after an attempt that took {spent:?}: {attempts:?}"
             );
             if pair[0].status == Some(429) {
@@ -426,6 +670,12 @@ async fn onpipeline_down_slow_throttled_and_failing_still_gets_each_lead_once_on
         }
     }
     assert!(saw_429, "the 429 was met by one of the leads");
+    let repeated: BTreeSet<&str> = repeats.iter().map(|r| r.lead_id.as_str()).collect();
+    assert_eq!(
+        ended_duplicate.len(),
+        repeated.len(),
+        "each lead created by a late answer was settled by its 409"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,7 +690,7 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
             "LEADGATE_ONPIPELINE_TOKEN_FILE",
             token_file.display().to_string(),
         )
-        .set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     let gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
     let mut ids = Vec::new();
@@ -511,7 +761,7 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
     for id in &ids {
         let record: Value = http
             .get(format!("{}/admin/leads/{id}", gateway.base))
-            .bearer_auth("admin-token-0123456789")
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap()
@@ -524,38 +774,30 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
     }
 }
 
-fn admin(app: &TestApp, method: reqwest::Method, path: String) -> reqwest::RequestBuilder {
-    app.http
-        .request(method, app.url(&path))
-        .bearer_auth("admin-token-0123456789")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
     let sim = Arc::new(start_sim(Vec::new()).await);
     // The account has these custom fields; the source first maps `budget` to a wrong one.
     sim.set_custom_fields(&["1111111", "2222222", "3333333", "4444444"]);
     let wrong = default_sources().replacen("budget = \"1111111\"", "budget = \"9999999\"", 1);
-    let mut app = TestApp::spawn_against(sim.clone(), &wrong, |env| {
-        env.set("LEADGATE_ADMIN_TOKEN", "admin-token-0123456789");
-    })
-    .await;
-    let response = app
-        .post_json("website", &json!({"name": "Nadia Budget", "budget": "10k"}))
-        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &wrong);
+    env.set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let mut gateway = GatewayProcess::start(&env, &[]).await;
+    let response = client()
+        .post(format!("{}/in/website", gateway.base))
+        .json(&json!({"name": "Nadia Budget", "budget": "10k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
     let id = response.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
 
     let dead: Value = eventually(Duration::from_secs(10), "the dead letter", || async {
-        let body: Value = admin(&app, reqwest::Method::GET, "/admin/dead".into())
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = gateway.admin_get("/admin/dead").await?;
         (body["dead"].as_array()?.len() == 1).then_some(body)
     })
     .await;
@@ -567,13 +809,16 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
             .contains("9999999"),
         "{dead}"
     );
+    assert_eq!(dead["dead"][0]["history"][0]["status"], 406, "{dead}");
     assert!(sim.received().is_empty());
 
-    // Fix the mapping, restart, replay.
-    std::fs::write(app.env.dir.join("leadgate.toml"), default_sources()).unwrap();
-    app.stop().await;
-    app.start().await;
-    let replayed: Value = admin(&app, reqwest::Method::POST, "/admin/dead/replay".into())
+    // Fix the mapping, restart (gracefully), replay.
+    std::fs::write(dir.path().join("leadgate.toml"), default_sources()).unwrap();
+    gateway.sigterm();
+    assert!(gateway.wait_exit(Duration::from_secs(30)).await.success());
+    gateway.restart(|_| {}).await;
+    let replayed: Value = gateway
+        .admin(reqwest::Method::POST, "/admin/dead/replay")
         .json(&json!({"ids": [id]}))
         .send()
         .await
@@ -582,7 +827,7 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         .await
         .unwrap();
     assert_eq!(replayed["replayed"], json!([id]), "{replayed}");
-    let leads = app.received(1).await;
+    let leads = wait_received(&sim, 1, Duration::from_secs(20)).await;
     let extra: BTreeMap<String, String> = leads[0].payload["Extra"]
         .as_array()
         .unwrap()
@@ -599,23 +844,9 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         Some("10k"),
         "{extra:?}"
     );
-    let stats: Value = admin(&app, reqwest::Method::GET, "/admin/stats".into())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(stats["dead"], 0, "{stats}");
     // The simulator has the lead a moment before the gateway records the delivery.
     let record: Value = eventually(Duration::from_secs(5), "the delivered record", || async {
-        let record: Value = admin(&app, reqwest::Method::GET, format!("/admin/leads/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let record = gateway.admin_get(&format!("/admin/leads/{id}")).await?;
         (record["state"] == "delivered").then_some(record)
     })
     .await;
@@ -624,69 +855,174 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         2,
         "the 406, then the delivery: {record}"
     );
+    let stats = gateway.admin_stats().await.unwrap();
+    assert_eq!(stats["dead"], 0, "{stats}");
 }
 
+/// What one post during the SIGTERM test got, and when.
+struct Post {
+    name: String,
+    started: Instant,
+    finished: Instant,
+    /// The HTTP status and whether `Retry-After` came with it; `None`: no answer (the process
+    /// had exited).
+    answer: Option<(u16, bool)>,
+}
+
+/// SIGTERM while leads are posted concurrently and deliveries are in flight: every lead answered
+/// 202 is delivered once (those the drain did not reach after a restart); from the first 503
+/// on, every post gets 503 with `Retry-After` until the process is gone, `/readyz` answers 503
+/// meanwhile, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_loses_nothing_and_refuses_new_leads_while_draining() {
+    const POSTERS: usize = 8;
     let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.set_detect_duplicates(true);
     // Slow answers keep deliveries in flight while the gateway drains.
     sim.set_latency(Duration::from_millis(1500));
     let dir = tempfile::tempdir().unwrap();
     let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
     env.set("LEADGATE_SHUTDOWN_TIMEOUT", "10s")
         .set("LEADGATE_ONPIPELINE_TIMEOUT", "5s")
-        .set("LEADGATE_LEASE_TIMEOUT", "10s");
+        .set("LEADGATE_LEASE_TIMEOUT", "10s")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
     let mut gateway = GatewayProcess::start(&env, &[]).await;
     let http = client();
-    let mut accepted = BTreeSet::new();
-    for i in 0..40 {
-        let name = format!("S{i:02}");
-        let response = http
-            .post(format!("{}/in/website", gateway.base))
-            .json(&json!({"name": format!("Lead {name}")}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 202);
-        accepted.insert(name);
-    }
-    eventually(Duration::from_secs(10), "deliveries in flight", || async {
-        (!sim.requests().is_empty()).then_some(())
-    })
-    .await;
-    gateway.sigterm();
-    let mut refused = 0;
-    let drain_started = Instant::now();
-    while drain_started.elapsed() < Duration::from_secs(1) {
-        match http
-            .post(format!("{}/in/website", gateway.base))
-            .json(&json!({"name": "Lead Late"}))
-            .send()
-            .await
-        {
-            Ok(response) => {
-                assert_eq!(response.status(), 503, "nothing is accepted while draining");
-                assert!(response.headers().contains_key("retry-after"));
-                refused += 1;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut posters = tokio::task::JoinSet::new();
+    for poster in 0..POSTERS {
+        let (http, base) = (http.clone(), gateway.base.clone());
+        let (stop, accepted_so_far) = (stop.clone(), accepted_so_far.clone());
+        posters.spawn(async move {
+            let mut posts = Vec::new();
+            for n in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let name = format!("S{poster}x{n:03}");
+                let started = Instant::now();
+                let sent = http
+                    .post(format!("{base}/in/website"))
+                    .json(&json!({"name": format!("Lead {name}")}))
+                    .send()
+                    .await;
+                let answer = sent
+                    .ok()
+                    .map(|r| (r.status().as_u16(), r.headers().contains_key("retry-after")));
+                if answer.is_some_and(|(status, _)| status == 202) {
+                    accepted_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let gone = answer.is_none();
+                posts.push(Post {
+                    name,
+                    started,
+                    finished: Instant::now(),
+                    answer,
+                });
+                if gone {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Err(_) => break,
-        }
+            posts
+        });
+    }
+    eventually(
+        Duration::from_secs(20),
+        "leads accepted and deliveries in flight",
+        || async {
+            (accepted_so_far.load(std::sync::atomic::Ordering::Relaxed) >= 40
+                && sim
+                    .requests()
+                    .iter()
+                    .any(|r| r.outcome == RequestOutcome::InFlight))
+            .then_some(())
+        },
+    )
+    .await;
+    let signalled = Instant::now();
+    gateway.sigterm();
+    // /readyz while the process drains, until it no longer answers.
+    let mut readyz = Vec::new();
+    loop {
+        let asked = Instant::now();
+        let Ok(response) = http
+            .get(format!("{}/readyz", gateway.base))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        else {
+            break;
+        };
+        readyz.push((asked, response.status().as_u16()));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(refused > 0, "requests during the drain get 503");
     let status = gateway.wait_exit(Duration::from_secs(30)).await;
     assert!(
         status.success(),
         "exit 0 after a graceful shutdown: {status}\n{}",
         gateway.log()
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut posts = Vec::new();
+    while let Some(some) = posters.join_next().await {
+        posts.extend(some.unwrap());
+    }
+
+    let mut accepted = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for post in &posts {
+        match post.answer {
+            Some((202, _)) => {
+                accepted.insert(post.name.clone());
+            }
+            Some((503, retry_after)) => {
+                assert!(retry_after, "503 with Retry-After");
+                refused.insert(post.name.clone());
+            }
+            Some((other, _)) => panic!("{} was answered {other}", post.name),
+            None => assert!(
+                post.started > signalled,
+                "{} got no answer before the shutdown",
+                post.name
+            ),
+        }
+    }
+    let drain_seen = posts
+        .iter()
+        .filter(|p| matches!(p.answer, Some((503, _))))
+        .map(|p| p.finished)
+        .min()
+        .expect("posts during the drain get 503");
+    for post in posts.iter().filter(|p| p.started > drain_seen) {
+        assert!(
+            !matches!(post.answer, Some((202, _))),
+            "{} was accepted after the drain had begun",
+            post.name
+        );
+    }
+    let readyz_after: Vec<u16> = readyz
+        .iter()
+        .filter(|(at, _)| *at > drain_seen)
+        .map(|(_, status)| *status)
+        .collect();
+    assert!(
+        !readyz_after.is_empty() && readyz_after.iter().all(|s| *s == 503),
+        "/readyz answers 503 while draining: {readyz:?}"
+    );
 
     sim.set_latency(Duration::ZERO);
     gateway.restart(|_| {}).await;
     let leads = wait_received(&sim, accepted.len(), Duration::from_secs(60)).await;
-    let received = exactly_once(&leads);
-    assert_eq!(received.len(), accepted.len());
-    assert!(!received.contains("Late"), "a refused lead was not queued");
+    assert_eq!(
+        exactly_once(&leads),
+        accepted,
+        "every accepted lead, once, and none of the {} refused",
+        refused.len()
+    );
+    gateway.wait_idle(Duration::from_secs(20)).await;
+    assert_resends_at_most(&sim, 0, "a graceful shutdown that finished its deliveries");
 }
 
 /// Deliveries still running at the shutdown deadline give their leads back at once, so the
@@ -733,6 +1069,11 @@ async fn sigterm_releases_leases_still_running_at_the_deadline() {
     gateway.restart(|_| {}).await;
     let leads = wait_received(&sim, 5, Duration::from_secs(20)).await;
     assert_eq!(exactly_once(&leads).len(), 5);
+    assert_resends_at_most(
+        &sim,
+        0,
+        "a graceful shutdown, whose cut-off sends created nothing",
+    );
     let requests = sim.requests();
     assert_eq!(
         requests.len(),

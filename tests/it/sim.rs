@@ -441,6 +441,26 @@ async fn duplicate_detection_answers_409_for_the_same_payload_in_any_key_order()
     );
     assert_eq!(sim.received().len(), 2);
     assert_eq!(statuses(&sim), vec![Some(201), Some(409), Some(201)]);
+
+    // The refused repeat is not stored as a lead, but it is recorded: which lead, when, from
+    // where, and the body as sent.
+    let repeats = sim.repeats();
+    assert_eq!(repeats.len(), 1, "{repeats:?}");
+    assert_eq!(repeats[0].lead_id, sim.received()[0].lead_id);
+    assert_eq!(repeats[0].payload, mike());
+    assert_eq!(repeats[0].peer_ip, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    assert!(repeats[0].at >= sim.received()[0].received_at);
+    assert!(repeats[0].at <= sim.received()[1].received_at);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn repeats_are_not_recorded_while_duplicate_detection_is_off() {
+    let sim = start().await;
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    post_lead(&sim, Some(LEAD_TOKEN), &mike()).await;
+    assert_eq!(sim.received().len(), 2, "both stored as leads");
+    assert!(sim.repeats().is_empty());
     sim.stop().await;
 }
 
@@ -710,6 +730,67 @@ async fn client_giving_up_during_a_delay_cancels_the_request_and_records_nothing
 }
 
 #[tokio::test]
+async fn an_answer_delay_creates_the_lead_at_once_and_answers_late() {
+    let sim = start().await;
+    sim.set_answer_delay(Duration::from_millis(300));
+    let posting = tokio::spawn({
+        let client = client(&sim);
+        let url = format!("{}/Leadsin", sim.base_url());
+        async move {
+            let started = Instant::now();
+            let answer = send(&client, url, Some(LEAD_TOKEN), mike().to_string()).await;
+            (answer.status, started.elapsed())
+        }
+    });
+    // Created before the answer leaves.
+    eventually("the lead is created", || sim.received().len() == 1).await;
+    assert_eq!(sim.requests()[0].outcome, RequestOutcome::InFlight);
+    let (status, took) = posting.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert_eq!(statuses(&sim), vec![Some(201)]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_giving_up_on_a_late_answer_leaves_the_lead_created_and_its_retry_is_a_repeat() {
+    let sim = start().await;
+    sim.set_detect_duplicates(true);
+    sim.set_answer_delay(Duration::from_secs(60));
+    let impatient = client_builder(&sim)
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let url = format!("{}/Leadsin", sim.base_url());
+    let result = impatient
+        .post(&url)
+        .header("Authorization", LEAD_TOKEN)
+        .body(mike().to_string())
+        .send()
+        .await;
+    assert!(result.expect_err("the client gives up").is_timeout());
+    drop(impatient);
+    eventually("the request is abandoned", || {
+        sim.requests()
+            .first()
+            .is_some_and(|r| r.outcome == RequestOutcome::Abandoned)
+    })
+    .await;
+    assert_eq!(sim.received().len(), 1, "the lead stays created");
+    assert_eq!(statuses(&sim), vec![None]);
+
+    // The client tries again (now answered at once): Onpipeline already has it.
+    sim.set_answer_delay(Duration::ZERO);
+    send(&client(&sim), url, Some(LEAD_TOKEN), mike().to_string())
+        .await
+        .assert_error(409, "Conflict - Duplicate", "127.0.0.1");
+    assert_eq!(sim.received().len(), 1);
+    assert_eq!(sim.repeats().len(), 1);
+    assert_eq!(sim.repeats()[0].lead_id, sim.received()[0].lead_id);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn persistent_latency_delays_every_request() {
     let sim = start().await;
     sim.set_latency(Duration::from_millis(200));
@@ -724,6 +805,7 @@ async fn persistent_latency_delays_every_request() {
         SimSettings {
             detect_duplicates: false,
             latency_ms: 200,
+            answer_delay_ms: 0,
             custom_fields: None,
         }
     );
@@ -780,7 +862,7 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
         .unwrap();
     assert_eq!(
         settings,
-        json!({"detect_duplicates": true, "latency_ms": 0, "custom_fields": null})
+        json!({"detect_duplicates": true, "latency_ms": 0, "answer_delay_ms": 0, "custom_fields": null})
     );
     assert!(sim.settings().detect_duplicates);
 
@@ -835,6 +917,19 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
         ]
     );
 
+    let repeats: Value = client
+        .get(format!("{base}/_sim/repeats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(repeats, serde_json::to_value(sim.repeats()).unwrap());
+    assert_eq!(repeats.as_array().unwrap().len(), 1);
+    assert_eq!(repeats[0]["lead_id"], leads[0]["lead_id"]);
+    assert_eq!(repeats[0]["payload"], mike());
+
     let reset = client
         .delete(format!("{base}/_sim/leads"))
         .send()
@@ -843,6 +938,7 @@ async fn control_endpoints_script_faults_settings_and_expose_what_was_received()
     assert_eq!(reset.status(), StatusCode::NO_CONTENT);
     assert!(sim.received().is_empty());
     assert!(sim.requests().is_empty());
+    assert!(sim.repeats().is_empty());
     // The duplicate memory went with the leads.
     assert_eq!(
         post_lead(&sim, Some(LEAD_TOKEN), &mike()).await.status,

@@ -1,6 +1,7 @@
 //! Spawning the real gateway for tests — in-process (fast, most tests) or as a child process
 //! of the built binary (kill -9, restart) — next to a real Onpipeline simulator over HTTPS.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use leadgate::app::{Gateway, ServeOptions};
 use leadgate::config::Settings;
-use leadgate::sim::{ReceivedLead, SimConfig, Simulator, TokenKind};
+use leadgate::sim::{ReceivedLead, RepeatedLead, SimConfig, Simulator, TokenKind};
 use serde_json::Value;
 use tempfile::TempDir;
 
 pub const TOKEN: &str = "test-leadsin-token-0001";
 pub const PARTNER_KEY: &str = "acme-partner-key-0123456789";
+/// The admin token tests set with `LEADGATE_ADMIN_TOKEN` when they use the admin API.
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 /// The sources file most tests use: the documented example, with rate limits off so tests
 /// never trip them by accident.
@@ -330,6 +333,33 @@ pub async fn wait_received(sim: &Simulator, n: usize, timeout: Duration) -> Vec<
     }
 }
 
+/// The distinct last names the simulator received, failing on any duplicate.
+pub fn exactly_once(leads: &[ReceivedLead]) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for lead in leads {
+        let name = lead.payload["LastName"].as_str().unwrap().to_owned();
+        assert!(seen.insert(name.clone()), "{name} reached Onpipeline twice");
+    }
+    seen
+}
+
+/// Asserts that leads Onpipeline already had were sent to it again at most `bound` times (the
+/// POSTs the simulator refused with 409, duplicate detection on), and returns those repeats.
+/// `window` says what the bound stands for, for the failure message.
+pub fn assert_resends_at_most(sim: &Simulator, bound: usize, window: &str) -> Vec<RepeatedLead> {
+    let repeats = sim.repeats();
+    assert!(
+        repeats.len() <= bound,
+        "{} leads Onpipeline already had were sent again; {window} allows {bound}: {:?}",
+        repeats.len(),
+        repeats
+            .iter()
+            .map(|r| (&r.lead_id, r.at, r.peer_ip))
+            .collect::<Vec<_>>()
+    );
+    repeats
+}
+
 /// The gateway as a separate process of the built binary, for kill -9 and restarts.
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -457,6 +487,39 @@ impl GatewayProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A request to the admin API (the environment must set `LEADGATE_ADMIN_TOKEN` to
+    /// [`ADMIN_TOKEN`]).
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// `GET` on the admin API, as JSON; `None` when it does not answer JSON.
+    pub async fn admin_get(&self, path: &str) -> Option<Value> {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
+    pub async fn admin_stats(&self) -> Option<Value> {
+        self.admin_get("/admin/stats").await
+    }
+
+    /// Waits until the queue holds nothing ready, leased or delayed: every lead is delivered or
+    /// dead, and no lease of a killed process is left to be taken over.
+    pub async fn wait_idle(&self, timeout: Duration) -> Value {
+        crate::helpers::eventually(timeout, "the queue to empty", || async {
+            let stats = self.admin_stats().await?;
+            (stats["ready"] == 0 && stats["leased"] == 0 && stats["delayed"] == 0).then_some(stats)
+        })
+        .await
     }
 }
 

@@ -145,6 +145,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The loopback address it listens on (for a relay in front of it).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
     /// Kills the server (SIGKILL: nothing is flushed on the way out).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
