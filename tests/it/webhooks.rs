@@ -7,7 +7,13 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::app::{TestApp, serde_urlencoded};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, TestApp, client, serde_urlencoded, start_sim, wait_received,
+};
+use crate::helpers::eventually;
 
 const TYPEFORM_SECRET: &str = "typeform-webhook-secret";
 const WEBFLOW_SECRET: &str = "webflow-oauth-client-secret-5c1e";
@@ -358,6 +364,97 @@ async fn two_different_unbounce_submissions_are_two_leads() {
             "liam@harbourtech.example.co.uk"
         ]
     );
+}
+
+#[tokio::test]
+async fn an_unbounce_lead_with_only_a_first_name_and_an_invalid_email_is_repaired_counted_and_logged_masked()
+ {
+    // A form tool cannot fix its data: the lead is forwarded with what is valid — even from a
+    // source whose `last_name_fallback = ""` would make a web form refuse it.
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[[source]]
+id = "unbounce-repair"
+kind = "webhook"
+preset = "unbounce"
+secret = "{UNBOUNCE_KEY}"
+last_name_fallback = ""
+unmapped_extra = "4444444"
+[source.extra]
+page_id = "3000002"
+"#
+    );
+    let env = GatewayEnv::new(dir.path(), &sim, &text);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let data = json!({
+        "first_name": ["Siobhan"],
+        "email": ["siobhan.kelly(at)example.ie"],
+        "date_submitted": ["2024-05-02"],
+        "time_submitted": ["09:14 AM UTC"]
+    });
+    let body = serde_urlencoded(&[
+        ("page_id", "9d8c7b6a-0000-4000-8000-00000000c0de"),
+        ("variant", "a"),
+        ("data.json", &data.to_string()),
+    ]);
+    let response = client()
+        .post(format!(
+            "{}/in/unbounce-repair?key={UNBOUNCE_KEY}",
+            gateway.base
+        ))
+        .header("content-type", FORM)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_plain_200(response).await;
+
+    let leads = wait_received(&sim, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        leads[0].payload,
+        json!({
+            "FirstName": "Siobhan",
+            "LastName": "-",
+            "Extra": [
+                {"ID": "3000002", "Value": "9d8c7b6a-0000-4000-8000-00000000c0de"},
+                {"ID": "4444444", "Value": "email (invalid): siobhan.kelly(at)example.ie"}
+            ]
+        })
+    );
+
+    let metrics = client()
+        .get(format!("{}/metrics", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"leadgate_leads_repaired_total{source="unbounce-repair"} 1"#),
+        "{metrics}"
+    );
+
+    let line = eventually(Duration::from_secs(10), "the repair warning", || async {
+        gateway
+            .log()
+            .lines()
+            .find(|line| line.contains("forwarded with what was valid"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("unbounce-repair"), "{line}");
+    // Field names only: with a note to keep them in, the values are not logged at all.
+    assert!(line.contains(r#"fields="email, "#), "{line}");
+    assert!(line.contains("last_name"), "{line}");
+    let log = gateway.log();
+    assert!(!log.contains("siobhan.kelly"), "{log}");
+    assert!(!log.contains("Siobhan"), "{log}");
 }
 
 // ---- Elementor --------------------------------------------------------------------------
