@@ -16,5 +16,6 @@ mod helpers;
 mod meta;
 mod openapi;
 mod queue_contract;
+mod redis_modes;
 mod sim;
 mod webhooks;
