@@ -1433,13 +1433,169 @@ mod redis_only {
             .query_async(&mut conn)
             .await
             .unwrap();
-        // schema, ready, delayed, dead, delivered index, upstream rate, three lead records, the
-        // delivered lead's data, three idempotency keys
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        // schema, ready, delayed, dead, dead-letter log, delivered index, upstream rate, three
+        // lead records, the delivered lead's data, three idempotency keys
+        assert_eq!(keys.len(), 14, "{keys:?}");
         assert!(
             keys.iter().all(|k| k.starts_with("{leadgate-test}:")),
             "{keys:?}"
         );
+    }
+
+    /// The dead-letter log's entries, oldest first, each as its fields.
+    async fn deadlog(harness: &Harness) -> Vec<std::collections::HashMap<String, String>> {
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let reply: ::redis::streams::StreamRangeReply = ::redis::cmd("XRANGE")
+            .arg("{leadgate-test}:deadlog")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                entry
+                    .map
+                    .into_iter()
+                    .map(|(k, v)| (k, ::redis::from_redis_value(v).unwrap()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    async fn dead_letter(queue: &Queue, reason: &str) -> leadgate::lead::LeadId {
+        let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        let id = lease.lead.id;
+        queue
+            .settle(
+                lease,
+                Settle::Dead {
+                    attempt: None,
+                    reason: reason.into(),
+                },
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_dead_lettering_is_logged_in_the_dead_letter_stream_and_a_stale_one_is_not() {
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        assert!(deadlog(&harness).await.is_empty());
+        let before = Utc::now().timestamp_millis();
+
+        let refused = lead("website");
+        queue.enqueue(&refused, None).await.unwrap();
+        let first = dead_letter(&queue, "Onpipeline answered 406: custom field 9999999").await;
+        queue.enqueue(&lead("acme"), None).await.unwrap();
+        let second = dead_letter(&queue, "Onpipeline answered 400: FirstName is required").await;
+        // Replayed, then dead again: each dead-lettering is a line of the log, which keeps the
+        // first one (the sorted set holds the lead once).
+        assert!(queue.revive(first, refused.work.clone()).await.unwrap());
+        let again = dead_letter(&queue, "still refused").await;
+        assert_eq!(again, first);
+
+        // A lease that expired and was taken again settles stale: not dead, not logged.
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        let stale = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        tokio::time::sleep(harness.settings.lease_timeout + Duration::from_millis(100)).await;
+        let taken = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        assert_eq!(taken.lead.id, stale.lead.id);
+        queue
+            .settle(
+                stale,
+                Settle::Dead {
+                    attempt: None,
+                    reason: "stale".into(),
+                },
+            )
+            .await
+            .unwrap();
+
+        let log = deadlog(&harness).await;
+        let lines: Vec<(&str, &str, &str)> = log
+            .iter()
+            .map(|e| {
+                (
+                    e["lead_id"].as_str(),
+                    e["source"].as_str(),
+                    e["reason"].as_str(),
+                )
+            })
+            .collect();
+        let (first, second) = (first.to_string(), second.to_string());
+        assert_eq!(
+            lines,
+            [
+                (
+                    first.as_str(),
+                    "website",
+                    "Onpipeline answered 406: custom field 9999999"
+                ),
+                (
+                    second.as_str(),
+                    "acme",
+                    "Onpipeline answered 400: FirstName is required"
+                ),
+                (first.as_str(), "website", "still refused"),
+            ]
+        );
+        let now = Utc::now().timestamp_millis();
+        for entry in &log {
+            let at: i64 = entry["at"].parse().unwrap();
+            assert!((before - 1000..=now + 1000).contains(&at), "{entry:?}");
+        }
+        // The sorted set stays the index replay and delete use.
+        assert_eq!(queue.dead_letters(10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dead_letter_stream_is_capped() {
+        use leadgate::queue::redis::DEADLOG_MAXLEN;
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        // Fill the log past its cap behind the queue's back, then dead-letter one lead.
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut fill = ::redis::pipe();
+        for n in 0..DEADLOG_MAXLEN + 500 {
+            fill.cmd("XADD")
+                .arg("{leadgate-test}:deadlog")
+                .arg("*")
+                .arg("lead_id")
+                .arg(format!("filler-{n}"))
+                .ignore();
+        }
+        fill.query_async::<()>(&mut conn).await.unwrap();
+
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        let id = dead_letter(&queue, "refused").await;
+        let len: u64 = ::redis::cmd("XLEN")
+            .arg("{leadgate-test}:deadlog")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // `MAXLEN ~` trims whole stream nodes (100 entries by default): about the cap is kept.
+        assert!(
+            (DEADLOG_MAXLEN..=DEADLOG_MAXLEN + 100).contains(&len),
+            "{len} entries"
+        );
+        let last: ::redis::streams::StreamRangeReply = ::redis::cmd("XREVRANGE")
+            .arg("{leadgate-test}:deadlog")
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let newest: String = last.ids[0].get("lead_id").unwrap();
+        assert_eq!(newest, id.to_string());
     }
 
     /// The consumer names in the group, sorted.
