@@ -1,6 +1,7 @@
 //! The Redis backend: a stream with a consumer group for ready leads, a sorted set for delayed
-//! retries, one hash per lead holding its data and record, and sorted sets indexing dead letters
-//! and delivered records. Every change that touches more than one key runs in one Lua script.
+//! retries, one hash per lead holding its data and record, sorted sets indexing dead letters
+//! and delivered records, and a capped stream logging every dead-lettering for operators. Every
+//! change that touches more than one key runs in one Lua script.
 //!
 //! # Key layout
 //!
@@ -16,6 +17,7 @@
 //! | `{P}:lead:<id>` | hash | the lead's record: `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `state` (`queued`, `delivered`, `dead`; absent = `queued`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter; absent = 1); `last_error`; `history` (JSON array of [`Attempt`]); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms); `source` and `received_at` (RFC 3339), written when `lead` goes (until then they are read from it) | enqueue (`HSET lead`, the only extra write per lead), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
 //! | `{P}:work:<id>` | string | the [`QueuedLead`] JSON of a delivered lead, moved out of its record at delivery | settle `Delivered` | `pii_ttl` |
 //! | `{P}:dead` | sorted set (not a stream: revive and delete_dead find a dead letter by its lead id, which `ZREM`/`ZSCORE` do in the same script as the record change, while a stream entry is addressed only by its own entry id; `ZREVRANGE` lists newest first) | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
+//! | `{P}:deadlog` | stream, capped at about [`DEADLOG_MAXLEN`] entries (`XADD MAXLEN ~`: the oldest go first) | the dead-letter log, an audit trail for operators (`XREAD`/`XRANGE` it, or tail it with `XREAD BLOCK 0 STREAMS {P}:deadlog $`): one entry per dead-lettering, fields `lead_id`, `source`, `reason` and `at` (ms, Redis server clock; the entry id carries the same time). Only written, never read by leadgate: replay and delete go by `{P}:dead` | settle `Dead`, in the same script as the record and `{P}:dead` | none (trimmed by its cap) |
 //! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
 //! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
 //! | `{P}:upstream` | string | the shared upstream rate limit's theoretical arrival time (GCRA), µs on the Redis server clock | acquire_upstream | a second past it |
@@ -120,6 +122,9 @@ const MAX_IDLE_BLOCKING: usize = 4;
 pub const CONSUMER_PRUNE_IDLE: Duration = Duration::from_secs(600);
 /// Longest time to live handed to Redis (`PX` refuses values that overflow its clock).
 const MAX_TTL_MS: u64 = 1 << 50;
+/// Entries the dead-letter log `{P}:deadlog` keeps, about (`MAXLEN ~` trims whole stream
+/// nodes, so slightly more may stay): ~0.2 KB each, ~2 MB in all.
+pub const DEADLOG_MAXLEN: u64 = 10_000;
 
 /// Removes consumers that hold no pending entry and have been idle for at least ARGV[2] ms,
 /// except ARGV[3] (the caller). Atomic: a consumer cannot lease an entry between the check and
@@ -345,14 +350,16 @@ return 1
 "#;
 
 const SETTLE_DEAD_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
+-- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set, KEYS[4] dead-letter log
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] reason, ARGV[5] Attempt JSON
--- or '', ARGV[6] lead id
+-- or '', ARGV[6] lead id, ARGV[7] source, ARGV[8] the log's cap
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 local now = now_ms()
 append_history(KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[2], 'state', 'dead', 'dead_reason', ARGV[4], 'dead_at', now)
 redis.call('ZADD', KEYS[3], now, ARGV[6])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'lead_id', ARGV[6], 'source', ARGV[7],
+  'reason', ARGV[4], 'at', string.format('%.0f', now))
 remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
@@ -462,6 +469,7 @@ struct Keys {
     ready: String,
     delayed: String,
     dead: String,
+    deadlog: String,
     delivered: String,
     upstream: String,
     paused: String,
@@ -480,6 +488,7 @@ impl Keys {
             ready: format!("{tag}:ready"),
             delayed: format!("{tag}:delayed"),
             dead: format!("{tag}:dead"),
+            deadlog: format!("{tag}:deadlog"),
             delivered: format!("{tag}:delivered"),
             upstream: format!("{tag}:upstream"),
             paused: format!("{tag}:paused"),
@@ -886,12 +895,15 @@ impl RedisQueue {
                         .key(&keys.ready)
                         .key(keys.record(id))
                         .key(&keys.dead)
+                        .key(&keys.deadlog)
                         .arg(GROUP)
                         .arg(stream_id)
                         .arg(deliveries)
                         .arg(reason)
                         .arg(attempt_json(attempt.as_ref())?)
                         .arg(id.to_string())
+                        .arg(&lease.lead.source)
+                        .arg(DEADLOG_MAXLEN)
                         .invoke_async(&mut conn),
                 )
                 .await?

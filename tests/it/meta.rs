@@ -11,7 +11,7 @@ use leadgate::sim::graph::{GraphFault, GraphSettingsUpdate};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::app::{TestApp, start_sim, wait_received};
+use crate::helpers::app::{GatewayEnv, GatewayProcess, TestApp, client, start_sim, wait_received};
 use crate::helpers::eventually;
 
 const APP_SECRET: &str = "meta-app-secret-for-tests-0001";
@@ -438,6 +438,76 @@ async fn an_expired_page_token_parks_the_lead_until_the_token_is_fixed_then_it_i
     let ready = readyz(&app).await;
     assert_eq!(ready["attention"], json!([]), "{ready}");
     assert_eq!(ready["status"], "ready", "{ready}");
+}
+
+#[tokio::test]
+async fn an_expired_page_token_is_alerted_once_at_error_level_in_the_log_without_the_token() {
+    // The real binary, so the log it writes is what an operator reads.
+    let expired = "EAAB-page-token-expired-7f3a";
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    sim.graph().update(GraphSettingsUpdate {
+        tokens: Some(vec![PAGE_TOKEN.to_owned()]),
+        app_secret: Some(APP_SECRET.to_owned()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &sources(expired, ""));
+    env.set("LEADGATE_GRAPH_PARKED_RETRY", "300ms");
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    for id in ["8301", "8302"] {
+        sim.graph()
+            .add_lead(graph_lead(
+                id,
+                Utc::now(),
+                &[("full_name", "Keiko Tanaka"), ("email", "keiko@example.jp")],
+            ))
+            .unwrap();
+    }
+    // Two leads of the same page: the page is what needs attention, so one alert.
+    let body = notification(&["8301", "8302"]);
+    let response = client()
+        .post(format!("{}/in/fb", gateway.base))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sign(body.as_bytes()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let alerts = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("ALERT: Meta leads of this page cannot be read"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = eventually(Duration::from_secs(10), "the alert in the log", || async {
+        alerts(&gateway.log()).into_iter().next()
+    })
+    .await;
+    assert!(first.contains("ERROR"), "{first}");
+    assert!(first.contains(PAGE), "the alert names the page: {first}");
+    assert!(
+        first.contains("190"),
+        "the alert gives Graph's code: {first}"
+    );
+
+    // Three seconds parked: the probes keep going (one per 300 ms), the alert is not repeated.
+    let calls_before = sim.graph().calls().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let probes = sim.graph().calls().len() - calls_before;
+    assert!(
+        (1..=14).contains(&probes),
+        "{probes} Graph calls in 3 s while parked"
+    );
+    let log = gateway.log();
+    assert_eq!(alerts(&log).len(), 1, "{log}");
+    assert!(
+        !log.contains(expired),
+        "the token leaked into the log:\n{log}"
+    );
+    assert!(!log.contains(APP_SECRET), "the app secret leaked:\n{log}");
+    assert!(!log.contains("keiko@example.jp"), "{log}");
+    assert!(sim.received().is_empty());
 }
 
 #[tokio::test]

@@ -65,31 +65,62 @@ contract!(redis = Redis, embedded = Embedded => [
 ]);
 
 // A Redis Cluster of three masters: the keys share one slot, blocking reads go to its node.
+// Every contract test but one: `a_failing_enqueue_…` corrupts a key through a single-node
+// client, which a cluster harness does not have. (Its cluster is not restarted: reopening the
+// queue is what `acknowledged_enqueue_…` and `operator_pause_…` prove here.)
 contract!(cluster = Cluster => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
     retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
+    retry_later_that_does_not_count_keeps_the_attempt,
     dead_lease_moves_to_the_dead_letters_with_its_reason,
     unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_settle_is_ignored,
     concurrent_consumers_never_lease_the_same_entry,
+    acknowledged_enqueue_survives_reopening_the_queue,
+    stats_count_entries_by_state,
     waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
+    idempotency_keys_and_delivered_records_expire_after_their_ttl,
     attempts_travel_with_retry_copies_into_the_dead_letter_and_the_record,
+    retry_later_with_new_work_hands_the_new_work_to_the_next_lease,
     lead_record_follows_the_lead_from_enqueue_to_delivery,
+    delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
+    late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
     revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
     deleted_dead_letter_loses_its_data_and_keeps_its_record,
+    dead_letters_are_listed_newest_first,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
     upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
     operator_pause_is_shared_by_every_process_kept_across_reopening_and_cleared_by_resume,
 ]);
 
-// `rediss://` to a server whose certificate chains to the CA given as `ca_file`.
+// `rediss://` to a server whose certificate chains to the CA given as `ca_file`: the whole
+// contract, as on a plain Redis.
 contract!(tls = RedisTls => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
+    retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
+    retry_later_that_does_not_count_keeps_the_attempt,
+    dead_lease_moves_to_the_dead_letters_with_its_reason,
+    unsettled_lease_is_redelivered_after_the_lease_timeout_and_its_late_settle_is_ignored,
+    concurrent_consumers_never_lease_the_same_entry,
+    acknowledged_enqueue_survives_reopening_the_queue,
+    stats_count_entries_by_state,
     waiting_lease_returns_as_soon_as_a_lead_is_enqueued,
+    a_failing_enqueue_fails_alone_and_not_the_enqueues_batched_with_it,
+    idempotency_keys_and_delivered_records_expire_after_their_ttl,
+    attempts_travel_with_retry_copies_into_the_dead_letter_and_the_record,
+    retry_later_with_new_work_hands_the_new_work_to_the_next_lease,
+    lead_record_follows_the_lead_from_enqueue_to_delivery,
+    delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
+    late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
     revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    deleted_dead_letter_loses_its_data_and_keeps_its_record,
+    dead_letters_are_listed_newest_first,
+    stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
+    upstream_rate_limit_is_never_exceeded_by_concurrent_callers,
+    operator_pause_is_shared_by_every_process_kept_across_reopening_and_cleared_by_resume,
 ]);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,7 +174,9 @@ impl Harness {
         match kind {
             Kind::Redis | Kind::RedisTls => {
                 let redis = match (kind, durable) {
-                    (Kind::RedisTls, _) => RedisServer::start_tls(),
+                    (Kind::RedisTls, _) => RedisServer::start_tls_with(RedisOptions {
+                        append_only: durable,
+                    }),
                     (_, true) => RedisServer::start_with(RedisOptions { append_only: true }),
                     (_, false) => RedisServer::start(),
                 };
@@ -1400,13 +1433,169 @@ mod redis_only {
             .query_async(&mut conn)
             .await
             .unwrap();
-        // schema, ready, delayed, dead, delivered index, upstream rate, three lead records, the
-        // delivered lead's data, three idempotency keys
-        assert_eq!(keys.len(), 13, "{keys:?}");
+        // schema, ready, delayed, dead, dead-letter log, delivered index, upstream rate, three
+        // lead records, the delivered lead's data, three idempotency keys
+        assert_eq!(keys.len(), 14, "{keys:?}");
         assert!(
             keys.iter().all(|k| k.starts_with("{leadgate-test}:")),
             "{keys:?}"
         );
+    }
+
+    /// The dead-letter log's entries, oldest first, each as its fields.
+    async fn deadlog(harness: &Harness) -> Vec<std::collections::HashMap<String, String>> {
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let reply: ::redis::streams::StreamRangeReply = ::redis::cmd("XRANGE")
+            .arg("{leadgate-test}:deadlog")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        reply
+            .ids
+            .into_iter()
+            .map(|entry| {
+                entry
+                    .map
+                    .into_iter()
+                    .map(|(k, v)| (k, ::redis::from_redis_value(v).unwrap()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    async fn dead_letter(queue: &Queue, reason: &str) -> leadgate::lead::LeadId {
+        let lease = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        let id = lease.lead.id;
+        queue
+            .settle(
+                lease,
+                Settle::Dead {
+                    attempt: None,
+                    reason: reason.into(),
+                },
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_dead_lettering_is_logged_in_the_dead_letter_stream_and_a_stale_one_is_not() {
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        assert!(deadlog(&harness).await.is_empty());
+        let before = Utc::now().timestamp_millis();
+
+        let refused = lead("website");
+        queue.enqueue(&refused, None).await.unwrap();
+        let first = dead_letter(&queue, "Onpipeline answered 406: custom field 9999999").await;
+        queue.enqueue(&lead("acme"), None).await.unwrap();
+        let second = dead_letter(&queue, "Onpipeline answered 400: FirstName is required").await;
+        // Replayed, then dead again: each dead-lettering is a line of the log, which keeps the
+        // first one (the sorted set holds the lead once).
+        assert!(queue.revive(first, refused.work.clone()).await.unwrap());
+        let again = dead_letter(&queue, "still refused").await;
+        assert_eq!(again, first);
+
+        // A lease that expired and was taken again settles stale: not dead, not logged.
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        let stale = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        tokio::time::sleep(harness.settings.lease_timeout + Duration::from_millis(100)).await;
+        let taken = queue.lease(1, NO_WAIT).await.unwrap().pop().unwrap();
+        assert_eq!(taken.lead.id, stale.lead.id);
+        queue
+            .settle(
+                stale,
+                Settle::Dead {
+                    attempt: None,
+                    reason: "stale".into(),
+                },
+            )
+            .await
+            .unwrap();
+
+        let log = deadlog(&harness).await;
+        let lines: Vec<(&str, &str, &str)> = log
+            .iter()
+            .map(|e| {
+                (
+                    e["lead_id"].as_str(),
+                    e["source"].as_str(),
+                    e["reason"].as_str(),
+                )
+            })
+            .collect();
+        let (first, second) = (first.to_string(), second.to_string());
+        assert_eq!(
+            lines,
+            [
+                (
+                    first.as_str(),
+                    "website",
+                    "Onpipeline answered 406: custom field 9999999"
+                ),
+                (
+                    second.as_str(),
+                    "acme",
+                    "Onpipeline answered 400: FirstName is required"
+                ),
+                (first.as_str(), "website", "still refused"),
+            ]
+        );
+        let now = Utc::now().timestamp_millis();
+        for entry in &log {
+            let at: i64 = entry["at"].parse().unwrap();
+            assert!((before - 1000..=now + 1000).contains(&at), "{entry:?}");
+        }
+        // The sorted set stays the index replay and delete use.
+        assert_eq!(queue.dead_letters(10).await.unwrap().len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dead_letter_stream_is_capped() {
+        use leadgate::queue::redis::DEADLOG_MAXLEN;
+        let harness = Harness::new(Kind::Redis);
+        let queue = harness.open("a").await;
+        // Fill the log past its cap behind the queue's back, then dead-letter one lead.
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut fill = ::redis::pipe();
+        for n in 0..DEADLOG_MAXLEN + 500 {
+            fill.cmd("XADD")
+                .arg("{leadgate-test}:deadlog")
+                .arg("*")
+                .arg("lead_id")
+                .arg(format!("filler-{n}"))
+                .ignore();
+        }
+        fill.query_async::<()>(&mut conn).await.unwrap();
+
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        let id = dead_letter(&queue, "refused").await;
+        let len: u64 = ::redis::cmd("XLEN")
+            .arg("{leadgate-test}:deadlog")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        // `MAXLEN ~` trims whole stream nodes (100 entries by default): about the cap is kept.
+        assert!(
+            (DEADLOG_MAXLEN..=DEADLOG_MAXLEN + 100).contains(&len),
+            "{len} entries"
+        );
+        let last: ::redis::streams::StreamRangeReply = ::redis::cmd("XREVRANGE")
+            .arg("{leadgate-test}:deadlog")
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let newest: String = last.ids[0].get("lead_id").unwrap();
+        assert_eq!(newest, id.to_string());
     }
 
     /// The consumer names in the group, sorted.

@@ -7,7 +7,13 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::app::{TestApp, serde_urlencoded};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, TestApp, client, serde_urlencoded, start_sim, wait_received,
+};
+use crate::helpers::eventually;
 
 const TYPEFORM_SECRET: &str = "typeform-webhook-secret";
 const WEBFLOW_SECRET: &str = "webflow-oauth-client-secret-5c1e";
@@ -241,10 +247,15 @@ async fn a_typeform_response_delivered_twice_is_one_lead() {
 // ---- Unbounce ---------------------------------------------------------------------------
 
 fn unbounce_body() -> String {
+    unbounce_submission("liam.oconnor@example.co.uk", "10:57 PM UTC")
+}
+
+/// One Unbounce submission, as Unbounce posts it, from the given address at the given time.
+fn unbounce_submission(email: &str, time_submitted: &str) -> String {
     let data = json!({
         "first_name": ["Liam"],
         "last_name": ["O'Connor"],
-        "email": ["liam.oconnor@example.co.uk"],
+        "email": [email],
         "phone_number": ["020 7946 0734"],
         "company_name": ["Harbour Tech Ltd"],
         "how_did_you_hear": ["Podcast"],
@@ -252,7 +263,7 @@ fn unbounce_body() -> String {
         "ip_address": ["203.0.113.7"],
         "page_uuid": ["0b7f1c2e-3d4a-4b5c-9e8f-7a6b5c4d3e2f"],
         "variant": ["b"],
-        "time_submitted": ["10:57 PM UTC"],
+        "time_submitted": [time_submitted],
         "date_submitted": ["2024-05-01"],
         "page_url": ["https://offers.example.co.uk/spring/"],
         "page_name": ["Spring Offer"]
@@ -307,7 +318,167 @@ async fn an_unbounce_submission_without_the_right_key_is_refused() {
     assert_nothing_queued(&app).await;
 }
 
+#[tokio::test]
+async fn an_unbounce_submission_posted_twice_is_acknowledged_twice_and_is_one_lead() {
+    let app = spawn().await;
+    let path = format!("/in/unbounce?key={UNBOUNCE_KEY}");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let answer = assert_plain_200(post(&app, &path, FORM, &[], unbounce_body()).await).await;
+        ids.push(answer["ids"].clone());
+    }
+    assert_eq!(ids[0].as_array().map(Vec::len), Some(1), "{}", ids[0]);
+    assert_eq!(ids[0], ids[1], "the redelivery names the first lead");
+    app.received(1).await;
+    // Give a wrongly queued second copy the time to reach the simulator.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(app.sim.received().len(), 1);
+    assert_eq!(app.stats().await.delivered, 1);
+}
+
+#[tokio::test]
+async fn two_different_unbounce_submissions_are_two_leads() {
+    let app = spawn().await;
+    let path = format!("/in/unbounce?key={UNBOUNCE_KEY}");
+    let submissions = [
+        unbounce_submission("liam.oconnor@example.co.uk", "10:57 PM UTC"),
+        // The same visitor, a minute later, with another address.
+        unbounce_submission("liam@harbourtech.example.co.uk", "10:58 PM UTC"),
+    ];
+    let mut ids = Vec::new();
+    for body in submissions {
+        let answer = assert_plain_200(post(&app, &path, FORM, &[], body).await).await;
+        ids.push(answer["ids"][0].as_str().unwrap().to_owned());
+    }
+    assert_ne!(ids[0], ids[1]);
+    let leads = app.received(2).await;
+    let mut emails: Vec<&str> = leads
+        .iter()
+        .map(|lead| lead.payload["Email"][0]["Address"].as_str().unwrap())
+        .collect();
+    emails.sort_unstable();
+    assert_eq!(
+        emails,
+        [
+            "liam.oconnor@example.co.uk",
+            "liam@harbourtech.example.co.uk"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_unbounce_lead_with_only_a_first_name_and_an_invalid_email_is_repaired_counted_and_logged_masked()
+ {
+    // A form tool cannot fix its data: the lead is forwarded with what is valid — even from a
+    // source whose `last_name_fallback = ""` would make a web form refuse it.
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[[source]]
+id = "unbounce-repair"
+kind = "webhook"
+preset = "unbounce"
+secret = "{UNBOUNCE_KEY}"
+last_name_fallback = ""
+unmapped_extra = "4444444"
+[source.extra]
+page_id = "3000002"
+"#
+    );
+    let env = GatewayEnv::new(dir.path(), &sim, &text);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let data = json!({
+        "first_name": ["Siobhan"],
+        "email": ["siobhan.kelly(at)example.ie"],
+        "date_submitted": ["2024-05-02"],
+        "time_submitted": ["09:14 AM UTC"]
+    });
+    let body = serde_urlencoded(&[
+        ("page_id", "9d8c7b6a-0000-4000-8000-00000000c0de"),
+        ("variant", "a"),
+        ("data.json", &data.to_string()),
+    ]);
+    let response = client()
+        .post(format!(
+            "{}/in/unbounce-repair?key={UNBOUNCE_KEY}",
+            gateway.base
+        ))
+        .header("content-type", FORM)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_plain_200(response).await;
+
+    let leads = wait_received(&sim, 1, Duration::from_secs(20)).await;
+    assert_eq!(
+        leads[0].payload,
+        json!({
+            "FirstName": "Siobhan",
+            "LastName": "-",
+            "Extra": [
+                {"ID": "3000002", "Value": "9d8c7b6a-0000-4000-8000-00000000c0de"},
+                {"ID": "4444444", "Value": "email (invalid): siobhan.kelly(at)example.ie"}
+            ]
+        })
+    );
+
+    let metrics = client()
+        .get(format!("{}/metrics", gateway.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"leadgate_leads_repaired_total{source="unbounce-repair"} 1"#),
+        "{metrics}"
+    );
+
+    let line = eventually(Duration::from_secs(10), "the repair warning", || async {
+        gateway
+            .log()
+            .lines()
+            .find(|line| line.contains("forwarded with what was valid"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("unbounce-repair"), "{line}");
+    // Field names only: with a note to keep them in, the values are not logged at all.
+    assert!(line.contains(r#"fields="email, "#), "{line}");
+    assert!(line.contains("last_name"), "{line}");
+    let log = gateway.log();
+    assert!(!log.contains("siobhan.kelly"), "{log}");
+    assert!(!log.contains("Siobhan"), "{log}");
+}
+
 // ---- Elementor --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_same_elementor_post_sent_twice_is_one_lead() {
+    let app = spawn().await;
+    let body = serde_urlencoded(&[
+        ("Name", "Élodie Martin"),
+        ("Email", "elodie.martin@example.fr"),
+        ("Time", "10:00"),
+        ("form_id", "7c1e2f3"),
+    ]);
+    let path = format!("/in/elementor?key={ELEMENTOR_KEY}");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let answer = assert_plain_200(post(&app, &path, FORM, &[], body.clone()).await).await;
+        ids.push(answer["ids"].clone());
+    }
+    assert_eq!(ids[0], ids[1], "the second post names the first lead");
+    app.received(1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(app.sim.received().len(), 1);
+}
 
 #[tokio::test]
 async fn an_elementor_simple_format_post_is_answered_exactly_200_and_arrives_exact() {

@@ -12,12 +12,14 @@
 //! the sources file maps the label). Metadata reaches the mapping, when mapped, under the same
 //! names in both formats: `form_id`, `form_name`, `date`, `time`, `page_url`, `page_title`,
 //! `user_agent`, `remote_ip`, `credit`. Elementor counts only an exact `200` as success (the
-//! visitor sees "Webhook error" otherwise) and never retries; it sends no submission id, so
-//! there is no dedupe key. It does not sign: the source checks a shared key in the URL.
+//! visitor sees "Webhook error" otherwise) and never retries. It sends no submission id, so
+//! the dedupe key is the form id and a SHA-256 of every posted field: the same post sent
+//! twice (a proxy's retry, a double send) is one lead. It does not sign: the source checks a
+//! shared key in the URL.
 
 use std::collections::HashMap;
 
-use super::{fields_of, one_lead};
+use super::{field_parts, fields_of, fingerprint, one_lead};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::lead::Inbound;
@@ -63,7 +65,17 @@ pub async fn parse(
     } else {
         read_simple(source, &posted)
     };
-    Ok(one_lead(fields, None))
+    // No submission id: the form's id and a SHA-256 of everything posted (values, date,
+    // time, visitor's IP and browser when enabled) stand for one.
+    let form_id = posted
+        .get(if advanced { "form[id]" } else { "form_id" })
+        .and_then(|v| v.first())
+        .map_or("", String::as_str);
+    let digest = fingerprint(field_parts(&posted).iter().map(String::as_str));
+    Ok(one_lead(
+        fields,
+        Some(format!("elementor:{form_id}:{digest}")),
+    ))
 }
 
 fn read_simple(source: &Source, posted: &Inbound) -> Inbound {
@@ -218,5 +230,43 @@ mod tests {
         assert_eq!(f.get("Your budget").unwrap(), ["5k"]);
         assert_eq!(f.get("email").unwrap(), ["ana@example.com"]);
         assert!(f.get("page_url").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_same_post_twice_has_one_dedupe_key_and_another_post_another() {
+        let source = source("elementor", "auth = \"none\"\n");
+        let id = |pairs: Vec<(&'static str, &'static str)>| {
+            let source = source.clone();
+            async move {
+                let body = urlencode(&pairs);
+                parse_one(&source, &[FORM], body.as_bytes())
+                    .await
+                    .platform_id
+                    .unwrap()
+            }
+        };
+        let post = vec![
+            ("Name", "Ana López"),
+            ("Email", "ana@example.com"),
+            ("Time", "10:57"),
+            ("form_id", "a1b2c3d"),
+        ];
+        let first = id(post.clone()).await;
+        assert!(first.starts_with("elementor:a1b2c3d:"), "{first}");
+        assert_eq!(id(post.clone()).await, first);
+        let mut later = post.clone();
+        later[2] = ("Time", "10:58");
+        assert_ne!(id(later).await, first);
+        // Values are framed: moving text from one field into the next is another post.
+        let mut shifted = post;
+        shifted[0] = ("Name", "Ana Lópe");
+        shifted[1] = ("Email", "zana@example.com");
+        assert_ne!(id(shifted).await, first);
+        let advanced = id(vec![
+            ("form[id]", "a1b2c3d"),
+            ("fields[name][value]", "Ana López"),
+        ])
+        .await;
+        assert!(advanced.starts_with("elementor:a1b2c3d:"), "{advanced}");
     }
 }

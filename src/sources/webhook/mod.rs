@@ -145,6 +145,31 @@ fn push_json(fields: &mut Inbound, name: &str, value: &Value) {
     }
 }
 
+/// A submission's fingerprint, for tools that send no submission id (Unbounce, Elementor):
+/// the hex SHA-256 of `parts`, each length-prefixed so no two different lists of parts share
+/// one. A redelivery carries the same content, so it gets the same fingerprint — the dedupe key.
+fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    use sha2::Digest;
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    hex::encode(hash.finalize())
+}
+
+/// The parts of flat fields for a [`fingerprint`], in the order they were sent: each name, its
+/// number of values, then the values.
+fn field_parts(fields: &Inbound) -> Vec<String> {
+    let mut parts = Vec::new();
+    for (name, values) in fields.iter() {
+        parts.push(name.to_owned());
+        parts.push(values.len().to_string());
+        parts.extend(values.iter().cloned());
+    }
+    parts
+}
+
 /// One lead of flat fields with an optional platform id.
 fn one_lead(fields: Inbound, platform_id: Option<String>) -> Vec<Item> {
     vec![Item {

@@ -11,14 +11,16 @@
 //! Each form field arrives under its Unbounce field name. The page's details (`page_id`,
 //! `page_url`, `page_name`, `variant`, `page_uuid`, `ip_address`, `date_submitted`,
 //! `time_submitted`) reach the mapping when mapped. Unbounce does not sign its requests: the
-//! source checks a shared key in the URL. Unbounce sends no submission id, so there is no
-//! dedupe key. Unconfirmed, and so accepted liberally: a JSON delivery (chosen in Unbounce's
-//! settings) is read the same way, with `data.json` as a string or an object, or the body
-//! itself as the data; a body without `data.json` is read as flat fields.
+//! source checks a shared key in the URL. Unbounce sends no submission id: the dedupe key is
+//! the page id, the submission's date and time, and a SHA-256 of `data.json` (of the flat
+//! fields when there is none) — what a redelivery resends unchanged. Unconfirmed, and so
+//! accepted liberally: a JSON delivery (chosen in Unbounce's settings) is read the same way,
+//! with `data.json` as a string or an object, or the body itself as the data; a body without
+//! `data.json` is read as flat fields.
 
 use serde_json::Value;
 
-use super::{fields_of, one_lead, push_json};
+use super::{field_parts, fields_of, fingerprint, one_lead, push_json};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::lead::Inbound;
@@ -63,6 +65,13 @@ pub async fn parse(
         }
     };
 
+    // Unbounce sends no submission id; a redelivery resends the same submission, so its
+    // fingerprint is the dedupe key.
+    let digest = match &data {
+        Some(data) => fingerprint([data.to_string().as_str()]),
+        None => fingerprint(field_parts(&top).iter().map(String::as_str)),
+    };
+
     let mut fields = Inbound::new();
     let mut metadata: Vec<(&str, String)> = Vec::new();
     let mut note_metadata = |name: &'static str, value: Option<String>| {
@@ -99,10 +108,22 @@ pub async fn parse(
             }
         }
     }
+    let meta = |name: &str| {
+        metadata
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let id = format!(
+        "unbounce:{}:{} {}:{digest}",
+        meta("page_id"),
+        meta("date_submitted"),
+        meta("time_submitted")
+    );
     for (name, value) in metadata {
         push_metadata(source, &mut fields, name, Some(value));
     }
-    Ok(one_lead(fields, None))
+    Ok(one_lead(fields, Some(id)))
 }
 
 fn first_text(value: &Value) -> Option<String> {
@@ -145,6 +166,46 @@ mod tests {
         );
         assert!(f.get("ip_address").is_none());
         assert!(f.get("page_url").is_none());
-        assert!(item.platform_id.is_none());
+        let id = item.platform_id.as_deref().unwrap();
+        assert!(
+            id.starts_with("unbounce:f0e1d2c3-0000-4000-8000-000000000001: :"),
+            "{id}"
+        );
+    }
+
+    async fn id_of(page_id: &str, data: &str) -> String {
+        let source = source("unbounce", "auth = \"none\"\n");
+        let body = crate::sources::webhook::test_support::urlencode(&[
+            ("page_id", page_id),
+            ("variant", "a"),
+            ("data.json", data),
+        ]);
+        let item = parse_one(
+            &source,
+            &[("content-type", "application/x-www-form-urlencoded")],
+            body.as_bytes(),
+        )
+        .await;
+        item.platform_id.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_resent_submission_has_the_same_dedupe_key_and_another_submission_does_not() {
+        let data = r#"{"email":["ana@example.com"],"date_submitted":["2024-05-01"],"time_submitted":["10:57 PM UTC"]}"#;
+        let first = id_of("p1", data).await;
+        assert!(
+            first.starts_with("unbounce:p1:2024-05-01 10:57 PM UTC:"),
+            "{first}"
+        );
+        assert_eq!(
+            first.len(),
+            "unbounce:p1:2024-05-01 10:57 PM UTC:".len() + 64
+        );
+        // The same JSON written with other spacing is the same submission.
+        let spaced = data.replace("],", "], ").replace("\":[", "\": [ ");
+        assert_eq!(id_of("p1", &spaced).await, first);
+        let other = data.replace("ana@", "ana.b@");
+        assert_ne!(id_of("p1", &other).await, first);
+        assert_ne!(id_of("p2", data).await, first);
     }
 }

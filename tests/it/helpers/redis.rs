@@ -87,7 +87,12 @@ impl RedisServer {
     /// A server that speaks only TLS, with a certificate from a CA of its own
     /// ([`Self::ca_file`]). Fails the test when this `redis-server` was built without TLS.
     pub fn start_tls() -> Self {
-        Self::start_as(RedisOptions::default(), &[], true)
+        Self::start_tls_with(RedisOptions::default())
+    }
+
+    /// The same, persisting as `options` say.
+    pub fn start_tls_with(options: RedisOptions) -> Self {
+        Self::start_as(options, &[], true)
     }
 
     fn start_as(options: RedisOptions, config: &[(&str, &str)], tls: bool) -> Self {
