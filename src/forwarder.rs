@@ -634,10 +634,12 @@ impl Forwarder {
             } => {
                 let attempt = record(AttemptOutcome::Retry, status, Some(&reason));
                 let age = schedule_age(&lease);
-                match self
-                    .policy
-                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
-                {
+                match self.policy.after_failure(
+                    lease.schedule_attempt(),
+                    age,
+                    rand::random::<f64>(),
+                    after,
+                ) {
                     Decision::RetryAfter(delay) => {
                         warn!(
                             reason,
@@ -776,10 +778,12 @@ impl Forwarder {
                 let reason = e.message().to_owned();
                 let attempt = failed(&reason);
                 let age = schedule_age(lease);
-                match self
-                    .policy
-                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
-                {
+                match self.policy.after_failure(
+                    lease.schedule_attempt(),
+                    age,
+                    rand::random::<f64>(),
+                    after,
+                ) {
                     Decision::RetryAfter(delay) => {
                         warn!(
                             reason,
@@ -993,6 +997,35 @@ mod tests {
     fn a_lead_s_schedule_runs_from_its_arrival() {
         let age = schedule_age(&lease(chrono::Duration::hours(3), None));
         assert!(about(age, Duration::from_secs(3 * 3600)), "{age:?}");
+    }
+
+    #[test]
+    fn a_replayed_lead_s_back_off_counts_from_the_replay_while_its_numbering_goes_on() {
+        let mut replayed = lease(
+            chrono::Duration::hours(1),
+            Some(chrono::Duration::minutes(1)),
+        );
+        let died = Attempt {
+            number: 4,
+            at: Utc::now(),
+            duration_ms: 30,
+            status: Some(406),
+            outcome: AttemptOutcome::Rejected,
+            reason: None,
+        };
+        let (entry, next) = crate::queue::replay_entry(std::slice::from_ref(&died), Utc::now());
+        assert_eq!(
+            (entry.number, entry.outcome, next),
+            (4, AttemptOutcome::Replayed, 5)
+        );
+        replayed.history = vec![died, entry];
+        replayed.attempt = next;
+        assert_eq!(replayed.schedule_attempt(), 1);
+        replayed.attempt = next + 2;
+        assert_eq!(replayed.schedule_attempt(), 3);
+        // A lead never replayed: the two are one.
+        let fresh = lease(chrono::Duration::hours(1), None);
+        assert_eq!(fresh.schedule_attempt(), fresh.attempt);
     }
 
     #[test]

@@ -306,6 +306,55 @@ async fn replay_reports_ids_it_cannot_find() {
     assert_eq!(both.status(), 400);
 }
 
+/// A replayed dead letter's later attempts go on numbering after the one that killed it, and
+/// its story shows where the replay came.
+#[tokio::test]
+async fn a_replayed_lead_s_attempts_go_on_numbering_after_the_replay_shown_in_its_story() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Twice Tried"]).await;
+    let id = &ids[0];
+    // The replay meets a temporary failure first, then is delivered.
+    app.sim.push_faults([Fault::status(500)]);
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"ids": [id]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], json!([id]), "{answer}");
+    app.received(1).await;
+    let record: Value = eventually(Duration::from_secs(10), "the delivered record", || async {
+        let record: Value = admin_get(&app, &format!("/admin/leads/{id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    let story: Vec<(u64, &str, Option<u64>)> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["number"].as_u64().unwrap(),
+                a["outcome"].as_str().unwrap(),
+                a["status"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        story,
+        [
+            (1, "rejected", Some(406)),
+            (1, "replayed", None),
+            (2, "retry", Some(500)),
+            (3, "delivered", Some(201)),
+        ],
+        "{record}"
+    );
+}
+
 #[tokio::test]
 async fn a_delivered_lead_s_record_shows_its_attempts_and_onpipeline_lead_id() {
     let app = app_with_admin().await;

@@ -846,13 +846,25 @@ async fn a_406_lead_is_dead_lettered_and_replayed_after_its_mapping_is_fixed() {
         (record["state"] == "delivered").then_some(record)
     })
     .await;
+    let story: Vec<(u64, &str)> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["number"].as_u64().unwrap(),
+                a["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(
-        record["attempts"].as_array().unwrap().len(),
-        2,
-        "the 406, then the delivery: {record}"
+        story,
+        [(1, "rejected"), (1, "replayed"), (2, "delivered")],
+        "the 406, the replay, then the delivery: {record}"
     );
-    let stats = gateway.admin_stats().await.unwrap();
+    let stats = gateway.wait_idle(Duration::from_secs(10)).await;
     assert_eq!(stats["dead"], 0, "{stats}");
+    assert_eq!(sim.received().len(), 1, "the replayed lead arrived once");
 }
 
 /// What one post during the SIGTERM test got, and when.
