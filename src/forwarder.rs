@@ -535,7 +535,7 @@ impl Forwarder {
         let (payload, fetched) = match &lease.lead.work {
             Work::Deliver { payload, .. } => (payload.clone(), None),
             Work::FetchMeta { lead } => match self.fetch_meta(&lease, lead).await {
-                Ok((payload, work)) => (payload, Some(work)),
+                Ok((payload, work, repaired)) => (payload, Some((work, repaired))),
                 Err(settle) => {
                     self.settle(lease, settle).await;
                     return;
@@ -574,6 +574,22 @@ impl Forwarder {
                 return;
             }
         }
+        // A Meta lead counts as repaired when its mapped payload is first sent: not again when
+        // it is read once more (a put-back, an expired lease, a replay after Onpipeline saw it).
+        let fetched = fetched.map(|(work, repaired)| {
+            let sent_before = lease.history.iter().any(|a| {
+                !matches!(
+                    a.outcome,
+                    AttemptOutcome::FetchFailed | AttemptOutcome::Replayed
+                )
+            });
+            if let Some(source) = self.sources.get(&lease.lead.source) {
+                if !sent_before {
+                    crate::sources::note_repaired(source, &repaired);
+                }
+            }
+            work
+        });
         let at = Utc::now();
         let started = std::time::Instant::now();
         let outcome = self.client.send(&token, &payload).await;
@@ -701,7 +717,7 @@ impl Forwarder {
         &self,
         lease: &Lease,
         lead: &MetaLeadRef,
-    ) -> Result<(LeadsinPayload, Work), Settle> {
+    ) -> Result<(LeadsinPayload, Work, crate::mapping::Repairs), Settle> {
         let source_id = &lease.lead.source;
         let Some(source) = self.sources.get(source_id) else {
             let reason = format!(
@@ -761,10 +777,11 @@ impl Forwarder {
                         "The Graph API reads this Meta page's leads again; its parked leads follow."
                     );
                 }
-                let (payload, work, repaired) =
-                    crate::sources::facebook::to_deliver(source, lead, &graph_lead);
-                crate::sources::note_repaired(source, &repaired);
-                Ok((payload, work))
+                Ok(crate::sources::facebook::to_deliver(
+                    source,
+                    lead,
+                    &graph_lead,
+                ))
             }
             Err(GraphError::NeedsAttention { message }) => {
                 let attempt = failed(&message);

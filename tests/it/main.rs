@@ -14,6 +14,7 @@ mod forms;
 mod google;
 mod helpers;
 mod meta;
+mod metrics;
 mod openapi;
 mod queue_contract;
 mod sim;
