@@ -194,6 +194,8 @@ impl Gateway {
                 metrics_token: settings.metrics_token.clone(),
             },
         ));
+        // The recorder is installed by now: every series known in advance exists from here on.
+        crate::telemetry::metric::register_known_series(&state.sources);
         let listener = std::net::TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
         let addr = listener.local_addr()?;

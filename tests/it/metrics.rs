@@ -1,8 +1,12 @@
-//! `/metrics`: what the counters count.
+//! `/metrics`: which series exist before anything happened, and what the counters count.
+
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::helpers::app::TestApp;
+use crate::helpers::app::{
+    GatewayEnv, GatewayProcess, TestApp, client, default_sources, start_sim,
+};
 
 const GOOGLE_KEY: &str = "g00gle-metrics-key-0123";
 
@@ -31,6 +35,67 @@ fn google_lead(lead_id: &str, email: &str, test: bool) -> Value {
         "is_test": test,
         "user_column_data": [column("FULL_NAME", "Paula Serra"), column("EMAIL", email)],
     })
+}
+
+async fn metrics_text(base: &str) -> String {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A series for every label set known at start-up exists at 0 on a fresh process, before any
+/// lead, attempt, dead letter or pause: alerts written with `increase()` or `absent()` work
+/// from the first scrape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_gateway_exports_every_known_series_at_zero() {
+    let sim = Arc::new(start_sim(Vec::new()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let sources = format!("{}{}", default_sources(), google_source("google-fresh"));
+    let env = GatewayEnv::new(dir.path(), &sim, &sources);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let text = metrics_text(&gateway.base).await;
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::trim)
+    };
+    for series in [
+        "leadgate_dead_lettered_total",
+        "leadgate_delivery_paused",
+        r#"leadgate_delivery_attempts_total{outcome="delivered",status="201"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="retry",status="none"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="rejected",status="406"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="paused",status="401"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="duplicate",status="409"}"#,
+        r#"leadgate_leads_received_total{source="website",outcome="queued"}"#,
+        r#"leadgate_leads_received_total{source="website",outcome="rejected"}"#,
+        r#"leadgate_leads_received_total{source="acme",outcome="unauthorized"}"#,
+        r#"leadgate_leads_received_total{source="google-fresh",outcome="test"}"#,
+        r#"leadgate_leads_repaired_total{source="google-fresh"}"#,
+        r#"leadgate_test_leads_total{source="google-fresh",forwarded="false"}"#,
+        r#"leadgate_queue_depth{state="ready"}"#,
+        r#"leadgate_queue_depth{state="dead"}"#,
+        "leadgate_queue_oldest_ready_seconds",
+        "leadgate_delivered_records",
+        "leadgate_upstream_request_duration_seconds_count",
+        r#"leadgate_upstream_request_duration_seconds_bucket{le="0.025"}"#,
+    ] {
+        assert_eq!(value(series), Some("0"), "{series} at 0 in:\n{text}");
+    }
+    // A form is not a platform: nothing of it is repaired, and it has no such series.
+    assert_eq!(
+        value(r#"leadgate_leads_repaired_total{source="website"}"#),
+        None
+    );
+    assert!(
+        text.contains("# HELP leadgate_dead_lettered_total"),
+        "{text}"
+    );
 }
 
 /// The repaired counter counts a lead forwarded with repaired data once, when it is queued
