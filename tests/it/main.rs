@@ -16,6 +16,7 @@ mod helpers;
 mod meta;
 mod metrics;
 mod openapi;
+mod privacy;
 mod queue_contract;
 mod sim;
 mod webhooks;
