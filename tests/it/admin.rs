@@ -671,3 +671,114 @@ async fn the_admin_cli_lists_reads_deletes_and_replays_dead_letters() {
     assert!(!ok, "an unknown lead is an error");
     assert!(stderr.contains("404"), "{stderr}");
 }
+
+/// Runs `leadgate admin ARGS` against `app`, from a blocking section of a multi-threaded test.
+fn admin_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_leadgate"))
+            .env_clear()
+            .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .env("LEADGATE_ADMIN_URL", &app.base)
+            .arg("admin")
+            .args(args)
+            .output()
+            .unwrap()
+    })
+}
+
+/// `leadgate admin replay` exits non-zero when any id could not be replayed, and says which and
+/// why; the ids it could replay are replayed all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_s_replay_fails_naming_each_id_it_could_not_replay() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Cli Mixed"]).await;
+    let missing = leadgate::lead::LeadId::new().to_string();
+    let output = admin_cli(&app, &["replay", &ids[0], &missing]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "1 of 2 dead letters were not replayed: {missing}: no such dead letter"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(ids[0].as_str()), "{stderr}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        answer["replayed"],
+        json!([ids[0]]),
+        "the answer is printed: {answer}"
+    );
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Mixed");
+
+    // Every id replayed: success.
+    let more = dead_letters(&app, &["Cli Clean"]).await;
+    let output = admin_cli(&app, &["replay", &more[0]]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `leadgate admin replay` with neither ids nor `--all` is a usage error, and sends nothing.
+#[test]
+fn the_admin_cli_s_replay_without_ids_or_all_is_a_usage_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_leadgate"))
+        .env_clear()
+        .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+        .args(["admin", "--url"])
+        .arg(format!("http://{}", listener.local_addr().unwrap()))
+        .arg("replay")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap's usage error: {stderr}"
+    );
+    assert!(
+        stderr.contains("<IDS>") && stderr.contains("Usage"),
+        "{stderr}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "no request reached the instance"
+    );
+}
+
+/// A reader that goes away (`leadgate admin dead | head -c1`) ends the command quietly: no
+/// panic, no error, the API's answer decides the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_ends_quietly_when_its_output_pipe_is_closed() {
+    let app = app_with_admin().await;
+    dead_letters(&app, &["Pipe Closed"]).await;
+    for args in [&["dead"][..], &["stats"][..]] {
+        let output = tokio::task::block_in_place(|| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_leadgate"))
+                .env_clear()
+                .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+                .env("LEADGATE_ADMIN_URL", &app.base)
+                .arg("admin")
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Close the read end before the answer is printed.
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        });
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}\n{stderr}",
+            output.status
+        );
+        assert!(stderr.is_empty(), "{args:?} said: {stderr}");
+    }
+}
