@@ -71,6 +71,12 @@ impl Gateway {
         crate::tls::install_default_provider();
 
         let sources = load_sources(&settings, options.sandbox)?;
+        if options.ingest {
+            // Nothing could be received: refuse rather than run a gateway that 404s every lead.
+            sources
+                .require_some(&settings.sources)
+                .context("the ingest role needs a source (run with --no-ingest to only deliver)")?;
+        }
 
         let simulator = if options.sandbox {
             let sim = Simulator::start(SimConfig {
