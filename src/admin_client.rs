@@ -1,6 +1,7 @@
 //! `leadgate admin …`: the admin API from the command line, against a running instance
 //! (`--url`, default `LEADGATE_ADMIN_URL` or `http://127.0.0.1:8080`), with the token from
-//! `LEADGATE_ADMIN_TOKEN`. Prints the JSON answer; exits non-zero on an error answer.
+//! `LEADGATE_ADMIN_TOKEN`. Prints the JSON answer; exits non-zero on an error answer, and on a
+//! replay that left any dead letter unreplayed.
 
 use anyhow::{Context, bail};
 use secrecy::{ExposeSecret, SecretString};
@@ -20,7 +21,8 @@ pub enum AdminCommand {
     },
     /// Map dead letters again with the current rules and queue them again.
     Replay {
-        /// Lead ids to replay.
+        /// Lead ids to replay (or --all).
+        #[arg(required_unless_present = "all")]
         ids: Vec<String>,
         /// Replay every dead letter.
         #[arg(long, conflicts_with = "ids")]
@@ -45,6 +47,7 @@ pub async fn run(
         .tls_backend_preconfigured(crate::tls::client_config(&[])?)
         .timeout(std::time::Duration::from_secs(30))
         .build()?;
+    let replay = matches!(command, AdminCommand::Replay { .. });
     let (method, path, body) = match command {
         AdminCommand::Stats => (reqwest::Method::GET, "/admin/stats".to_owned(), None),
         AdminCommand::Lead { id } => (reqwest::Method::GET, format!("/admin/leads/{id}"), None),
@@ -81,14 +84,85 @@ pub async fn run(
         .with_context(|| format!("cannot reach {base}"))?;
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
-    let shown = serde_json::from_str::<Value>(&text)
-        .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+    let json = serde_json::from_str::<Value>(&text).ok();
+    let shown = json
+        .as_ref()
+        .map(|v| serde_json::to_string_pretty(v).unwrap_or_default())
         .unwrap_or(text);
     if !shown.is_empty() {
-        println!("{shown}");
+        print_stdout(&format!("{shown}\n"))?;
     }
     if !status.is_success() {
         bail!("the admin API answered {status}");
     }
+    if replay {
+        replay_failures(json.as_ref())?;
+    }
     Ok(())
+}
+
+/// A replay answer's `failed` list as an error naming each id and why.
+fn replay_failures(answer: Option<&Value>) -> anyhow::Result<()> {
+    let failed = answer
+        .and_then(|a| a.get("failed"))
+        .and_then(Value::as_array)
+        .context("the replay answer has no `failed` list")?;
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let replayed = answer
+        .and_then(|a| a.get("replayed"))
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let each: Vec<String> = failed
+        .iter()
+        .map(|f| {
+            format!(
+                "{}: {}",
+                f.get("id").and_then(Value::as_str).unwrap_or("?"),
+                f.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given")
+            )
+        })
+        .collect();
+    bail!(
+        "{} of {} dead letters were not replayed: {}",
+        failed.len(),
+        failed.len() + replayed,
+        each.join("; ")
+    )
+}
+
+/// Writes to stdout. A reader that went away (`leadgate admin dead | head -c1`) ends the
+/// output quietly, where `print!` would panic; the exit status still tells the command's
+/// outcome.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("cannot write to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replay_with_any_failure_is_an_error_naming_each_id() {
+        let answer = json!({
+            "replayed": ["01AAA"],
+            "failed": [{"id": "01BBB", "error": "no such dead letter"}],
+        });
+        let err = replay_failures(Some(&answer)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "1 of 2 dead letters were not replayed: 01BBB: no such dead letter"
+        );
+        assert!(replay_failures(Some(&json!({"replayed": ["01AAA"], "failed": []}))).is_ok());
+    }
 }

@@ -71,6 +71,12 @@ impl Gateway {
         crate::tls::install_default_provider();
 
         let sources = load_sources(&settings, options.sandbox)?;
+        if options.ingest {
+            // Nothing could be received: refuse rather than run a gateway that 404s every lead.
+            sources
+                .require_some(&settings.sources)
+                .context("the ingest role needs a source (run with --no-ingest to only deliver)")?;
+        }
 
         let simulator = if options.sandbox {
             let sim = Simulator::start(SimConfig {
@@ -194,6 +200,8 @@ impl Gateway {
                 metrics_token: settings.metrics_token.clone(),
             },
         ));
+        // The recorder is installed by now: every series known in advance exists from here on.
+        crate::telemetry::metric::register_known_series(&state.sources);
         let listener = std::net::TcpListener::bind(settings.listen)
             .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
         let addr = listener.local_addr()?;

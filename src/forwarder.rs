@@ -535,7 +535,7 @@ impl Forwarder {
         let (payload, fetched) = match &lease.lead.work {
             Work::Deliver { payload, .. } => (payload.clone(), None),
             Work::FetchMeta { lead } => match self.fetch_meta(&lease, lead).await {
-                Ok((payload, work)) => (payload, Some(work)),
+                Ok((payload, work, repaired)) => (payload, Some((work, repaired))),
                 Err(settle) => {
                     self.settle(lease, settle).await;
                     return;
@@ -574,6 +574,22 @@ impl Forwarder {
                 return;
             }
         }
+        // A Meta lead counts as repaired when its mapped payload is first sent: not again when
+        // it is read once more (a put-back, an expired lease, a replay after Onpipeline saw it).
+        let fetched = fetched.map(|(work, repaired)| {
+            let sent_before = lease.history.iter().any(|a| {
+                !matches!(
+                    a.outcome,
+                    AttemptOutcome::FetchFailed | AttemptOutcome::Replayed
+                )
+            });
+            if let Some(source) = self.sources.get(&lease.lead.source) {
+                if !sent_before {
+                    crate::sources::note_repaired(source, &repaired);
+                }
+            }
+            work
+        });
         let at = Utc::now();
         let started = std::time::Instant::now();
         let outcome = self.client.send(&token, &payload).await;
@@ -634,10 +650,12 @@ impl Forwarder {
             } => {
                 let attempt = record(AttemptOutcome::Retry, status, Some(&reason));
                 let age = schedule_age(&lease);
-                match self
-                    .policy
-                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
-                {
+                match self.policy.after_failure(
+                    lease.schedule_attempt(),
+                    age,
+                    rand::random::<f64>(),
+                    after,
+                ) {
                     Decision::RetryAfter(delay) => {
                         warn!(
                             reason,
@@ -699,7 +717,7 @@ impl Forwarder {
         &self,
         lease: &Lease,
         lead: &MetaLeadRef,
-    ) -> Result<(LeadsinPayload, Work), Settle> {
+    ) -> Result<(LeadsinPayload, Work, crate::mapping::Repairs), Settle> {
         let source_id = &lease.lead.source;
         let Some(source) = self.sources.get(source_id) else {
             let reason = format!(
@@ -759,10 +777,11 @@ impl Forwarder {
                         "The Graph API reads this Meta page's leads again; its parked leads follow."
                     );
                 }
-                let (payload, work, repaired) =
-                    crate::sources::facebook::to_deliver(source, lead, &graph_lead);
-                crate::sources::note_repaired(source, &repaired);
-                Ok((payload, work))
+                Ok(crate::sources::facebook::to_deliver(
+                    source,
+                    lead,
+                    &graph_lead,
+                ))
             }
             Err(GraphError::NeedsAttention { message }) => {
                 let attempt = failed(&message);
@@ -776,10 +795,12 @@ impl Forwarder {
                 let reason = e.message().to_owned();
                 let attempt = failed(&reason);
                 let age = schedule_age(lease);
-                match self
-                    .policy
-                    .after_failure(lease.attempt, age, rand::random::<f64>(), after)
-                {
+                match self.policy.after_failure(
+                    lease.schedule_attempt(),
+                    age,
+                    rand::random::<f64>(),
+                    after,
+                ) {
                     Decision::RetryAfter(delay) => {
                         warn!(
                             reason,
@@ -993,6 +1014,35 @@ mod tests {
     fn a_lead_s_schedule_runs_from_its_arrival() {
         let age = schedule_age(&lease(chrono::Duration::hours(3), None));
         assert!(about(age, Duration::from_secs(3 * 3600)), "{age:?}");
+    }
+
+    #[test]
+    fn a_replayed_lead_s_back_off_counts_from_the_replay_while_its_numbering_goes_on() {
+        let mut replayed = lease(
+            chrono::Duration::hours(1),
+            Some(chrono::Duration::minutes(1)),
+        );
+        let died = Attempt {
+            number: 4,
+            at: Utc::now(),
+            duration_ms: 30,
+            status: Some(406),
+            outcome: AttemptOutcome::Rejected,
+            reason: None,
+        };
+        let (entry, next) = crate::queue::replay_entry(std::slice::from_ref(&died), Utc::now());
+        assert_eq!(
+            (entry.number, entry.outcome, next),
+            (4, AttemptOutcome::Replayed, 5)
+        );
+        replayed.history = vec![died, entry];
+        replayed.attempt = next;
+        assert_eq!(replayed.schedule_attempt(), 1);
+        replayed.attempt = next + 2;
+        assert_eq!(replayed.schedule_attempt(), 3);
+        // A lead never replayed: the two are one.
+        let fresh = lease(chrono::Duration::hours(1), None);
+        assert_eq!(fresh.schedule_attempt(), fresh.attempt);
     }
 
     #[test]

@@ -121,6 +121,103 @@ pub mod metric {
     /// paused it), else 0.
     pub const PAUSED: &str = "leadgate_delivery_paused";
 
+    /// The `outcome` labels of [`RECEIVED`] every source can have (`test` is Google's only).
+    const RECEIVED_OUTCOMES: [&str; 6] = [
+        "queued",
+        "duplicate",
+        "rejected",
+        "rate_limited",
+        "unauthorized",
+        "unavailable",
+    ];
+
+    /// The `outcome` and `status` labels of [`ATTEMPTS`] known in advance: the statuses
+    /// Onpipeline's reference documents for each outcome, plus 429 and `none` (no answer) for
+    /// retries. Other statuses appear when first met.
+    const KNOWN_ATTEMPTS: [(&str, &str); 12] = [
+        ("delivered", "200"),
+        ("delivered", "201"),
+        ("delivered", "202"),
+        ("duplicate", "409"),
+        ("rejected", "400"),
+        ("rejected", "406"),
+        ("paused", "401"),
+        ("paused", "403"),
+        ("paused", "404"),
+        ("retry", "500"),
+        ("retry", "429"),
+        ("retry", "none"),
+    ];
+
+    /// Exports every series whose labels are known at start-up, at 0 when it has no value yet,
+    /// so it exists before its first event: Prometheus' `increase()` misses the first count of
+    /// a series born mid-window, and `absent()` cannot tell "nothing happened yet" from "not
+    /// scraped". Series that already have a value keep it. Call after [`install`].
+    pub fn register_known_series(sources: &crate::config::Sources) {
+        describe();
+        for source in sources.iter() {
+            let id = source.id.clone();
+            for outcome in RECEIVED_OUTCOMES {
+                metrics::counter!(RECEIVED, "source" => id.clone(), "outcome" => outcome)
+                    .increment(0);
+            }
+            if source.kind.is_platform() {
+                metrics::counter!(REPAIRED, "source" => id.clone()).increment(0);
+            }
+            if matches!(source.kind, crate::config::SourceKind::Google { .. }) {
+                metrics::counter!(RECEIVED, "source" => id.clone(), "outcome" => "test")
+                    .increment(0);
+                for forwarded in ["true", "false"] {
+                    metrics::counter!(TEST_LEADS, "source" => id.clone(), "forwarded" => forwarded)
+                        .increment(0);
+                }
+            }
+        }
+        for (outcome, status) in KNOWN_ATTEMPTS {
+            metrics::counter!(ATTEMPTS, "outcome" => outcome, "status" => status).increment(0);
+        }
+        metrics::counter!(DEAD_LETTERED).increment(0);
+        for state in ["ready", "leased", "delayed", "dead"] {
+            metrics::gauge!(QUEUE_DEPTH, "state" => state).increment(0.0);
+        }
+        metrics::gauge!(QUEUE_OLDEST_READY).increment(0.0);
+        metrics::gauge!(DELIVERED_RECORDS).increment(0.0);
+        metrics::gauge!(PAUSED).increment(0.0);
+        // A histogram with no sample yet is exported with every bucket at 0.
+        let _ = metrics::histogram!(UPSTREAM_LATENCY);
+    }
+
+    /// The `# HELP` line of each metric.
+    fn describe() {
+        use metrics::{describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(RECEIVED, "Leads received, by source and outcome.");
+        describe_counter!(
+            REPAIRED,
+            "Platform leads forwarded with repaired data (counted once per lead queued new)."
+        );
+        describe_counter!(
+            TEST_LEADS,
+            "Platform test leads received, forwarded or not."
+        );
+        describe_gauge!(QUEUE_DEPTH, "Entries in the queue, by state.");
+        describe_gauge!(
+            QUEUE_OLDEST_READY,
+            "How long the longest-waiting ready lead has waited, in seconds."
+        );
+        describe_gauge!(DELIVERED_RECORDS, "Delivered leads whose record is kept.");
+        describe_counter!(
+            ATTEMPTS,
+            "Delivery attempts, by outcome and Onpipeline's HTTP status."
+        );
+        describe_histogram!(
+            UPSTREAM_LATENCY,
+            metrics::Unit::Seconds,
+            "Time Onpipeline took to answer one Leadsin request."
+        );
+        describe_counter!(DEAD_LETTERED, "Leads moved to the dead letters.");
+        describe_gauge!(PAUSED, "1 while delivery is paused, else 0.");
+    }
+
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
     /// Installs the process-wide Prometheus recorder once and returns its handle (later

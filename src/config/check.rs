@@ -9,8 +9,8 @@ use crate::mapping::Target;
 
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let sources = settings.load_sources()?;
-    print!("{}", describe(settings, &sources));
-    Ok(())
+    sources.require_some(&settings.sources)?;
+    crate::admin_client::print_stdout(&describe(settings, &sources))
 }
 
 /// A readable summary of the settings and every source (no secrets).

@@ -2,7 +2,7 @@
 //! its mapping into Leadsin fields and its limits. Loaded and checked once at start-up; every
 //! error names the file, the line and the key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -436,6 +436,25 @@ impl Sources {
         self.list.iter()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Refuses a sources file without any `[[source]]`: a gateway that takes leads needs
+    /// somewhere to take them (`leadgate check-config`, and `serve` unless `--no-ingest`).
+    pub fn require_some(&self, file: &Path) -> Result<(), SourcesError> {
+        if self.is_empty() {
+            return Err(SourcesError {
+                file: file.display().to_string(),
+                line: 1,
+                message: "no sources defined: add a [[source]] table with an id and a kind \
+                          (see the README's sources-file table)"
+                    .to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             anyhow::anyhow!(
@@ -464,11 +483,20 @@ impl Sources {
             ctx.error_at_line(line, e.message().trim_end().to_owned())
         })?;
         let mut sources = Sources::default();
-        let mut seen = HashSet::new();
+        // Each id with the line of its first definition.
+        let mut seen = HashMap::new();
         for raw in raw.source {
+            let id_span = raw.id.span();
+            let line = ctx.line_of(id_span.start);
             let source = Arc::new(build(&ctx, raw)?);
-            if !seen.insert(source.id.clone()) {
-                return Err(ctx.error(0..0, format!("source id {:?} is defined twice", source.id)));
+            if let Some(first) = seen.insert(source.id.clone(), line) {
+                return Err(ctx.error(
+                    id_span,
+                    format!(
+                        "source id {:?} is defined twice (first at line {first})",
+                        source.id
+                    ),
+                ));
             }
             sources.by_id.insert(source.id.clone(), source.clone());
             sources.list.push(source);
@@ -1331,13 +1359,11 @@ api_keys = ["${ACME_KEY}"]
     fn duplicate_ids_and_bad_regions_are_refused() {
         let dup =
             "[[source]]\nid = \"a\"\nkind = \"form\"\n[[source]]\nid = \"a\"\nkind = \"form\"\n";
-        assert!(
-            parse(dup)
-                .err()
-                .unwrap()
-                .to_string()
-                .contains("defined twice")
-        );
+        let err = parse(dup).err().unwrap();
+        assert_eq!(err.line, 5, "the second definition's id: {err}");
+        let text = err.to_string();
+        assert!(text.starts_with("leadgate.toml:5:"), "{text}");
+        assert!(text.contains("defined twice (first at line 2)"), "{text}");
         let region = "[[source]]\nid = \"a\"\nkind = \"form\"\nphone_region = \"XX\"\n";
         assert!(
             parse(region)

@@ -201,7 +201,8 @@ struct ReplayFailure {
 
 /// `POST /admin/dead/replay` with `{"ids": [...]}` or `{"all": true}`: each dead letter is
 /// mapped again from what its sender sent, with the source's current rules (so a fixed mapping
-/// takes effect), and queued again as a fresh lead with its history kept.
+/// takes effect), and queued again with a fresh retry schedule; its history is kept, with the
+/// replay marked in it.
 pub async fn replay(
     req: HttpRequest,
     body: web::Bytes,

@@ -117,7 +117,7 @@ async fn accept(
                     .map(|v| v.trim().to_owned())
             });
         }
-        let work = sources::to_work(source, &item.content)?;
+        let (work, repaired) = sources::to_work(source, &item.content)?;
         if item.test {
             // Counted and logged either way, so a marketer's "Send test data" can be seen.
             let forwarded = source.forwards_test_leads();
@@ -151,17 +151,18 @@ async fn accept(
             work,
             replayed_at: None,
         };
-        leads.push((lead, key));
+        leads.push((lead, key, repaired));
     }
 
     let mut ids = Vec::with_capacity(leads.len());
     let mut replayed = false;
-    for (lead, key) in &leads {
+    for (lead, key, repaired) in &leads {
         match state.queue.enqueue(lead, key.as_ref()).await? {
             Enqueued::Queued => {
                 info!(source = %source.id, lead_id = %lead.id, "Lead queued.");
                 metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => "queued")
                     .increment(1);
+                sources::note_repaired(source, repaired);
                 ids.push(lead.id);
             }
             Enqueued::Replayed { first } => {

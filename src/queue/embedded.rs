@@ -1173,27 +1173,48 @@ fn settle(
     Ok(())
 }
 
-/// Returns false when the lead is not a dead letter.
+/// Returns false when the lead is not a dead letter. The history gains the replay's entry and
+/// the next attempt is numbered after the last one made (see [`super::replay_entry`]).
 fn revive(conn: &Connection, now: i64, lead_id: &str, work: &Work) -> Result<bool> {
-    let lead: Option<Option<String>> = conn
-        .prepare_cached("SELECT lead FROM leads WHERE lead_id = ?1 AND dead_at IS NOT NULL")
-        .and_then(|mut s| s.query_row([lead_id], |row| row.get(0)).optional())
+    let row: Option<(Option<String>, String)> = conn
+        .prepare_cached(
+            "SELECT lead, history FROM leads WHERE lead_id = ?1 AND dead_at IS NOT NULL",
+        )
+        .and_then(|mut s| {
+            s.query_row([lead_id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()
+        })
         .map_err(map_sqlite)?;
-    let Some(Some(lead)) = lead else {
+    let Some((Some(lead), history)) = row else {
         return Ok(false);
     };
     let lead: QueuedLead = from_json(&lead, "dead letter")?;
+    let history =
+        parse_history(&history).map_err(|e| Error::Other(e.context("corrupt history")))?;
+    let replayed_at = Utc::now();
+    let (entry, next_attempt) = super::replay_entry(&history, replayed_at);
     let revived = to_json(&QueuedLead {
         work: work.clone(),
-        replayed_at: Some(chrono::Utc::now()),
+        replayed_at: Some(replayed_at),
         ..lead
     })?;
-    conn.prepare_cached(
-        "UPDATE leads SET state = 'queued', lead = ?2, attempt = 1, last_error = NULL,
-            available_at = ?3, lease_token = NULL, dead_at = NULL, dead_reason = NULL
-         WHERE lead_id = ?1",
-    )
-    .and_then(|mut s| s.execute(params![lead_id, revived, now]))
+    let entry = to_json(&entry)?;
+    conn.prepare_cached(concat!(
+        "UPDATE leads SET state = 'queued', lead = :lead, attempt = :next, last_error = NULL,
+            available_at = :now, lease_token = NULL, dead_at = NULL, dead_reason = NULL,
+            history = ",
+        append_history!(),
+        " WHERE lead_id = :lead_id"
+    ))
+    .and_then(|mut s| {
+        s.execute(named_params! {
+            ":lead_id": lead_id,
+            ":lead": revived,
+            ":next": next_attempt,
+            ":now": now,
+            ":attempt": entry,
+        })
+    })
     .map_err(map_sqlite)?;
     Ok(true)
 }

@@ -30,8 +30,9 @@
 //!    ignored, except that a `Delivered` settle is always recorded (the lead *was* delivered),
 //!    which makes the second delivery a no-op.
 //! 5. Nothing else removes an entry. No lead is dropped. A dead letter stays, with its data,
-//!    until an operator revives it ([`Queue::revive`]: a fresh ready copy, attempt 1, history
-//!    kept) or deletes it ([`Queue::delete_dead`]).
+//!    until an operator revives it ([`Queue::revive`]: a fresh ready copy whose attempts go on
+//!    numbering after the last one made, its history kept with a [`AttemptOutcome::Replayed`]
+//!    entry marking the replay) or deletes it ([`Queue::delete_dead`]).
 //! 6. **Records and retention.** Every lead has a [`LeadRecord`] from its enqueue on (state,
 //!    source, received_at, attempts, delivery, dead reason, data), changed in the same atomic
 //!    step as each settle. After delivery the lead's personal data (its [`Work`]) is kept for
@@ -148,7 +149,8 @@ pub enum Enqueued {
 }
 
 /// One leased entry. `attempt` is the number of the delivery attempt about to be made (1 for a
-/// fresh lead). Cloning a lease does not duplicate it: settling either copy settles it.
+/// fresh lead; after a replay, numbering goes on — see [`Lease::schedule_attempt`]). Cloning a
+/// lease does not duplicate it: settling either copy settles it.
 #[derive(Clone, Debug)]
 pub struct Lease {
     pub lead: QueuedLead,
@@ -161,6 +163,37 @@ pub struct Lease {
     /// lease runs for at least the visibility timeout from here.
     pub leased_at: std::time::Instant,
     pub(crate) handle: LeaseHandle,
+}
+
+impl Lease {
+    /// The number of the attempt about to be made within the lead's current delivery schedule:
+    /// [`Lease::attempt`] counts every attempt since the lead arrived, while a replay starts a
+    /// new schedule (its back-off starts over) that counts from the replay.
+    pub fn schedule_attempt(&self) -> u32 {
+        let replayed_after = self
+            .history
+            .iter()
+            .rev()
+            .find(|a| a.outcome == AttemptOutcome::Replayed)
+            .map_or(0, |a| a.number);
+        self.attempt.saturating_sub(replayed_after).max(1)
+    }
+}
+
+/// The history entry a revive appends, and the number of the lead's next attempt: attempts go
+/// on numbering after the highest one in `history`, and the entry carries that highest number
+/// (like an uncounted attempt, it repeats the number before it).
+pub(crate) fn replay_entry(history: &[Attempt], at: DateTime<Utc>) -> (Attempt, u32) {
+    let last = history.iter().map(|a| a.number).max().unwrap_or(0);
+    let entry = Attempt {
+        number: last,
+        at,
+        duration_ms: 0,
+        status: None,
+        outcome: AttemptOutcome::Replayed,
+        reason: Some("replayed from the dead letters by an operator".to_owned()),
+    };
+    (entry, last + 1)
 }
 
 /// One delivery attempt, as kept in a lead's history.
@@ -191,6 +224,9 @@ pub enum AttemptOutcome {
     Paused,
     /// Reading the lead from the platform failed (Meta Graph API).
     FetchFailed,
+    /// Not an attempt: an operator replayed the dead letter here; a new delivery schedule
+    /// starts, and attempts go on numbering after this entry's number.
+    Replayed,
 }
 
 /// Backend-specific identity of a leased entry.
@@ -407,8 +443,9 @@ impl Queue {
     }
 
     /// Moves a dead letter back to the ready queue with `work` (mapped again by the caller with
-    /// the source's current rules), as attempt 1 of a fresh schedule; its history is kept.
-    /// Atomic; false when there is no such dead letter.
+    /// the source's current rules), starting a fresh schedule; its history is kept, with a
+    /// [`AttemptOutcome::Replayed`] entry appended, and its next attempt is numbered after the
+    /// last one made (see [`replay_entry`]). Atomic; false when there is no such dead letter.
     pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
         dispatch!(self, q => q.revive(id, work).await)
     }

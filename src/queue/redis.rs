@@ -366,9 +366,11 @@ return 1
 
 const REVIVE_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
--- ARGV[1] lead id, ARGV[2] lead JSON with the new work
+-- ARGV[1] lead id, ARGV[2] lead JSON with the new work, ARGV[3] the next attempt's number,
+-- ARGV[4] the replay's Attempt JSON (appended to the history)
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', 1, 'lead', ARGV[2])
+append_history(KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', ARGV[3], 'lead', ARGV[2])
 redis.call('HDEL', KEYS[2], 'last_error', 'dead_reason', 'dead_at')
 redis.call('XADD', KEYS[1], '*', 'i', ARGV[1])
 return 1
@@ -542,7 +544,7 @@ impl Scripts {
             delivered: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_DELIVERED_LUA}")),
             retry: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_RETRY_LUA}")),
             dead: Script::new(&format!("{SETTLE_COMMON_LUA}{SETTLE_DEAD_LUA}")),
-            revive: Script::new(REVIVE_LUA),
+            revive: Script::new(&format!("{SETTLE_COMMON_LUA}{REVIVE_LUA}")),
             delete_dead: Script::new(DELETE_DEAD_LUA),
             read: Script::new(READ_LUA),
             stats: Script::new(STATS_LUA),
@@ -1008,12 +1010,15 @@ impl RedisQueue {
     pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
         // The record's source and receipt time are fixed at enqueue, so reading them first
         // cannot race with anything; the script re-checks that the dead letter is still there.
+        // The history, too, stays as read: nothing settles a dead letter.
         let Some(letter) = self.dead_letter(id).await? else {
             return Ok(false);
         };
+        let replayed_at = Utc::now();
+        let (entry, next_attempt) = super::replay_entry(&letter.history, replayed_at);
         let lead = QueuedLead {
             work,
-            replayed_at: Some(Utc::now()),
+            replayed_at: Some(replayed_at),
             ..letter.lead
         };
         let keys = &self.inner.keys;
@@ -1027,6 +1032,8 @@ impl RedisQueue {
                 .key(&keys.dead)
                 .arg(id.to_string())
                 .arg(to_json(&lead)?)
+                .arg(next_attempt)
+                .arg(to_json(&entry)?)
                 .invoke_async(&mut conn),
         )
         .await?;

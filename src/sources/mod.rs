@@ -157,13 +157,21 @@ pub fn platform_key(source: &Source, platform_id: &str) -> IdempotencyKey {
     }
 }
 
-/// Maps what a request carried into the work the forwarder will do, with the source's rules.
-pub fn to_work(source: &Source, content: &Content) -> Result<Work, IngestError> {
+/// Maps what a request carried into the work the forwarder will do, with the source's rules,
+/// and what the lenient mapping of a platform's lead had to repair. The repairs are not counted
+/// here: the caller notes them ([`note_repaired`]) once the lead is queued new, so a
+/// redelivery, a test lead that is not forwarded or a replay is not counted again.
+pub fn to_work(
+    source: &Source,
+    content: &Content,
+) -> Result<(Work, mapping::Repairs), IngestError> {
+    let mut repaired = mapping::Repairs::default();
     let (payload, input) = match content {
-        Content::Fields(fields) if source.kind.is_platform() => (
-            Ok(map_platform_fields(source, fields)),
-            Input::from_inbound(fields),
-        ),
+        Content::Fields(fields) if source.kind.is_platform() => {
+            let (payload, repairs) = mapping::map_fields_lenient(fields, &source.mapping);
+            repaired = repairs;
+            (Ok(payload), Input::from_inbound(fields))
+        }
         Content::Fields(fields) => (
             mapping::map_fields(fields, &source.mapping),
             Input::from_inbound(fields),
@@ -172,12 +180,13 @@ pub fn to_work(source: &Source, content: &Content) -> Result<Work, IngestError> 
             mapping::map_leadsin(body, &source.mapping),
             Input::Leadsin { body: body.clone() },
         ),
-        Content::Meta(lead) => return Ok(Work::FetchMeta { lead: lead.clone() }),
+        Content::Meta(lead) => return Ok((Work::FetchMeta { lead: lead.clone() }, repaired)),
     };
-    Ok(Work::Deliver {
+    let work = Work::Deliver {
         payload: payload.map_err(IngestError::Rejected)?,
         input,
-    })
+    };
+    Ok((work, repaired))
 }
 
 /// Maps a lead's original input again with the source's current rules (replay of a dead
@@ -192,22 +201,15 @@ pub fn remap(source: &Source, input: &Input) -> Result<Work, IngestError> {
         ),
         Input::Leadsin { body } => Content::Leadsin(body.clone()),
     };
-    to_work(source, &content)
-}
-
-/// Platform senders cannot fix their data, so their leads are never refused for it: what the
-/// strict mapping would refuse is repaired (see [`mapping::map_fields_lenient`]), counted and
-/// logged by field name only.
-fn map_platform_fields(source: &Source, fields: &Inbound) -> crate::lead::LeadsinPayload {
-    let (payload, repaired) = mapping::map_fields_lenient(fields, &source.mapping);
-    note_repaired(source, &repaired);
-    payload
+    // A replay is not a new lead: its repairs were counted when it first arrived.
+    to_work(source, &content).map(|(work, _)| work)
 }
 
 /// Counts (`leadgate_leads_repaired_total`) and logs a platform lead that the lenient mapping
-/// had to repair — field names, and the values it dropped masked; nothing when there was
-/// nothing to repair. Every platform's road ends here: Google and the form tools at ingest,
-/// Meta once its lead is read from Graph.
+/// had to repair (platform senders cannot fix their data, so their leads are never refused for
+/// it; see [`mapping::map_fields_lenient`]) — field names, and the values it dropped masked;
+/// nothing when there was nothing to repair. Called once per lead forwarded: Google and the
+/// form tools once the lead is queued new, Meta when its lead, read from Graph, is first sent.
 pub fn note_repaired(source: &Source, repaired: &mapping::Repairs) {
     if repaired.is_empty() {
         return;

@@ -306,6 +306,55 @@ async fn replay_reports_ids_it_cannot_find() {
     assert_eq!(both.status(), 400);
 }
 
+/// A replayed dead letter's later attempts go on numbering after the one that killed it, and
+/// its story shows where the replay came.
+#[tokio::test]
+async fn a_replayed_lead_s_attempts_go_on_numbering_after_the_replay_shown_in_its_story() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Twice Tried"]).await;
+    let id = &ids[0];
+    // The replay meets a temporary failure first, then is delivered.
+    app.sim.push_faults([Fault::status(500)]);
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"ids": [id]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], json!([id]), "{answer}");
+    app.received(1).await;
+    let record: Value = eventually(Duration::from_secs(10), "the delivered record", || async {
+        let record: Value = admin_get(&app, &format!("/admin/leads/{id}"))
+            .await
+            .json()
+            .await
+            .ok()?;
+        (record["state"] == "delivered").then_some(record)
+    })
+    .await;
+    let story: Vec<(u64, &str, Option<u64>)> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["number"].as_u64().unwrap(),
+                a["outcome"].as_str().unwrap(),
+                a["status"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        story,
+        [
+            (1, "rejected", Some(406)),
+            (1, "replayed", None),
+            (2, "retry", Some(500)),
+            (3, "delivered", Some(201)),
+        ],
+        "{record}"
+    );
+}
+
 #[tokio::test]
 async fn a_delivered_lead_s_record_shows_its_attempts_and_onpipeline_lead_id() {
     let app = app_with_admin().await;
@@ -621,4 +670,115 @@ async fn the_admin_cli_lists_reads_deletes_and_replays_dead_letters() {
     let (ok, _, stderr) = run(&["lead", "01ARZ3NDEKTSV4RRFFQ69G5FAV"]);
     assert!(!ok, "an unknown lead is an error");
     assert!(stderr.contains("404"), "{stderr}");
+}
+
+/// Runs `leadgate admin ARGS` against `app`, from a blocking section of a multi-threaded test.
+fn admin_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    tokio::task::block_in_place(|| {
+        Command::new(env!("CARGO_BIN_EXE_leadgate"))
+            .env_clear()
+            .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .env("LEADGATE_ADMIN_URL", &app.base)
+            .arg("admin")
+            .args(args)
+            .output()
+            .unwrap()
+    })
+}
+
+/// `leadgate admin replay` exits non-zero when any id could not be replayed, and says which and
+/// why; the ids it could replay are replayed all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_s_replay_fails_naming_each_id_it_could_not_replay() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Cli Mixed"]).await;
+    let missing = leadgate::lead::LeadId::new().to_string();
+    let output = admin_cli(&app, &["replay", &ids[0], &missing]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "1 of 2 dead letters were not replayed: {missing}: no such dead letter"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(ids[0].as_str()), "{stderr}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        answer["replayed"],
+        json!([ids[0]]),
+        "the answer is printed: {answer}"
+    );
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Mixed");
+
+    // Every id replayed: success.
+    let more = dead_letters(&app, &["Cli Clean"]).await;
+    let output = admin_cli(&app, &["replay", &more[0]]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `leadgate admin replay` with neither ids nor `--all` is a usage error, and sends nothing.
+#[test]
+fn the_admin_cli_s_replay_without_ids_or_all_is_a_usage_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_leadgate"))
+        .env_clear()
+        .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+        .args(["admin", "--url"])
+        .arg(format!("http://{}", listener.local_addr().unwrap()))
+        .arg("replay")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "clap's usage error: {stderr}"
+    );
+    assert!(
+        stderr.contains("<IDS>") && stderr.contains("Usage"),
+        "{stderr}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "no request reached the instance"
+    );
+}
+
+/// A reader that goes away (`leadgate admin dead | head -c1`) ends the command quietly: no
+/// panic, no error, the API's answer decides the exit status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_ends_quietly_when_its_output_pipe_is_closed() {
+    let app = app_with_admin().await;
+    dead_letters(&app, &["Pipe Closed"]).await;
+    for args in [&["dead"][..], &["stats"][..]] {
+        let output = tokio::task::block_in_place(|| {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_leadgate"))
+                .env_clear()
+                .env("LEADGATE_ADMIN_TOKEN", ADMIN)
+                .env("LEADGATE_ADMIN_URL", &app.base)
+                .arg("admin")
+                .args(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Close the read end before the answer is printed.
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        });
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}\n{stderr}",
+            output.status
+        );
+        assert!(stderr.is_empty(), "{args:?} said: {stderr}");
+    }
 }

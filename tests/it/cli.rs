@@ -108,6 +108,105 @@ fn check_config_names_file_line_and_key_of_an_error() {
 }
 
 #[test]
+fn check_config_names_the_line_of_a_duplicate_source_id_s_second_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dup.toml");
+    std::fs::write(
+        &path,
+        "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[[source]]\nid = \"web\"\nkind = \"form\"\n",
+    )
+    .unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:6: source id \"web\" is defined twice (first at line 2)",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// A sources file without any `[[source]]` would run a gateway that refuses every lead:
+/// `check-config` says so and fails, and so does `serve` (its ingest role).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sources_file_without_sources_fails_check_config_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "# every [[source]] was removed\n").unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:1: no sources defined", path.display())),
+        "{stderr}"
+    );
+
+    let mut serve = leadgate()
+        .arg("serve")
+        .env("LEADGATE_SOURCES", &path)
+        .env("LEADGATE_LISTEN", free_port().to_string())
+        .env("LEADGATE_DATA_DIR", dir.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while serve.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            serve.kill().unwrap();
+            panic!("serve kept running without any source");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = serve.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("no sources defined"), "{stderr}");
+    assert!(stderr.contains("--no-ingest"), "{stderr}");
+
+    // Delivering only needs no source.
+    let sim = start_sim(Vec::new()).await;
+    let env = GatewayEnv::new(dir.path(), &sim, "# no sources\n");
+    let forwarder = GatewayProcess::start(&env, &["--no-ingest"]).await;
+    let readyz = client()
+        .get(format!("{}/readyz", forwarder.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(readyz.status(), 200);
+}
+
+/// `leadgate check-config | head -1`: a closed output pipe ends it quietly, not with a panic.
+#[test]
+fn check_config_ends_quietly_when_its_output_pipe_is_closed() {
+    let mut child = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn check_config_refuses_a_plain_http_upstream() {
     let output = leadgate()
         .arg("check-config")

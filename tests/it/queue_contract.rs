@@ -56,7 +56,7 @@ contract!(redis = Redis, embedded = Embedded => [
     lead_record_follows_the_lead_from_enqueue_to_delivery,
     delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
     late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
-    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    revived_dead_letter_is_leased_again_numbered_after_its_history_with_the_replay_in_it,
     deleted_dead_letter_loses_its_data_and_keeps_its_record,
     dead_letters_are_listed_newest_first,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
@@ -86,7 +86,7 @@ contract!(cluster = Cluster => [
     lead_record_follows_the_lead_from_enqueue_to_delivery,
     delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
     late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
-    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    revived_dead_letter_is_leased_again_numbered_after_its_history_with_the_replay_in_it,
     deleted_dead_letter_loses_its_data_and_keeps_its_record,
     dead_letters_are_listed_newest_first,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
@@ -115,7 +115,7 @@ contract!(tls = RedisTls => [
     lead_record_follows_the_lead_from_enqueue_to_delivery,
     delivered_lead_data_is_purged_after_pii_ttl_and_its_record_kept,
     late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leased_again,
-    revived_dead_letter_is_leased_again_as_attempt_one_with_its_history,
+    revived_dead_letter_is_leased_again_numbered_after_its_history_with_the_replay_in_it,
     deleted_dead_letter_loses_its_data_and_keeps_its_record,
     dead_letters_are_listed_newest_first,
     stats_count_delivered_records_and_how_long_the_oldest_ready_lead_waits,
@@ -1080,7 +1080,9 @@ async fn late_delivered_settle_is_recorded_and_the_copy_still_queued_is_not_leas
     assert_eq!((stats.ready, stats.leased, stats.delayed), (0, 0, 0));
 }
 
-async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kind: Kind) {
+async fn revived_dead_letter_is_leased_again_numbered_after_its_history_with_the_replay_in_it(
+    kind: Kind,
+) {
     let harness = Harness::new(kind);
     let queue = harness.open("a").await;
     let lead = lead("website");
@@ -1114,7 +1116,9 @@ async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kin
         .unwrap()
         .pop()
         .expect("the revived lead within 3s");
-    assert_eq!(again.attempt, 1);
+    // Numbering goes on after the attempt that killed it; the back-off starts over.
+    assert_eq!(again.attempt, 2);
+    assert_eq!(again.schedule_attempt(), 1);
     assert_eq!(again.lead.work, fixed);
     assert_eq!(again.lead.id, lead.id);
     assert_eq!(again.lead.received_at, lead.received_at);
@@ -1123,7 +1127,18 @@ async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kin
         .replayed_at
         .expect("a replay time starts a new schedule");
     assert!(replayed_at > lead.received_at);
-    assert_eq!(again.history, vec![rejected]);
+    assert_eq!(again.history.len(), 2, "{:?}", again.history);
+    assert_eq!(again.history[0], rejected);
+    let replay = &again.history[1];
+    assert_eq!(
+        (replay.number, replay.outcome, replay.status),
+        (1, AttemptOutcome::Replayed, None),
+        "{replay:?}"
+    );
+    assert!(
+        (replay.at - replayed_at).num_milliseconds().abs() < 1000,
+        "{replay:?}"
+    );
     assert!(!queue.revive(lead.id, other_work()).await.unwrap());
     assert_eq!(queue.stats().await.unwrap().dead, 0);
 
@@ -1132,14 +1147,26 @@ async fn revived_dead_letter_is_leased_again_as_attempt_one_with_its_history(kin
             again,
             Settle::Delivered {
                 delivery: delivery("OP-2"),
-                attempt: Some(attempt(1, AttemptOutcome::Delivered, Some(201))),
+                attempt: Some(attempt(2, AttemptOutcome::Delivered, Some(201))),
             },
         )
         .await
         .unwrap();
     let record = queue.lead(lead.id).await.unwrap().unwrap();
     assert_eq!(record.state, LeadState::Delivered);
-    assert_eq!(record.attempts.len(), 2);
+    let story: Vec<_> = record
+        .attempts
+        .iter()
+        .map(|a| (a.number, a.outcome))
+        .collect();
+    assert_eq!(
+        story,
+        [
+            (1, AttemptOutcome::Rejected),
+            (1, AttemptOutcome::Replayed),
+            (2, AttemptOutcome::Delivered)
+        ]
+    );
 }
 
 async fn deleted_dead_letter_loses_its_data_and_keeps_its_record(kind: Kind) {
