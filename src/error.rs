@@ -41,6 +41,9 @@ pub enum IngestError {
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
     TooLarge { limit: usize },
+    /// The whole body did not arrive within `LEADGATE_BODY_TIMEOUT`.
+    #[error("the body did not arrive within {} seconds; send it whole, promptly", .after.as_secs_f64())]
+    BodyTimeout { after: Duration },
     #[error("{0}")]
     PartTooLarge(String),
     #[error("{}", .0.message)]
@@ -94,6 +97,7 @@ pub const ALL_CODES: &[&str] = &[
     "unsupported_media_type",
     "malformed_body",
     "payload_too_large",
+    "body_timeout",
     Rejection::VALIDATION_FAILED,
     Rejection::NAME_REQUIRED,
     Rejection::FIRST_NAME_REQUIRED,
@@ -119,6 +123,7 @@ impl IngestError {
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -138,6 +143,7 @@ impl IngestError {
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
+            IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unavailable { .. } => "unavailable",
@@ -175,6 +181,7 @@ impl IngestError {
             | IngestError::Malformed(_)
             | IngestError::TooLarge { .. }
             | IngestError::PartTooLarge(_)
+            | IngestError::BodyTimeout { .. }
             | IngestError::Rejected(_) => "rejected",
         }
     }
@@ -240,6 +247,7 @@ impl IngestError {
         if matches!(self, IngestError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
+        self.close_if_unread(&mut response);
         response.json(body)
     }
 
@@ -249,9 +257,20 @@ impl IngestError {
         if let Some(after) = self.retry_after() {
             response.insert_header((header::RETRY_AFTER, retry_after_seconds(after).to_string()));
         }
+        self.close_if_unread(&mut response);
         response
             .content_type("text/html; charset=utf-8")
             .body(crate::http::pages::error_page(self).into_string())
+    }
+}
+
+impl IngestError {
+    /// A body that timed out is still (slowly) arriving: the connection cannot carry another
+    /// request, so the answer closes it rather than wait for the rest.
+    fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {
+        if matches!(self, IngestError::BodyTimeout { .. }) {
+            response.force_close();
+        }
     }
 }
 
@@ -310,6 +329,9 @@ mod tests {
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
             IngestError::PartTooLarge(String::new()),
+            IngestError::BodyTimeout {
+                after: Duration::from_secs(1),
+            },
             rejected(Rejection::VALIDATION_FAILED),
             rejected(Rejection::NAME_REQUIRED),
             rejected(Rejection::FIRST_NAME_REQUIRED),
@@ -342,6 +364,7 @@ mod tests {
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }
                 | IngestError::PartTooLarge(_)
+                | IngestError::BodyTimeout { .. }
                 | IngestError::Rejected(_)
                 | IngestError::RateLimited { .. }
                 | IngestError::Unavailable { .. } => {}

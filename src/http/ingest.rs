@@ -96,7 +96,7 @@ async fn accept(
     }
 
     let header_key = idempotency_key(req, source)?;
-    let body = read_body(req, payload, source.limits.max_body).await?;
+    let body = read_body(req, payload, source.limits.max_body, state.body_timeout).await?;
     let submission =
         Submission::new(req.headers().clone(), body, own_host(req)).with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
@@ -311,31 +311,65 @@ fn idempotency_key(
     }))
 }
 
-/// Reads the body, refusing with 413 as soon as it is known to exceed `limit`: at once from a
-/// declared `Content-Length`, or as soon as a chunked body passes the limit.
+/// The most a body buffer starts with, whatever `Content-Length` claims: the claim costs the
+/// sender nothing, so memory is spent only as bytes actually arrive.
+const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
+
+/// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
+/// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
+/// the whole body has not arrived within `deadline`.
 async fn read_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     limit: usize,
+    deadline: Duration,
 ) -> Result<Bytes, IngestError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    collect_body(payload, declared, limit, deadline)
+        .await
+        .map(BytesMut::freeze)
+}
+
+/// The body-reading loop of [`read_body`], over any stream of chunks.
+async fn collect_body<S, E>(
+    mut stream: S,
+    declared: Option<usize>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<BytesMut, IngestError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
     if declared.is_some_and(|len| len > limit) {
         return Err(IngestError::TooLarge { limit });
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| IngestError::Malformed(format!("the body could not be read: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(IngestError::TooLarge { limit });
+    let read = async move {
+        let mut body = BytesMut::with_capacity(
+            declared
+                .unwrap_or(1024)
+                .min(limit)
+                .min(INITIAL_BODY_CAPACITY),
+        );
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| IngestError::Malformed(format!("the body could not be read: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(IngestError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+        Ok(body)
+    };
+    // One deadline for the whole body: a sender trickling a byte at a time would otherwise
+    // hold its connection (and what it sent so far) for as long as it likes.
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or(Err(IngestError::BodyTimeout { after: deadline }))
 }
 
 /// `OPTIONS /in/{source_id}`: the CORS preflight. Only allow-listed origins of form sources
@@ -419,4 +453,66 @@ pub async fn thanks() -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
         .content_type("text/html; charset=utf-8")
         .body(super::pages::thanks_page().into_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Unpin {
+        futures_util::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_buffer_does_not_grow_to_the_declared_length_before_bytes_arrive() {
+        let declared = 1024 * 1024;
+        let body = collect_body(
+            chunks(&[b"name=Ana"]),
+            Some(declared),
+            declared,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&body[..], b"name=Ana");
+        assert!(
+            body.capacity() <= INITIAL_BODY_CAPACITY,
+            "a 1 MiB Content-Length reserved {} bytes",
+            body.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_ends_is_cut_off_at_the_deadline() {
+        let pending = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        let started = std::time::Instant::now();
+        let error = collect_body(pending, Some(100), 1024, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, IngestError::BodyTimeout { .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_beyond_the_limit_is_refused_before_reading() {
+        let pending = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        let error = collect_body(pending, Some(2048), 1024, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, IngestError::TooLarge { limit: 1024 }),
+            "{error:?}"
+        );
+    }
 }

@@ -11,6 +11,7 @@ pub mod sandbox;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use actix_web::{HttpResponse, web};
 use ipnet::IpNet;
@@ -39,6 +40,8 @@ pub struct AppState {
     /// `LEADGATE_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
     pub metrics_token: Option<SecretString>,
     pub metrics: PrometheusHandle,
+    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive.
+    pub body_timeout: Duration,
     accepting: AtomicBool,
 }
 
@@ -50,6 +53,7 @@ pub struct StateOptions {
     pub ingest: bool,
     pub admin_token: Option<SecretString>,
     pub metrics_token: Option<SecretString>,
+    pub body_timeout: Duration,
 }
 
 impl AppState {
@@ -66,6 +70,7 @@ impl AppState {
             admin_token: options.admin_token,
             metrics_token: options.metrics_token,
             metrics: crate::telemetry::metric::install(),
+            body_timeout: options.body_timeout,
             accepting: AtomicBool::new(true),
         }
     }

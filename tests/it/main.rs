@@ -2,6 +2,7 @@
 //! simulator over HTTPS, a real `redis-server` per test, a real headless Chromium. Shared
 //! set-up lives in `helpers`, named after what tests do with it.
 
+mod abuse;
 mod admin;
 mod bad_input;
 mod browser;
