@@ -44,8 +44,13 @@ pub enum IngestError {
     /// The whole body did not arrive within `LEADGATE_BODY_TIMEOUT`.
     #[error("the body did not arrive within {} seconds; send it whole, promptly", .after.as_secs_f64())]
     BodyTimeout { after: Duration },
-    #[error("{0}")]
-    PartTooLarge(String),
+    /// A part of the body (a field, a file, the field count) is over its cap; `fields` names
+    /// the culprits when there are some.
+    #[error("{message}")]
+    PartTooLarge {
+        message: String,
+        fields: BTreeMap<String, Vec<String>>,
+    },
     #[error("{}", .0.message)]
     Rejected(Rejection),
     #[error("too many requests{}", scope_text(.scope))]
@@ -120,7 +125,7 @@ impl IngestError {
             | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
-            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -142,7 +147,7 @@ impl IngestError {
             IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
-            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => "payload_too_large",
             IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
             IngestError::RateLimited { .. } => "rate_limited",
@@ -153,6 +158,7 @@ impl IngestError {
     pub fn fields(&self) -> Option<&BTreeMap<String, Vec<String>>> {
         match self {
             IngestError::Rejected(r) if !r.fields.is_empty() => Some(&r.fields),
+            IngestError::PartTooLarge { fields, .. } if !fields.is_empty() => Some(fields),
             _ => None,
         }
     }
@@ -180,7 +186,7 @@ impl IngestError {
             | IngestError::UnsupportedMediaType(_)
             | IngestError::Malformed(_)
             | IngestError::TooLarge { .. }
-            | IngestError::PartTooLarge(_)
+            | IngestError::PartTooLarge { .. }
             | IngestError::BodyTimeout { .. }
             | IngestError::Rejected(_) => "rejected",
         }
@@ -297,7 +303,9 @@ impl From<crate::sources::body::BodyError> for IngestError {
             }
             // Only a part inside the body can be too large here; the body itself was bounded
             // before decoding.
-            BodyError::TooLarge { message } => IngestError::PartTooLarge(message),
+            BodyError::TooLarge { message, fields } => {
+                IngestError::PartTooLarge { message, fields }
+            }
             BodyError::Malformed { message } => IngestError::Malformed(message),
         }
     }
@@ -328,7 +336,10 @@ mod tests {
             IngestError::UnsupportedMediaType(String::new()),
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
-            IngestError::PartTooLarge(String::new()),
+            IngestError::PartTooLarge {
+                message: String::new(),
+                fields: BTreeMap::new(),
+            },
             IngestError::BodyTimeout {
                 after: Duration::from_secs(1),
             },
@@ -363,7 +374,7 @@ mod tests {
                 | IngestError::UnsupportedMediaType(_)
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }
-                | IngestError::PartTooLarge(_)
+                | IngestError::PartTooLarge { .. }
                 | IngestError::BodyTimeout { .. }
                 | IngestError::Rejected(_)
                 | IngestError::RateLimited { .. }

@@ -16,6 +16,7 @@
 //! (`serde_json`'s `preserve_order`), so fields reach the mapping in the order they were sent.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -67,8 +68,12 @@ pub enum BodyError {
     UnsupportedMediaType { given: Option<String> },
     #[error("{message}")]
     Malformed { message: String },
+    /// `fields` names the culprits, when there are some, with a message for each.
     #[error("{message}")]
-    TooLarge { message: String },
+    TooLarge {
+        message: String,
+        fields: BTreeMap<String, Vec<String>>,
+    },
 }
 
 impl BodyError {
@@ -90,6 +95,7 @@ impl BodyError {
     fn too_large(message: impl Into<String>) -> Self {
         BodyError::TooLarge {
             message: message.into(),
+            fields: BTreeMap::new(),
         }
     }
 }
@@ -379,8 +385,17 @@ fn too_many_fields(limits: &BodyLimits) -> BodyError {
 }
 
 fn field_too_large(name: &str, limit: usize) -> BodyError {
-    let name: String = name.chars().take(60).collect();
-    BodyError::too_large(format!("field {name:?} is longer than {limit} bytes"))
+    let name = shown_name(name);
+    let sentence = format!("is longer than {limit} bytes");
+    BodyError::TooLarge {
+        message: format!("field {name:?} {sentence}"),
+        fields: BTreeMap::from([(name, vec![sentence])]),
+    }
+}
+
+/// A sender's field name as errors show it: at most 60 characters, however long it was.
+fn shown_name(name: &str) -> String {
+    name.chars().take(60).collect()
 }
 
 /// Parses a JSON body (RFC 8259: UTF-8; a leading byte order mark is tolerated).
@@ -435,6 +450,76 @@ pub fn json_to_fields(value: &Value, limits: &BodyLimits) -> Result<Inbound, Bod
         }
     }
     Ok(inbound)
+}
+
+/// Applies the caps of [`json_to_fields`] to a body in Leadsin's own shape, so that shape is no
+/// way around them: every top-level value and every entry of a list (`Email`, `Phone`, `Extra`)
+/// counts as one field, and every key and every text inside (an `Extra` entry's `Value`, an
+/// `Email` entry's `Address`, …) is bounded like a field's name or value. Culprits are named
+/// by their path (`Extra[3].Value`); values are never echoed.
+pub fn check_leadsin_limits(value: &Value, limits: &BodyLimits) -> Result<(), BodyError> {
+    let Value::Object(object) = value else {
+        return Ok(());
+    };
+    let count: usize = object
+        .values()
+        .map(|value| match value {
+            Value::Null => 0,
+            Value::Array(items) => items.len(),
+            _ => 1,
+        })
+        .sum();
+    if count > limits.max_fields {
+        let fields = object
+            .iter()
+            .filter_map(|(key, value)| match value {
+                Value::Array(items) if !items.is_empty() => Some((
+                    shown_name(key),
+                    vec![format!(
+                        "has {} entries; a body carries at most {} fields in all",
+                        items.len(),
+                        limits.max_fields
+                    )],
+                )),
+                _ => None,
+            })
+            .collect();
+        return Err(BodyError::TooLarge {
+            message: format!(
+                "the body has {count} fields (values and list entries); at most {} are accepted",
+                limits.max_fields
+            ),
+            fields,
+        });
+    }
+    for (key, value) in object {
+        check_texts(key, key, value, limits)?;
+    }
+    Ok(())
+}
+
+/// Bounds `key` and every key and text under `value`, which sits at `path`.
+fn check_texts(path: &str, key: &str, value: &Value, limits: &BodyLimits) -> Result<(), BodyError> {
+    if key.len() > limits.max_field_bytes {
+        return Err(field_too_large(path, limits.max_field_bytes));
+    }
+    match value {
+        Value::String(text) if text.len() > limits.max_field_bytes => {
+            Err(field_too_large(path, limits.max_field_bytes))
+        }
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(index, item)| {
+            check_texts(&format!("{}[{index}]", shown_name(path)), "", item, limits)
+        }),
+        Value::Object(entry) => entry.iter().try_for_each(|(name, item)| {
+            check_texts(
+                &format!("{}.{}", shown_name(path), shown_name(name)),
+                name,
+                item,
+                limits,
+            )
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -590,7 +675,7 @@ mod tests {
             ..limits()
         };
         let error = decode_urlencoded(b"note=12345", None, &small).unwrap_err();
-        assert!(matches!(&error, BodyError::TooLarge { message } if message.contains("note")));
+        assert!(matches!(&error, BodyError::TooLarge { message, .. } if message.contains("note")));
     }
 
     #[tokio::test]
@@ -701,7 +786,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, BodyError::TooLarge { message } if message.contains("photo")),
+            matches!(&error, BodyError::TooLarge { message, .. } if message.contains("photo")),
             "{error}"
         );
     }
@@ -876,5 +961,53 @@ mod tests {
         let value = serde_json::json!({"a": ["1", "2"], "b": "3", "c": "4"});
         let error = json_to_fields(&value, &small).unwrap_err();
         assert_eq!(error.code(), "body_too_large");
+    }
+
+    #[test]
+    fn leadsin_shaped_json_has_the_same_caps_as_flat_fields() {
+        let small = BodyLimits {
+            max_fields: 4,
+            max_field_bytes: 10,
+            ..limits()
+        };
+        let fits = serde_json::json!({"FirstName": "Ana", "LastName": "Ruiz",
+            "Extra": [{"ID": "1", "Value": "1234567890"}, {"ID": "2", "Value": "x"}]});
+        assert_eq!(check_leadsin_limits(&fits, &small), Ok(()));
+
+        let long_value = serde_json::json!({"FirstName": "Ana",
+            "Extra": [{"ID": "1", "Value": "x"}, {"ID": "2", "Value": "12345678901"}]});
+        let BodyError::TooLarge { message, fields } =
+            check_leadsin_limits(&long_value, &small).unwrap_err()
+        else {
+            panic!("expected too large");
+        };
+        assert!(message.contains("Extra[1].Value"), "{message}");
+        assert_eq!(
+            fields,
+            BTreeMap::from([(
+                "Extra[1].Value".to_owned(),
+                vec!["is longer than 10 bytes".to_owned()]
+            )])
+        );
+        assert!(
+            !message.contains("12345678901"),
+            "values are not echoed: {message}"
+        );
+
+        let long_key = serde_json::json!({"FirstName": "Ana", "Email": [{"Address1234": "a"}]});
+        let error = check_leadsin_limits(&long_key, &small).unwrap_err();
+        assert!(
+            error.to_string().contains("Email[0].Address1234"),
+            "{error}"
+        );
+
+        let many = serde_json::json!({"FirstName": "Ana", "LastName": "Ruiz",
+            "Extra": [{"ID": "1"}, {"ID": "2"}, {"ID": "3"}]});
+        let BodyError::TooLarge { fields, .. } = check_leadsin_limits(&many, &small).unwrap_err()
+        else {
+            panic!("expected too large");
+        };
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["Extra"]);
+        assert!(fields["Extra"][0].contains("3 entries"), "{fields:?}");
     }
 }

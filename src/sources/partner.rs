@@ -55,6 +55,7 @@ pub async fn parse(
     .map_err(IngestError::from)?;
     match decoded {
         body::Decoded::Json(value) if mapping::looks_like_leadsin(&value) => {
+            body::check_leadsin_limits(&value, &body_limits(source))?;
             Ok(Content::Leadsin(value))
         }
         body::Decoded::Json(value) => Ok(Content::Fields(

@@ -16,6 +16,7 @@ mod google;
 mod helpers;
 mod meta;
 mod openapi;
+mod partner;
 mod queue_contract;
 mod sim;
 mod webhooks;
