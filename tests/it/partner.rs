@@ -63,3 +63,52 @@ async fn a_thousand_extra_entries_are_413_and_the_field_cap_counts_entries() {
     assert_eq!(app.post_partner(&body).await.status(), 202);
     app.received(1).await;
 }
+
+/// Posts raw JSON text (numbers that `serde_json::Value` could not hold) to a source.
+async fn post_raw_json(app: &TestApp, source: &str, body: &str) -> reqwest::Response {
+    let mut request = app
+        .http
+        .post(app.url(&format!("/in/{source}")))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if source == "acme" {
+        request = request.bearer_auth(crate::helpers::app::PARTNER_KEY);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn json_numbers_are_forwarded_exactly_as_written() {
+    let app = TestApp::spawn().await;
+    let flat = r#"{"first_name": "Ana", "last_name": "Ruiz", "campaign": 18446744073709551616123}"#;
+    assert_eq!(post_raw_json(&app, "acme", flat).await.status(), 202);
+    let leadsin = r#"{"FirstName": "Luis", "LastName": "Gil",
+        "Extra": [{"ID": 7777777, "Value": 1e3}, {"ID": "8888888", "Value": 1.50}]}"#;
+    assert_eq!(post_raw_json(&app, "acme", leadsin).await.status(), 202);
+    let form = r#"{"name": "Eva Sanz", "budget": 2.5E+3, "utm_campaign": -0.0}"#;
+    assert_eq!(post_raw_json(&app, "website", form).await.status(), 202);
+
+    let leads = app.received(3).await;
+    let extra = |last: &str| {
+        leads
+            .iter()
+            .find(|l| l.payload["LastName"] == last)
+            .map(|l| l.payload["Extra"].clone())
+            .unwrap()
+    };
+    assert_eq!(
+        extra("Ruiz"),
+        json!([{"ID": "5555555", "Value": "18446744073709551616123"},
+               {"ID": "6666666", "Value": "Partner ACME"}])
+    );
+    assert_eq!(
+        extra("Gil"),
+        json!([{"ID": "7777777", "Value": "1e3"}, {"ID": "8888888", "Value": "1.50"},
+               {"ID": "6666666", "Value": "Partner ACME"}])
+    );
+    assert_eq!(
+        extra("Sanz"),
+        json!([{"ID": "1111111", "Value": "2.5E+3"}, {"ID": "2222222", "Value": "-0.0"},
+               {"ID": "3333333", "Value": "Website form"}])
+    );
+}
