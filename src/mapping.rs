@@ -363,13 +363,22 @@ const LEADSIN_KEYS: [&str; 12] = [
 ];
 
 /// Whether a JSON body is in Leadsin's own shape rather than flat fields: an object with any of
-/// `FirstName`, `LastName`, `Email`, `Phone`, `Extra`, `OrgName` (exact PascalCase), where
-/// `Email`, `Phone` and `Extra`, when present, are lists of objects. The last condition keeps
-/// a flat form that happens to call its field `Email` (a string) on the flat-fields road.
-pub fn looks_like_leadsin(value: &Value) -> bool {
+/// `FirstName`, `LastName`, `Email`, `Phone`, `Extra`, `OrgName` (exact PascalCase) that the
+/// source's `rules` do not map as flat field names, where either a name (`FirstName` or
+/// `LastName`) is among them, or `Email`, `Phone` and `Extra`, when present, are lists of
+/// objects. So `{"FirstName": …, "Email": "a@b.example"}` is a Leadsin body whose `Email` has
+/// the wrong shape (and [`map_leadsin`] says so), not a flat body without a mapped name; a flat
+/// form that only happens to call a field `Email` stays on the flat-fields road, and so does a
+/// partner whose `[source.fields]` maps the PascalCase names itself.
+pub fn looks_like_leadsin(value: &Value, rules: &MappingRules) -> bool {
     let Some(object) = value.as_object() else {
         return false;
     };
+    let maps_itself = |key: &str| {
+        rules.fields.iter().any(|(name, _)| field_name(name) == key)
+            || rules.extra.iter().any(|(name, _)| field_name(name) == key)
+    };
+    let present = |key: &&str| object.contains_key(*key) && !maps_itself(key);
     let has_a_leadsin_key = [
         "FirstName",
         "LastName",
@@ -379,7 +388,8 @@ pub fn looks_like_leadsin(value: &Value) -> bool {
         "OrgName",
     ]
     .iter()
-    .any(|key| object.contains_key(*key));
+    .any(present);
+    let names_a_person = ["FirstName", "LastName"].iter().any(present);
     let lists_are_entry_lists =
         ["Email", "Phone", "Extra"]
             .iter()
@@ -388,7 +398,7 @@ pub fn looks_like_leadsin(value: &Value) -> bool {
                 Some(Value::Array(items)) => items.iter().all(Value::is_object),
                 Some(_) => false,
             });
-    has_a_leadsin_key && lists_are_entry_lists
+    has_a_leadsin_key && (names_a_person || lists_are_entry_lists)
 }
 
 /// Maps a body that already has Leadsin's own shape (`FirstName`, `Email[{Address,Type}]`, …,
@@ -823,7 +833,15 @@ fn entries<'v>(
     allowed: &[&str],
     errors: &mut FieldErrors,
 ) -> Vec<(String, &'v Map<String, Value>)> {
-    let shape = format!("must be a list of {{{}}} objects", allowed.join(", "));
+    let example = match key {
+        "Email" => r#"[{"Address": "ana@example.com", "Type": "work"}]"#,
+        "Phone" => r#"[{"Number": "+34600111222", "Type": "mobile"}]"#,
+        _ => r#"[{"ID": "1111111", "Value": "…"}]"#,
+    };
+    let shape = format!(
+        "must be a list of {{{}}} objects, such as {example}",
+        allowed.join(", ")
+    );
     let items = match value {
         Value::Null => return Vec::new(),
         Value::Array(items) => items,
@@ -1720,14 +1738,23 @@ mod tests {
                 true,
             ),
             (json!({"first_name": "Mike", "email": "a@x.example"}), false),
-            (json!({"FirstName": "Mike", "Email": "a@x.example"}), false),
+            (json!({"FirstName": "Mike", "Email": "a@x.example"}), true),
+            (json!({"first_name": "Mike", "Email": "a@x.example"}), false),
             (json!({"Email": ["a@x.example"]}), false),
             (json!({"firstname": "Mike"}), false),
             (json!([{"FirstName": "Mike"}]), false),
         ];
         for (body, expected) in cases {
-            assert_eq!(looks_like_leadsin(&body), expected, "{body}");
+            assert_eq!(
+                looks_like_leadsin(&body, &MappingRules::default()),
+                expected,
+                "{body}"
+            );
         }
+        // A partner that maps the PascalCase names as flat fields keeps its flat road.
+        let flat = rules(&[("FirstName", "FirstName"), ("Email", "Email")]);
+        let body = json!({"FirstName": "Mike", "Email": "a@x.example"});
+        assert!(!looks_like_leadsin(&body, &flat));
     }
     #[test]
     fn lenient_mapping_keeps_an_invalid_email_in_the_note_instead_of_refusing() {

@@ -112,3 +112,33 @@ async fn json_numbers_are_forwarded_exactly_as_written() {
                {"ID": "3333333", "Value": "Website form"}])
     );
 }
+
+#[tokio::test]
+async fn a_leadsin_body_with_a_plain_string_email_is_told_the_shape_email_needs() {
+    let app = TestApp::spawn().await;
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz", "Email": "ana@example.com"});
+    let error = error_of(app.post_partner(&body).await, 422).await;
+    assert_eq!(error["error"]["code"], "validation_failed", "{error}");
+    let fields = error["error"]["fields"].as_object().unwrap();
+    assert_eq!(
+        fields.keys().collect::<Vec<_>>(),
+        ["Email"],
+        "only Email is wrong: {error}"
+    );
+    let message = fields["Email"][0].as_str().unwrap();
+    assert!(
+        message.contains("list of {Address, Type} objects") && message.contains("\"Address\""),
+        "{message}"
+    );
+    assert_nothing_queued(&app).await;
+
+    // The same lead with Email as Leadsin writes it goes through.
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz",
+        "Email": [{"Address": "ana@example.com", "Type": "work"}]});
+    assert_eq!(app.post_partner(&body).await.status(), 202);
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(
+        lead["Email"],
+        json!([{"Address": "ana@example.com", "Type": "work"}])
+    );
+}
