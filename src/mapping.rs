@@ -1,6 +1,7 @@
 //! Pure mapping: the fields a sender posted plus its source's rules become a Leadsin payload,
 //! or a rejection naming every bad field. No I/O here; table tests sit at the bottom.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
@@ -180,7 +181,8 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
             Target::FullName => name_fields.full.push(field),
             _ => {}
         }
-        for value in present(inbound.get(field).unwrap_or_default()) {
+        for value in present(inbound.get(field).unwrap_or_default(), Lines::Join) {
+            let value = &*value;
             match *target {
                 Target::FirstName => names.first.push(value.to_owned()),
                 Target::LastName => names.last.push(value.to_owned()),
@@ -211,8 +213,8 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
         if is_control(field) {
             continue;
         }
-        for value in present(inbound.get(field).unwrap_or_default()) {
-            mapped.add(id, value.to_owned());
+        for value in present(inbound.get(field).unwrap_or_default(), Lines::Keep) {
+            mapped.add(id, value.into_owned());
         }
     }
     let unmapped = rules
@@ -724,8 +726,10 @@ fn unmapped_note(inbound: &Inbound, rules: &MappingRules) -> Option<String> {
         .iter()
         .filter(|(name, _)| !is_control(name) && !known.contains(name))
         .filter_map(|(name, values)| {
-            let values = present(values);
-            (!values.is_empty()).then(|| format!("{name}: {}", values.join(", ")))
+            // One field, one line: neither its name nor a value may start another.
+            let values = present(values, Lines::Join);
+            let name = clean_text(name, Lines::Join);
+            (!values.is_empty()).then(|| format!("{}: {}", name.trim(), values.join(", ")))
         })
         .collect();
     (!lines.is_empty()).then(|| lines.join("\n"))
@@ -741,13 +745,59 @@ fn is_control(name: &str) -> bool {
     name.starts_with('_')
 }
 
-/// The trimmed, non-blank values.
-fn present(values: &[String]) -> Vec<&str> {
+/// The values cleaned of control characters (see [`clean_text`]), trimmed, blank ones left out.
+fn present(values: &[String], lines: Lines) -> Vec<Cow<'_, str>> {
     values
         .iter()
-        .map(|value| value.trim())
-        .filter(|value| !value.is_empty())
+        .filter_map(|value| {
+            let text = match clean_text(value, lines) {
+                Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+                Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+            };
+            (!text.is_empty()).then_some(text)
+        })
         .collect()
+}
+
+/// What [`clean_text`] does with line breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lines {
+    /// Single-line fields (names, emails, phones, address parts, the unmapped note's lines):
+    /// a line break or a tab becomes a space.
+    Join,
+    /// Custom field values, which may hold a message: line breaks become `\n`, tabs stay.
+    Keep,
+}
+
+/// Text as it may reach the CRM: control characters (C0, DEL, C1) are removed, except that a
+/// line break (`\r\n`, `\r`, `\n`, vertical tab, form feed, NEL, U+2028, U+2029) and a tab are
+/// kept readable as `lines` says. So a value can neither carry invisible bytes into a field
+/// nor forge a `key: value` line in the unmapped-fields note.
+fn clean_text(text: &str, lines: Lines) -> Cow<'_, str> {
+    let is_line_break = |c: char| {
+        matches!(
+            c,
+            '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        )
+    };
+    if !text.chars().any(|c| c.is_control() || is_line_break(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut clean = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() == Some(&'\n') {
+            continue; // the `\n` that follows stands for the pair
+        }
+        match (c, lines) {
+            (c, Lines::Join) if is_line_break(c) || c == '\t' => clean.push(' '),
+            (c, Lines::Keep) if is_line_break(c) => clean.push('\n'),
+            ('\t', Lines::Keep) => clean.push('\t'),
+            (c, _) if c.is_control() => {}
+            (c, _) => clean.push(c),
+        }
+    }
+    Cow::Owned(clean)
 }
 
 fn append_text(slot: &mut Option<String>, value: &str) {
@@ -802,22 +852,29 @@ fn or_list(items: &[&str]) -> String {
     }
 }
 
-/// A Leadsin scalar as trimmed text: strings and numbers (and booleans where `allow_bool`);
-/// `null` and blank text are absent; anything else is an error at `path`.
+/// A Leadsin scalar as trimmed text, cleaned (see [`clean_text`]): strings and numbers, and for
+/// an `Extra` entry's `Value` (`extra_value`) booleans too, with line breaks kept; `null` and
+/// blank text are absent; anything else is an error at `path`.
 fn scalar_text(
     path: &str,
     value: &Value,
-    allow_bool: bool,
+    extra_value: bool,
     errors: &mut FieldErrors,
 ) -> Option<String> {
     match value {
         Value::Null => None,
         Value::String(text) => {
+            let lines = if extra_value {
+                Lines::Keep
+            } else {
+                Lines::Join
+            };
+            let text = clean_text(text, lines);
             let text = text.trim();
             (!text.is_empty()).then(|| text.to_owned())
         }
         Value::Number(number) => Some(number.to_string()),
-        Value::Bool(flag) if allow_bool => Some(flag.to_string()),
+        Value::Bool(flag) if extra_value => Some(flag.to_string()),
         _ => {
             errors.add(path, "must be a string");
             None
@@ -1830,5 +1887,41 @@ mod tests {
             last_name_fallback: "-".into(),
             ..MappingRules::default()
         }
+    }
+
+    #[test]
+    fn control_characters_are_removed_and_line_breaks_cannot_forge_note_lines() {
+        let mut rules = website();
+        rules.unmapped_extra = Some(id("4444444"));
+        rules.extra = vec![("budget".to_owned(), id("1111111"))];
+        let inbound = form(&[
+            ("full_name", "Ana\u{0} María\r\nLópez"),
+            ("email", "ana@example.com\u{7}"),
+            ("company", "Acme\tLtd\u{9b}"),
+            ("budget", "10k\r\n50k\u{1b}[31m"),
+            ("message", "Hello\nbudget: 999999\u{85}x\u{2028}y"),
+            ("evil\nkey", "v"),
+        ]);
+        let payload = map_fields(&inbound, &rules).unwrap();
+        assert_eq!(names(&payload), ("Ana", "María López"));
+        assert_eq!(emails(&payload), [("ana@example.com", EmailType::Work)]);
+        assert_eq!(payload.org_name.as_deref(), Some("Acme Ltd"));
+        assert_eq!(
+            extras(&payload),
+            [
+                ("1111111", "10k\n50k[31m"),
+                ("4444444", "message: Hello budget: 999999 x y\nevil key: v"),
+            ]
+        );
+    }
+
+    #[test]
+    fn leadsin_text_is_cleaned_like_form_text_and_extra_values_keep_their_lines() {
+        let body = json!({"FirstName": "Ana\u{0}", "LastName": "Ruiz\nGil", "City": "Ma\u{9b}drid",
+            "Extra": [{"ID": "1", "Value": "line one\r\nline\ttwo\u{7f}"}]});
+        let payload = map_leadsin(&body, &MappingRules::default()).unwrap();
+        assert_eq!(names(&payload), ("Ana", "Ruiz Gil"));
+        assert_eq!(payload.city.as_deref(), Some("Madrid"));
+        assert_eq!(extras(&payload), [("1", "line one\nline\ttwo")]);
     }
 }

@@ -455,3 +455,37 @@ async fn answers_echo_only_an_allowed_origin_and_always_vary_on_origin() {
     assert_eq!(header_values(&no_origin, "vary"), ["Origin"]);
     app.received(2).await;
 }
+
+#[tokio::test]
+async fn control_characters_are_stripped_and_cannot_forge_lines_in_the_unmapped_note() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_form(
+            "website",
+            &[
+                ("name", "Ana\u{0} María\r\nLópez"),
+                ("email", "ana@example.com\u{7}"),
+                ("company", "Acme\tLtd\u{9b}"),
+                ("budget", "10k\r\n50k"),
+                ("message", "Hello\r\nutm_campaign: forged\u{85}x"),
+                ("evil\nkey", "v"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(
+        *lead,
+        json!({
+            "FirstName": "Ana",
+            "LastName": "María López",
+            "Email": [{"Address": "ana@example.com", "Type": "work"}],
+            "OrgName": "Acme Ltd",
+            "Extra": [
+                {"ID": "1111111", "Value": "10k\n50k"},
+                {"ID": "3333333", "Value": "Website form"},
+                {"ID": "4444444", "Value": "message: Hello utm_campaign: forged x\nevil key: v"}
+            ]
+        })
+    );
+}
