@@ -64,3 +64,64 @@ async fn a_body_trickling_in_is_answered_408_at_the_deadline_and_nothing_is_queu
         .await;
     assert_eq!(ok.status(), 202);
 }
+
+/// The default sources with the website form limited to 2 requests a minute per client, behind
+/// a trusted proxy on loopback.
+async fn behind_a_proxy_two_per_minute() -> TestApp {
+    let sources = crate::helpers::app::default_sources().replacen(
+        "per_ip = \"off\"\ntotal = \"off\"",
+        "per_ip = \"2/minute\"\ntotal = \"off\"",
+        1,
+    );
+    TestApp::spawn_with(&sources, |env| {
+        env.set("LEADGATE_TRUSTED_PROXIES", "127.0.0.1/32");
+    })
+    .await
+}
+
+async fn status_forwarded_for(app: &TestApp, client: &str) -> u16 {
+    app.http
+        .post(app.url("/in/website"))
+        .header("x-forwarded-for", client)
+        .json(&serde_json::json!({"name": "Ana Ruiz"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn ipv6_clients_share_a_budget_per_64_whatever_address_they_pick() {
+    let app = behind_a_proxy_two_per_minute().await;
+    assert_eq!(status_forwarded_for(&app, "2001:db8:1:2::1").await, 202);
+    assert_eq!(
+        status_forwarded_for(&app, "[2001:db8:1:2::ffff]:443").await,
+        202
+    );
+    assert_eq!(
+        status_forwarded_for(&app, "2001:db8:1:2:abcd:ef01:2345:6789").await,
+        429,
+        "a third address in the same /64 is the same client"
+    );
+    assert_eq!(
+        status_forwarded_for(&app, "2001:db8:1:3::1").await,
+        202,
+        "another /64 is another client"
+    );
+    app.received(3).await;
+}
+
+#[tokio::test]
+async fn an_ipv4_client_written_with_a_port_or_as_mapped_ipv6_is_one_client() {
+    let app = behind_a_proxy_two_per_minute().await;
+    assert_eq!(status_forwarded_for(&app, "198.51.100.9:5555").await, 202);
+    assert_eq!(status_forwarded_for(&app, "::ffff:198.51.100.9").await, 202);
+    assert_eq!(
+        status_forwarded_for(&app, "[::ffff:198.51.100.9]:80").await,
+        429
+    );
+    // The forwarded client was read, not the proxy: another client still has its budget.
+    assert_eq!(status_forwarded_for(&app, "198.51.100.10:1").await, 202);
+    app.received(3).await;
+}
