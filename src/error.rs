@@ -19,7 +19,10 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 pub enum IngestError {
     #[error("there is no source {0:?}")]
     UnknownSource(String),
-    #[error("this source does not take that method; leads are POSTed")]
+    #[error(
+        "this source does not take that method; leads are POSTed (allowed: {})",
+        Self::ALLOWED
+    )]
     MethodNotAllowed,
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
@@ -253,6 +256,9 @@ impl IngestError {
         if matches!(self, IngestError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
+        if matches!(self, IngestError::MethodNotAllowed) {
+            response.insert_header((header::ALLOW, Self::ALLOWED));
+        }
         self.close_if_unread(&mut response);
         response.json(body)
     }
@@ -271,6 +277,9 @@ impl IngestError {
 }
 
 impl IngestError {
+    /// What a `405` from a source lists in `Allow`.
+    pub const ALLOWED: &'static str = "POST, OPTIONS";
+
     /// A body that timed out is still (slowly) arriving: the connection cannot carry another
     /// request, so the answer closes it rather than wait for the rest.
     fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {

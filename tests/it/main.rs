@@ -7,6 +7,7 @@ mod admin;
 mod bad_input;
 mod browser;
 mod cli;
+mod cors;
 mod delivery;
 mod durability;
 mod egress;
