@@ -198,6 +198,7 @@ impl Gateway {
                 ingest: options.ingest,
                 admin_token: settings.admin_token.clone(),
                 metrics_token: settings.metrics_token.clone(),
+                body_timeout: settings.body_timeout,
             },
         ));
         // The recorder is installed by now: every series known in advance exists from here on.
@@ -208,6 +209,13 @@ impl Gateway {
         let server_state = state.clone();
         let server =
             HttpServer::new(move || App::new().configure(http::configure(server_state.clone())))
+                // Set rather than inherited: a request's head must arrive within 5 s (else
+                // 408 and the connection closes), an idle keep-alive connection is closed after
+                // 5 s, and a closing one is given 1 s. The body has its own deadline
+                // (`LEADGATE_BODY_TIMEOUT`), kept by the ingest handler.
+                .client_request_timeout(Duration::from_secs(5))
+                .keep_alive(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
                 .listen(listener)?
                 .disable_signals()
                 .shutdown_timeout(10)

@@ -19,7 +19,10 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 pub enum IngestError {
     #[error("there is no source {0:?}")]
     UnknownSource(String),
-    #[error("this source does not take that method; leads are POSTed")]
+    #[error(
+        "this source does not take that method; leads are POSTed (allowed: {})",
+        Self::ALLOWED
+    )]
     MethodNotAllowed,
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
@@ -41,8 +44,16 @@ pub enum IngestError {
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
     TooLarge { limit: usize },
-    #[error("{0}")]
-    PartTooLarge(String),
+    /// The whole body did not arrive within `LEADGATE_BODY_TIMEOUT`.
+    #[error("the body did not arrive within {} seconds; send it whole, promptly", .after.as_secs_f64())]
+    BodyTimeout { after: Duration },
+    /// A part of the body (a field, a file, the field count) is over its cap; `fields` names
+    /// the culprits when there are some.
+    #[error("{message}")]
+    PartTooLarge {
+        message: String,
+        fields: BTreeMap<String, Vec<String>>,
+    },
     #[error("{}", .0.message)]
     Rejected(Rejection),
     #[error("too many requests{}", scope_text(.scope))]
@@ -94,6 +105,7 @@ pub const ALL_CODES: &[&str] = &[
     "unsupported_media_type",
     "malformed_body",
     "payload_too_large",
+    "body_timeout",
     Rejection::VALIDATION_FAILED,
     Rejection::NAME_REQUIRED,
     Rejection::FIRST_NAME_REQUIRED,
@@ -116,9 +128,10 @@ impl IngestError {
             | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
             IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
-            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => {
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -137,7 +150,8 @@ impl IngestError {
             IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
             IngestError::Malformed(_) => "malformed_body",
-            IngestError::TooLarge { .. } | IngestError::PartTooLarge(_) => "payload_too_large",
+            IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => "payload_too_large",
+            IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unavailable { .. } => "unavailable",
@@ -147,6 +161,7 @@ impl IngestError {
     pub fn fields(&self) -> Option<&BTreeMap<String, Vec<String>>> {
         match self {
             IngestError::Rejected(r) if !r.fields.is_empty() => Some(&r.fields),
+            IngestError::PartTooLarge { fields, .. } if !fields.is_empty() => Some(fields),
             _ => None,
         }
     }
@@ -174,7 +189,8 @@ impl IngestError {
             | IngestError::UnsupportedMediaType(_)
             | IngestError::Malformed(_)
             | IngestError::TooLarge { .. }
-            | IngestError::PartTooLarge(_)
+            | IngestError::PartTooLarge { .. }
+            | IngestError::BodyTimeout { .. }
             | IngestError::Rejected(_) => "rejected",
         }
     }
@@ -240,6 +256,10 @@ impl IngestError {
         if matches!(self, IngestError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
+        if matches!(self, IngestError::MethodNotAllowed) {
+            response.insert_header((header::ALLOW, Self::ALLOWED));
+        }
+        self.close_if_unread(&mut response);
         response.json(body)
     }
 
@@ -249,9 +269,23 @@ impl IngestError {
         if let Some(after) = self.retry_after() {
             response.insert_header((header::RETRY_AFTER, retry_after_seconds(after).to_string()));
         }
+        self.close_if_unread(&mut response);
         response
             .content_type("text/html; charset=utf-8")
             .body(crate::http::pages::error_page(self).into_string())
+    }
+}
+
+impl IngestError {
+    /// What a `405` from a source lists in `Allow`.
+    pub const ALLOWED: &'static str = "POST, OPTIONS";
+
+    /// A body that timed out is still (slowly) arriving: the connection cannot carry another
+    /// request, so the answer closes it rather than wait for the rest.
+    fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {
+        if matches!(self, IngestError::BodyTimeout { .. }) {
+            response.force_close();
+        }
     }
 }
 
@@ -278,7 +312,9 @@ impl From<crate::sources::body::BodyError> for IngestError {
             }
             // Only a part inside the body can be too large here; the body itself was bounded
             // before decoding.
-            BodyError::TooLarge { message } => IngestError::PartTooLarge(message),
+            BodyError::TooLarge { message, fields } => {
+                IngestError::PartTooLarge { message, fields }
+            }
             BodyError::Malformed { message } => IngestError::Malformed(message),
         }
     }
@@ -309,7 +345,13 @@ mod tests {
             IngestError::UnsupportedMediaType(String::new()),
             IngestError::Malformed(String::new()),
             IngestError::TooLarge { limit: 1 },
-            IngestError::PartTooLarge(String::new()),
+            IngestError::PartTooLarge {
+                message: String::new(),
+                fields: BTreeMap::new(),
+            },
+            IngestError::BodyTimeout {
+                after: Duration::from_secs(1),
+            },
             rejected(Rejection::VALIDATION_FAILED),
             rejected(Rejection::NAME_REQUIRED),
             rejected(Rejection::FIRST_NAME_REQUIRED),
@@ -341,7 +383,8 @@ mod tests {
                 | IngestError::UnsupportedMediaType(_)
                 | IngestError::Malformed(_)
                 | IngestError::TooLarge { .. }
-                | IngestError::PartTooLarge(_)
+                | IngestError::PartTooLarge { .. }
+                | IngestError::BodyTimeout { .. }
                 | IngestError::Rejected(_)
                 | IngestError::RateLimited { .. }
                 | IngestError::Unavailable { .. } => {}

@@ -1,6 +1,7 @@
 //! Pure mapping: the fields a sender posted plus its source's rules become a Leadsin payload,
 //! or a rejection naming every bad field. No I/O here; table tests sit at the bottom.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
@@ -180,7 +181,8 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
             Target::FullName => name_fields.full.push(field),
             _ => {}
         }
-        for value in present(inbound.get(field).unwrap_or_default()) {
+        for value in present(inbound.get(field).unwrap_or_default(), Lines::Join) {
+            let value = &*value;
             match *target {
                 Target::FirstName => names.first.push(value.to_owned()),
                 Target::LastName => names.last.push(value.to_owned()),
@@ -211,8 +213,8 @@ pub fn map_fields(inbound: &Inbound, rules: &MappingRules) -> Result<LeadsinPayl
         if is_control(field) {
             continue;
         }
-        for value in present(inbound.get(field).unwrap_or_default()) {
-            mapped.add(id, value.to_owned());
+        for value in present(inbound.get(field).unwrap_or_default(), Lines::Keep) {
+            mapped.add(id, value.into_owned());
         }
     }
     let unmapped = rules
@@ -363,13 +365,22 @@ const LEADSIN_KEYS: [&str; 12] = [
 ];
 
 /// Whether a JSON body is in Leadsin's own shape rather than flat fields: an object with any of
-/// `FirstName`, `LastName`, `Email`, `Phone`, `Extra`, `OrgName` (exact PascalCase), where
-/// `Email`, `Phone` and `Extra`, when present, are lists of objects. The last condition keeps
-/// a flat form that happens to call its field `Email` (a string) on the flat-fields road.
-pub fn looks_like_leadsin(value: &Value) -> bool {
+/// `FirstName`, `LastName`, `Email`, `Phone`, `Extra`, `OrgName` (exact PascalCase) that the
+/// source's `rules` do not map as flat field names, where either a name (`FirstName` or
+/// `LastName`) is among them, or `Email`, `Phone` and `Extra`, when present, are lists of
+/// objects. So `{"FirstName": …, "Email": "a@b.example"}` is a Leadsin body whose `Email` has
+/// the wrong shape (and [`map_leadsin`] says so), not a flat body without a mapped name; a flat
+/// form that only happens to call a field `Email` stays on the flat-fields road, and so does a
+/// partner whose `[source.fields]` maps the PascalCase names itself.
+pub fn looks_like_leadsin(value: &Value, rules: &MappingRules) -> bool {
     let Some(object) = value.as_object() else {
         return false;
     };
+    let maps_itself = |key: &str| {
+        rules.fields.iter().any(|(name, _)| field_name(name) == key)
+            || rules.extra.iter().any(|(name, _)| field_name(name) == key)
+    };
+    let present = |key: &&str| object.contains_key(*key) && !maps_itself(key);
     let has_a_leadsin_key = [
         "FirstName",
         "LastName",
@@ -379,7 +390,8 @@ pub fn looks_like_leadsin(value: &Value) -> bool {
         "OrgName",
     ]
     .iter()
-    .any(|key| object.contains_key(*key));
+    .any(present);
+    let names_a_person = ["FirstName", "LastName"].iter().any(present);
     let lists_are_entry_lists =
         ["Email", "Phone", "Extra"]
             .iter()
@@ -388,7 +400,7 @@ pub fn looks_like_leadsin(value: &Value) -> bool {
                 Some(Value::Array(items)) => items.iter().all(Value::is_object),
                 Some(_) => false,
             });
-    has_a_leadsin_key && lists_are_entry_lists
+    has_a_leadsin_key && (names_a_person || lists_are_entry_lists)
 }
 
 /// Maps a body that already has Leadsin's own shape (`FirstName`, `Email[{Address,Type}]`, …,
@@ -714,8 +726,10 @@ fn unmapped_note(inbound: &Inbound, rules: &MappingRules) -> Option<String> {
         .iter()
         .filter(|(name, _)| !is_control(name) && !known.contains(name))
         .filter_map(|(name, values)| {
-            let values = present(values);
-            (!values.is_empty()).then(|| format!("{name}: {}", values.join(", ")))
+            // One field, one line: neither its name nor a value may start another.
+            let values = present(values, Lines::Join);
+            let name = clean_text(name, Lines::Join);
+            (!values.is_empty()).then(|| format!("{}: {}", name.trim(), values.join(", ")))
         })
         .collect();
     (!lines.is_empty()).then(|| lines.join("\n"))
@@ -731,13 +745,59 @@ fn is_control(name: &str) -> bool {
     name.starts_with('_')
 }
 
-/// The trimmed, non-blank values.
-fn present(values: &[String]) -> Vec<&str> {
+/// The values cleaned of control characters (see [`clean_text`]), trimmed, blank ones left out.
+fn present(values: &[String], lines: Lines) -> Vec<Cow<'_, str>> {
     values
         .iter()
-        .map(|value| value.trim())
-        .filter(|value| !value.is_empty())
+        .filter_map(|value| {
+            let text = match clean_text(value, lines) {
+                Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+                Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+            };
+            (!text.is_empty()).then_some(text)
+        })
         .collect()
+}
+
+/// What [`clean_text`] does with line breaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lines {
+    /// Single-line fields (names, emails, phones, address parts, the unmapped note's lines):
+    /// a line break or a tab becomes a space.
+    Join,
+    /// Custom field values, which may hold a message: line breaks become `\n`, tabs stay.
+    Keep,
+}
+
+/// Text as it may reach the CRM: control characters (C0, DEL, C1) are removed, except that a
+/// line break (`\r\n`, `\r`, `\n`, vertical tab, form feed, NEL, U+2028, U+2029) and a tab are
+/// kept readable as `lines` says. So a value can neither carry invisible bytes into a field
+/// nor forge a `key: value` line in the unmapped-fields note.
+fn clean_text(text: &str, lines: Lines) -> Cow<'_, str> {
+    let is_line_break = |c: char| {
+        matches!(
+            c,
+            '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+        )
+    };
+    if !text.chars().any(|c| c.is_control() || is_line_break(c)) {
+        return Cow::Borrowed(text);
+    }
+    let mut clean = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\r' && chars.peek() == Some(&'\n') {
+            continue; // the `\n` that follows stands for the pair
+        }
+        match (c, lines) {
+            (c, Lines::Join) if is_line_break(c) || c == '\t' => clean.push(' '),
+            (c, Lines::Keep) if is_line_break(c) => clean.push('\n'),
+            ('\t', Lines::Keep) => clean.push('\t'),
+            (c, _) if c.is_control() => {}
+            (c, _) => clean.push(c),
+        }
+    }
+    Cow::Owned(clean)
 }
 
 fn append_text(slot: &mut Option<String>, value: &str) {
@@ -792,22 +852,29 @@ fn or_list(items: &[&str]) -> String {
     }
 }
 
-/// A Leadsin scalar as trimmed text: strings and numbers (and booleans where `allow_bool`);
-/// `null` and blank text are absent; anything else is an error at `path`.
+/// A Leadsin scalar as trimmed text, cleaned (see [`clean_text`]): strings and numbers, and for
+/// an `Extra` entry's `Value` (`extra_value`) booleans too, with line breaks kept; `null` and
+/// blank text are absent; anything else is an error at `path`.
 fn scalar_text(
     path: &str,
     value: &Value,
-    allow_bool: bool,
+    extra_value: bool,
     errors: &mut FieldErrors,
 ) -> Option<String> {
     match value {
         Value::Null => None,
         Value::String(text) => {
+            let lines = if extra_value {
+                Lines::Keep
+            } else {
+                Lines::Join
+            };
+            let text = clean_text(text, lines);
             let text = text.trim();
             (!text.is_empty()).then(|| text.to_owned())
         }
         Value::Number(number) => Some(number.to_string()),
-        Value::Bool(flag) if allow_bool => Some(flag.to_string()),
+        Value::Bool(flag) if extra_value => Some(flag.to_string()),
         _ => {
             errors.add(path, "must be a string");
             None
@@ -823,7 +890,15 @@ fn entries<'v>(
     allowed: &[&str],
     errors: &mut FieldErrors,
 ) -> Vec<(String, &'v Map<String, Value>)> {
-    let shape = format!("must be a list of {{{}}} objects", allowed.join(", "));
+    let example = match key {
+        "Email" => r#"[{"Address": "ana@example.com", "Type": "work"}]"#,
+        "Phone" => r#"[{"Number": "+34600111222", "Type": "mobile"}]"#,
+        _ => r#"[{"ID": "1111111", "Value": "…"}]"#,
+    };
+    let shape = format!(
+        "must be a list of {{{}}} objects, such as {example}",
+        allowed.join(", ")
+    );
     let items = match value {
         Value::Null => return Vec::new(),
         Value::Array(items) => items,
@@ -1720,14 +1795,23 @@ mod tests {
                 true,
             ),
             (json!({"first_name": "Mike", "email": "a@x.example"}), false),
-            (json!({"FirstName": "Mike", "Email": "a@x.example"}), false),
+            (json!({"FirstName": "Mike", "Email": "a@x.example"}), true),
+            (json!({"first_name": "Mike", "Email": "a@x.example"}), false),
             (json!({"Email": ["a@x.example"]}), false),
             (json!({"firstname": "Mike"}), false),
             (json!([{"FirstName": "Mike"}]), false),
         ];
         for (body, expected) in cases {
-            assert_eq!(looks_like_leadsin(&body), expected, "{body}");
+            assert_eq!(
+                looks_like_leadsin(&body, &MappingRules::default()),
+                expected,
+                "{body}"
+            );
         }
+        // A partner that maps the PascalCase names as flat fields keeps its flat road.
+        let flat = rules(&[("FirstName", "FirstName"), ("Email", "Email")]);
+        let body = json!({"FirstName": "Mike", "Email": "a@x.example"});
+        assert!(!looks_like_leadsin(&body, &flat));
     }
     #[test]
     fn lenient_mapping_keeps_an_invalid_email_in_the_note_instead_of_refusing() {
@@ -1803,5 +1887,41 @@ mod tests {
             last_name_fallback: "-".into(),
             ..MappingRules::default()
         }
+    }
+
+    #[test]
+    fn control_characters_are_removed_and_line_breaks_cannot_forge_note_lines() {
+        let mut rules = website();
+        rules.unmapped_extra = Some(id("4444444"));
+        rules.extra = vec![("budget".to_owned(), id("1111111"))];
+        let inbound = form(&[
+            ("full_name", "Ana\u{0} María\r\nLópez"),
+            ("email", "ana@example.com\u{7}"),
+            ("company", "Acme\tLtd\u{9b}"),
+            ("budget", "10k\r\n50k\u{1b}[31m"),
+            ("message", "Hello\nbudget: 999999\u{85}x\u{2028}y"),
+            ("evil\nkey", "v"),
+        ]);
+        let payload = map_fields(&inbound, &rules).unwrap();
+        assert_eq!(names(&payload), ("Ana", "María López"));
+        assert_eq!(emails(&payload), [("ana@example.com", EmailType::Work)]);
+        assert_eq!(payload.org_name.as_deref(), Some("Acme Ltd"));
+        assert_eq!(
+            extras(&payload),
+            [
+                ("1111111", "10k\n50k[31m"),
+                ("4444444", "message: Hello budget: 999999 x y\nevil key: v"),
+            ]
+        );
+    }
+
+    #[test]
+    fn leadsin_text_is_cleaned_like_form_text_and_extra_values_keep_their_lines() {
+        let body = json!({"FirstName": "Ana\u{0}", "LastName": "Ruiz\nGil", "City": "Ma\u{9b}drid",
+            "Extra": [{"ID": "1", "Value": "line one\r\nline\ttwo\u{7f}"}]});
+        let payload = map_leadsin(&body, &MappingRules::default()).unwrap();
+        assert_eq!(names(&payload), ("Ana", "Ruiz Gil"));
+        assert_eq!(payload.city.as_deref(), Some("Madrid"));
+        assert_eq!(extras(&payload), [("1", "line one\nline\ttwo")]);
     }
 }

@@ -17,18 +17,31 @@ pub enum LogFormat {
 /// thread falls behind. Keep the returned guard alive: dropping it flushes what is pending.
 pub fn init(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(writer);
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+    let ansi = std::io::stdout().is_terminal();
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer.clone())
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_ansi(ansi)
+            .with_writer(writer)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(ClientFaults::start())
+        .with(text)
+        .with(json)
+        .try_init();
     installed.ok().map(|()| guard)
 }
 
@@ -39,6 +52,79 @@ pub fn init_for_tests() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
+}
+
+/// actix-http logs `stream error: …` at ERROR for every connection a client spoke malformed
+/// HTTP on, or broke off mid-request: the client's fault, not the server's, and an alert on
+/// ERROR lines would fire on every scanner. This layer drops those lines and a small thread
+/// logs each again at DEBUG, as `A client sent a malformed request or broke off its
+/// connection.` under the target `leadgate::http`. (An event's level cannot be changed in
+/// flight, and an event logged from inside the subscriber would be lost, hence the thread.)
+pub struct ClientFaults {
+    relay: std::sync::mpsc::SyncSender<String>,
+}
+
+impl ClientFaults {
+    const TARGET: &'static str = "actix_http::h1::dispatcher";
+
+    /// The layer, and the thread that logs what it drops (a bounded queue: when it is full,
+    /// the debug lines are dropped, never the request).
+    pub fn start() -> Self {
+        let (relay, lines) = std::sync::mpsc::sync_channel::<String>(256);
+        let spawned = std::thread::Builder::new()
+            .name("client-faults-log".to_owned())
+            .spawn(move || {
+                for error in lines {
+                    tracing::debug!(
+                        target: "leadgate::http",
+                        error,
+                        "A client sent a malformed request or broke off its connection."
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "Could not start the thread that logs client faults.");
+        }
+        Self { relay }
+    }
+
+    /// The message of an actix line about a client's fault, `None` for every other event.
+    fn client_fault(event: &tracing::Event<'_>) -> Option<String> {
+        let metadata = event.metadata();
+        if metadata.target() != Self::TARGET || *metadata.level() != tracing::Level::ERROR {
+            return None;
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        message.0.starts_with("stream error").then_some(message.0)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientFaults {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        match Self::client_fault(event) {
+            Some(message) => {
+                let _ = self.relay.try_send(message);
+                false
+            }
+            None => true,
+        }
+    }
+}
+
+/// The `message` of an event, as text.
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
 }
 
 /// `ana.lopez@example.com` → `a***@example.com`. Anything without an `@` is fully masked.

@@ -88,6 +88,9 @@ pub struct Settings {
         deserialize_with = "duration"
     )]
     pub graph_parked_retry: Duration,
+    /// How long a request's whole body may take to arrive; a slower body is answered `408`.
+    #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
+    pub body_timeout: Duration,
 }
 
 mod defaults {
@@ -145,6 +148,9 @@ mod defaults {
     }
     pub fn graph_parked_retry() -> Duration {
         Duration::from_secs(300)
+    }
+    pub fn body_timeout() -> Duration {
+        Duration::from_secs(15)
     }
 }
 
@@ -218,6 +224,9 @@ impl Settings {
         self.graph_base()?;
         if self.graph_parked_retry.is_zero() {
             bail!("LEADGATE_GRAPH_PARKED_RETRY must be positive");
+        }
+        if self.body_timeout.is_zero() {
+            bail!("LEADGATE_BODY_TIMEOUT must be positive");
         }
         if self.onpipeline_token.is_some() && self.onpipeline_token_file.is_some() {
             bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
@@ -391,6 +400,7 @@ mod tests {
             s.graph_base().unwrap().as_str(),
             "https://graph.facebook.com/v21.0"
         );
+        assert_eq!(s.body_timeout, Duration::from_secs(15));
     }
 
     #[test]

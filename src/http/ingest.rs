@@ -48,7 +48,7 @@ pub async fn ingest(
     let flavor = flavor(&req, &source);
     let result = accept(&req, payload, &state, &source).await;
     let mut response = match result {
-        Ok(accepted) => answer(&req, &source, flavor, accepted),
+        Ok(accepted) => answer(&req, &state, &source, flavor, accepted),
         Err(e) => {
             e.log(&source.id);
             metrics::counter!(metric::RECEIVED, "source" => source.id.clone(), "outcome" => e.outcome())
@@ -96,9 +96,9 @@ async fn accept(
     }
 
     let header_key = idempotency_key(req, source)?;
-    let body = read_body(req, payload, source.limits.max_body).await?;
-    let submission =
-        Submission::new(req.headers().clone(), body, own_host(req)).with_query(req.query_string());
+    let body = read_body(req, payload, source.limits.max_body, state.body_timeout).await?;
+    let submission = Submission::new(req.headers().clone(), body, own_origin(req, state))
+        .with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
     if !charge_before_verify {
         state.limiters.check(&source.id, client)?;
@@ -181,7 +181,13 @@ async fn accept(
     })
 }
 
-fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) -> HttpResponse {
+fn answer(
+    req: &HttpRequest,
+    state: &AppState,
+    source: &Source,
+    flavor: Flavor,
+    outcome: Outcome,
+) -> HttpResponse {
     if source.kind.wants_plain_200() {
         // Ad platforms and some form tools treat anything but 200 as a failure and retry.
         return HttpResponse::Ok().json(serde_json::json!({
@@ -206,7 +212,7 @@ fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) 
             })
         }
         Flavor::Browser => {
-            let location = redirect_target(req, source, outcome.next.as_deref());
+            let location = redirect_target(req, state, source, outcome.next.as_deref());
             HttpResponse::SeeOther()
                 .insert_header((header::LOCATION, location))
                 .finish()
@@ -216,18 +222,23 @@ fn answer(req: &HttpRequest, source: &Source, flavor: Flavor, outcome: Outcome) 
 
 /// Where a browser goes after a successful post: `_next` when its origin is allowed (checked
 /// here, never an open redirect), else the source's thank-you URL, else the built-in page.
-fn redirect_target(req: &HttpRequest, source: &Source, next: Option<&str>) -> String {
-    let own = own_host(req);
+fn redirect_target(
+    req: &HttpRequest,
+    state: &AppState,
+    source: &Source,
+    next: Option<&str>,
+) -> String {
+    let own = own_origin(req, state);
     if let Some(url) = next.and_then(|n| Url::parse(n).ok()) {
         let origin = url.origin().ascii_serialization();
-        // Only an origin named exactly (or our own host): `allowed_origins = ["*"]` opens CORS,
+        // Only an origin named exactly (or our own origin): `allowed_origins = ["*"]` opens CORS,
         // not redirects to anywhere.
         let named = source
             .allowed_origins
             .iter()
             .any(|o| matches!(o, Origin::Exact(exact) if exact.eq_ignore_ascii_case(&origin)));
-        let own_host_origin = sources::form::is_allowed_host(&origin, own.as_deref());
-        if matches!(url.scheme(), "http" | "https") && (named || own_host_origin) {
+        let own_origin = sources::form::is_own_origin(&origin, own.as_deref());
+        if matches!(url.scheme(), "http" | "https") && (named || own_origin) {
             return url.to_string();
         }
     }
@@ -280,13 +291,34 @@ fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
     limits::client_ip(peer, forwarded.as_deref(), &state.trusted_proxies)
 }
 
-/// The gateway's own host as the browser addressed it (the `Host` header), to recognise
-/// same-origin posts. `X-Forwarded-Host` is not consulted: it is not ours to believe.
-fn own_host(req: &HttpRequest) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_ascii_lowercase)
+/// The gateway's own origin as the browser addressed it, to recognise same-origin posts: the
+/// scheme it was reached by and the `Host` header, as `https://leads.example.com`. The scheme
+/// is `http` (the listener speaks plain HTTP) unless the peer is a trusted proxy, which ends
+/// TLS and says so in `X-Forwarded-Proto`. `X-Forwarded-Host` is not consulted: a page must be
+/// on the host this request was sent to.
+fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    let peer = req.peer_addr().map(|a| limits::canonical(a.ip()));
+    let from_trusted_proxy =
+        peer.is_some_and(|ip| state.trusted_proxies.iter().any(|net| net.contains(&ip)));
+    let forwarded_proto = from_trusted_proxy
+        .then(|| req.headers().get("x-forwarded-proto")?.to_str().ok())
+        .flatten()
+        // Each proxy may append its own; the first is the scheme the browser used.
+        .and_then(|protos| protos.split(',').next())
+        .map(|proto| proto.trim().to_ascii_lowercase())
+        .filter(|proto| matches!(proto.as_str(), "http" | "https"));
+    let scheme = forwarded_proto.unwrap_or_else(|| {
+        if req.app_config().secure() {
+            "https".to_owned()
+        } else {
+            "http".to_owned()
+        }
+    });
+    let url = Url::parse(&format!("{scheme}://{host}")).ok()?;
+    // Only a bare host[:port] makes an origin; anything else in `Host` is not ours.
+    (url.path() == "/" && url.query().is_none() && url.username().is_empty())
+        .then(|| url.origin().ascii_serialization())
 }
 
 fn idempotency_key(
@@ -312,31 +344,65 @@ fn idempotency_key(
     }))
 }
 
-/// Reads the body, refusing with 413 as soon as it is known to exceed `limit`: at once from a
-/// declared `Content-Length`, or as soon as a chunked body passes the limit.
+/// The most a body buffer starts with, whatever `Content-Length` claims: the claim costs the
+/// sender nothing, so memory is spent only as bytes actually arrive.
+const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
+
+/// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
+/// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
+/// the whole body has not arrived within `deadline`.
 async fn read_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     limit: usize,
+    deadline: Duration,
 ) -> Result<Bytes, IngestError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    collect_body(payload, declared, limit, deadline)
+        .await
+        .map(BytesMut::freeze)
+}
+
+/// The body-reading loop of [`read_body`], over any stream of chunks.
+async fn collect_body<S, E>(
+    mut stream: S,
+    declared: Option<usize>,
+    limit: usize,
+    deadline: Duration,
+) -> Result<BytesMut, IngestError>
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
     if declared.is_some_and(|len| len > limit) {
         return Err(IngestError::TooLarge { limit });
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| IngestError::Malformed(format!("the body could not be read: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(IngestError::TooLarge { limit });
+    let read = async move {
+        let mut body = BytesMut::with_capacity(
+            declared
+                .unwrap_or(1024)
+                .min(limit)
+                .min(INITIAL_BODY_CAPACITY),
+        );
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| IngestError::Malformed(format!("the body could not be read: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(IngestError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
+        Ok(body)
+    };
+    // One deadline for the whole body: a sender trickling a byte at a time would otherwise
+    // hold its connection (and what it sent so far) for as long as it likes.
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or(Err(IngestError::BodyTimeout { after: deadline }))
 }
 
 /// `OPTIONS /in/{source_id}`: the CORS preflight. Only allow-listed origins of form sources
@@ -358,25 +424,44 @@ pub async fn preflight(
         .headers()
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
         .and_then(|v| v.to_str().ok());
-    let granted = matches!(source.kind, SourceKind::Form)
-        && origin.is_some_and(|o| sources::form::is_allowed(&source, o, own_host(&req).as_deref()))
-        && requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
-    let mut response = if granted {
-        let mut r = HttpResponse::NoContent();
-        r.insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS"))
+    let origin_allowed = matches!(source.kind, SourceKind::Form)
+        && origin.is_some_and(|o| {
+            sources::form::is_allowed(&source, o, own_origin(&req, &state).as_deref())
+        });
+    let method_allowed =
+        requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
+    let mut response = match (origin_allowed, method_allowed) {
+        (true, true) => HttpResponse::NoContent()
+            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS))
             .insert_header((
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 "Content-Type, Accept, Idempotency-Key, X-Requested-With",
             ))
-            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"));
-        r.finish()
-    } else {
-        let origin = origin.unwrap_or("(no Origin header)").to_owned();
-        IngestError::OriginNotAllowed(origin).json_response()
+            .insert_header((header::ACCESS_CONTROL_MAX_AGE, "600"))
+            .finish(),
+        // The page may post, just not with that method: say which methods it may use.
+        (true, false) => {
+            let mut response = IngestError::MethodNotAllowed.json_response();
+            response.headers_mut().insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static(ALLOWED_METHODS),
+            );
+            response
+        }
+        (false, _) => {
+            let origin = origin.unwrap_or("(no Origin header)").to_owned();
+            IngestError::OriginNotAllowed(origin).json_response()
+        }
     };
     add_cors(&req, &source, response.headers_mut());
     response
 }
+
+/// The methods `/in/{source_id}` takes from a page (preflights and `Allow`).
+const ALLOWED_METHODS: &str = IngestError::ALLOWED;
+
+/// The answer headers a page's script may read: a refusal's wait, a replay's mark.
+const EXPOSED_HEADERS: &str = "Retry-After, Idempotent-Replayed";
 
 /// Echoes an allowed `Origin` (never `*`), always with `Vary: Origin` so caches keep answers
 /// for different origins apart.
@@ -391,6 +476,10 @@ fn add_cors(req: &HttpRequest, source: &Source, headers: &mut header::HeaderMap)
     let allowed = origin.to_str().is_ok_and(|o| source.allows_origin(o));
     if allowed {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSED_HEADERS),
+        );
     }
 }
 
@@ -404,15 +493,19 @@ pub async fn handshake(
     let Some(source) = state.sources.get(&source_id).cloned() else {
         return IngestError::UnknownSource(source_id).json_response();
     };
-    match sources::handshake(&source, req.query_string()) {
+    let mut response = match sources::handshake(&source, req.query_string()) {
+        // The challenge is the sender's text echoed back: never let a browser sniff it as HTML.
         Ok(challenge) => HttpResponse::Ok()
-            .content_type("text/plain")
+            .content_type("text/plain; charset=utf-8")
+            .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
             .body(challenge),
         Err(e) => {
             e.log(&source.id);
             e.json_response()
         }
-    }
+    };
+    add_cors(&req, &source, response.headers_mut());
+    response
 }
 
 /// `GET /thanks`: the built-in thank-you page.
@@ -420,4 +513,66 @@ pub async fn thanks() -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
         .content_type("text/html; charset=utf-8")
         .body(super::pages::thanks_page().into_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(
+        parts: &[&'static [u8]],
+    ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Unpin {
+        futures_util::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_buffer_does_not_grow_to_the_declared_length_before_bytes_arrive() {
+        let declared = 1024 * 1024;
+        let body = collect_body(
+            chunks(&[b"name=Ana"]),
+            Some(declared),
+            declared,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&body[..], b"name=Ana");
+        assert!(
+            body.capacity() <= INITIAL_BODY_CAPACITY,
+            "a 1 MiB Content-Length reserved {} bytes",
+            body.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_never_ends_is_cut_off_at_the_deadline() {
+        let pending = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        let started = std::time::Instant::now();
+        let error = collect_body(pending, Some(100), 1024, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, IngestError::BodyTimeout { .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_beyond_the_limit_is_refused_before_reading() {
+        let pending = futures_util::stream::pending::<Result<Bytes, std::convert::Infallible>>();
+        let error = collect_body(pending, Some(2048), 1024, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, IngestError::TooLarge { limit: 1024 }),
+            "{error:?}"
+        );
+    }
 }

@@ -11,8 +11,11 @@ pub mod sandbox;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use actix_web::{HttpResponse, web};
+use actix_web::dev::ResourceDef;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
 use ipnet::IpNet;
 
 use crate::config::Sources;
@@ -39,6 +42,8 @@ pub struct AppState {
     /// `LEADGATE_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
     pub metrics_token: Option<SecretString>,
     pub metrics: PrometheusHandle,
+    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive.
+    pub body_timeout: Duration,
     accepting: AtomicBool,
 }
 
@@ -50,6 +55,7 @@ pub struct StateOptions {
     pub ingest: bool,
     pub admin_token: Option<SecretString>,
     pub metrics_token: Option<SecretString>,
+    pub body_timeout: Duration,
 }
 
 impl AppState {
@@ -66,6 +72,7 @@ impl AppState {
             admin_token: options.admin_token,
             metrics_token: options.metrics_token,
             metrics: crate::telemetry::metric::install(),
+            body_timeout: options.body_timeout,
             accepting: AtomicBool::new(true),
         }
     }
@@ -99,7 +106,9 @@ routes! {
     OPTIONS "/in/{source_id}" => ingest::preflight,
     GET "/thanks" => ingest::thanks,
     GET "/healthz" => health::healthz,
+    HEAD "/healthz" => health::healthz,
     GET "/readyz" => health::readyz,
+    HEAD "/readyz" => health::readyz,
     GET "/metrics" => health::metrics,
     GET "/admin/stats" => admin::stats,
     GET "/admin/leads/{id}" => admin::lead,
@@ -117,8 +126,37 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
     move |cfg| {
         cfg.app_data(state);
         register(cfg);
-        cfg.default_service(web::to(not_found));
+        cfg.default_service(web::to(fallback));
     }
+}
+
+/// What no route answers: `405 method_not_allowed` with `Allow` when the path is served for
+/// other methods, `404 not_found` when it is not served at all.
+async fn fallback(req: HttpRequest) -> HttpResponse {
+    let mut allowed: Vec<&str> = Vec::new();
+    for (method, path) in ROUTES {
+        if !allowed.contains(method) && ResourceDef::new(*path).is_match(req.path()) {
+            allowed.push(method);
+        }
+    }
+    if allowed.is_empty() {
+        return not_found().await;
+    }
+    let allow = allowed.join(", ");
+    let method: String = req.method().as_str().chars().take(20).collect();
+    let mut response = HttpResponse::MethodNotAllowed();
+    response.insert_header((header::ALLOW, allow.as_str()));
+    if req.path().starts_with("/in/") {
+        // The sources' routes answer pages (CORS): keep caches from mixing origins here too.
+        response.insert_header((header::VARY, "Origin"));
+    }
+    response.json(ErrorBody {
+        error: ErrorDetail {
+            code: "method_not_allowed",
+            message: format!("this route does not take {method}; it takes {allow}"),
+            fields: None,
+        },
+    })
 }
 
 async fn not_found() -> HttpResponse {

@@ -8,14 +8,17 @@
 //! field that browsers fill in. Labels are read as the WHATWG Encoding Standard reads them
 //! (`encoding_rs`), so `iso-8859-1` means windows-1252, as it does in every browser.
 //!
-//! JSON numbers: `serde_json` is used without `arbitrary_precision` (that feature changes how
-//! numbers travel through `#[serde(untagged)]` and `flatten`, which other parsers in this crate
-//! may rely on). Integers that fit in 64 bits — every Meta or Google id, phone numbers written as
-//! numbers — keep all their digits; decimals are written back in their shortest exact form
-//! (`1.50` → `1.5`); integers beyond 64 bits lose digits. JSON object keys keep their order
-//! (`serde_json`'s `preserve_order`), so fields reach the mapping in the order they were sent.
+//! JSON numbers are kept exactly as written: a number arrives as a JSON *string* holding its
+//! text (`18446744073709551616123`, `1e3`, `1.50`), so every reader turns it into the same text
+//! the sender wrote, and ids beyond 2^53 or 2^64 keep every digit. `serde_json`'s
+//! `arbitrary_precision` would do the same inside `Value`, but it is a crate-wide feature that
+//! changes how numbers travel through `#[serde(untagged)]` and `flatten` in every crate that
+//! uses `serde_json` (the test suite's CDP client among them), so [`parse_json`] reads the
+//! number text itself. JSON object keys keep their order (`serde_json`'s `preserve_order`), so
+//! fields reach the mapping in the order they were sent.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -67,8 +70,12 @@ pub enum BodyError {
     UnsupportedMediaType { given: Option<String> },
     #[error("{message}")]
     Malformed { message: String },
+    /// `fields` names the culprits, when there are some, with a message for each.
     #[error("{message}")]
-    TooLarge { message: String },
+    TooLarge {
+        message: String,
+        fields: BTreeMap<String, Vec<String>>,
+    },
 }
 
 impl BodyError {
@@ -90,6 +97,7 @@ impl BodyError {
     fn too_large(message: impl Into<String>) -> Self {
         BodyError::TooLarge {
             message: message.into(),
+            fields: BTreeMap::new(),
         }
     }
 }
@@ -379,19 +387,169 @@ fn too_many_fields(limits: &BodyLimits) -> BodyError {
 }
 
 fn field_too_large(name: &str, limit: usize) -> BodyError {
-    let name: String = name.chars().take(60).collect();
-    BodyError::too_large(format!("field {name:?} is longer than {limit} bytes"))
+    let name = shown_name(name);
+    let sentence = format!("is longer than {limit} bytes");
+    BodyError::TooLarge {
+        message: format!("field {name:?} {sentence}"),
+        fields: BTreeMap::from([(name, vec![sentence])]),
+    }
 }
 
-/// Parses a JSON body (RFC 8259: UTF-8; a leading byte order mark is tolerated).
+/// A sender's field name as errors show it: at most 60 characters, however long it was.
+fn shown_name(name: &str) -> String {
+    name.chars().take(60).collect()
+}
+
+/// Parses a JSON body (RFC 8259: UTF-8; a leading byte order mark is tolerated). Numbers come
+/// back as strings of their exact text (see the module notes).
 pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    // serde_json's syntax errors name the line and column and never quote the input.
-    serde_json::from_slice(body)
-        .map_err(|error| BodyError::malformed(format!("the JSON body is not valid: {error}")))
+    // serde_json checks the syntax (its errors name the line and column and never quote the
+    // input, and it bounds the nesting); the tree is then built from the checked text.
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map_err(|error| BodyError::malformed(format!("the JSON body is not valid: {error}")))?;
+    ExactJson { text: body, at: 0 }.value()
 }
 
-/// Reads a flat JSON object as fields: strings, numbers (their digits, see the module notes),
+/// Builds a `Value` from JSON text that serde_json has already checked, keeping each number's
+/// text. Every step still checks what it reads, so a mismatch is an error, never a panic.
+struct ExactJson<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl ExactJson<'_> {
+    fn value(&mut self) -> Result<Value, BodyError> {
+        match self.peek()? {
+            b'{' => {
+                self.at += 1;
+                let mut object = serde_json::Map::new();
+                if self.peek()? == b'}' {
+                    self.at += 1;
+                    return Ok(Value::Object(object));
+                }
+                loop {
+                    let key = self.string()?;
+                    self.expect(b':')?;
+                    let value = self.value()?;
+                    // A repeated key keeps its first place and its last value, as serde_json does.
+                    object.insert(key, value);
+                    match self.next()? {
+                        b',' => continue,
+                        b'}' => return Ok(Value::Object(object)),
+                        _ => return Err(Self::broken()),
+                    }
+                }
+            }
+            b'[' => {
+                self.at += 1;
+                let mut items = Vec::new();
+                if self.peek()? == b']' {
+                    self.at += 1;
+                    return Ok(Value::Array(items));
+                }
+                loop {
+                    items.push(self.value()?);
+                    match self.next()? {
+                        b',' => continue,
+                        b']' => return Ok(Value::Array(items)),
+                        _ => return Err(Self::broken()),
+                    }
+                }
+            }
+            b'"' => self.string().map(Value::String),
+            b't' => self.literal(b"true", Value::Bool(true)),
+            b'f' => self.literal(b"false", Value::Bool(false)),
+            b'n' => self.literal(b"null", Value::Null),
+            _ => {
+                let start = self.at;
+                while self
+                    .text
+                    .get(self.at)
+                    .is_some_and(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                {
+                    self.at += 1;
+                }
+                match std::str::from_utf8(&self.text[start..self.at]) {
+                    Ok(number) if !number.is_empty() => Ok(Value::String(number.to_owned())),
+                    _ => Err(Self::broken()),
+                }
+            }
+        }
+    }
+
+    /// A string token, unescaped.
+    fn string(&mut self) -> Result<String, BodyError> {
+        if self.peek()? != b'"' {
+            return Err(Self::broken());
+        }
+        let start = self.at;
+        self.at += 1;
+        let mut escaped = false;
+        loop {
+            match self.text.get(self.at) {
+                None => return Err(Self::broken()),
+                Some(b'\\') => {
+                    escaped = true;
+                    self.at += 2;
+                }
+                Some(b'"') => break,
+                Some(_) => self.at += 1,
+            }
+        }
+        self.at += 1;
+        let token = &self.text[start..self.at];
+        let text = if escaped {
+            serde_json::from_slice::<String>(token).map_err(|_| Self::broken())?
+        } else {
+            std::str::from_utf8(&token[1..token.len() - 1])
+                .map_err(|_| BodyError::malformed("the JSON body is not valid UTF-8"))?
+                .to_owned()
+        };
+        Ok(text)
+    }
+
+    fn literal(&mut self, word: &[u8], value: Value) -> Result<Value, BodyError> {
+        if self.text[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(value)
+        } else {
+            Err(Self::broken())
+        }
+    }
+
+    /// The next byte that is not whitespace, left unread.
+    fn peek(&mut self) -> Result<u8, BodyError> {
+        while self
+            .text
+            .get(self.at)
+            .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            self.at += 1;
+        }
+        self.text.get(self.at).copied().ok_or_else(Self::broken)
+    }
+
+    fn next(&mut self) -> Result<u8, BodyError> {
+        let byte = self.peek()?;
+        self.at += 1;
+        Ok(byte)
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), BodyError> {
+        if self.next()? == byte {
+            Ok(())
+        } else {
+            Err(Self::broken())
+        }
+    }
+
+    fn broken() -> BodyError {
+        BodyError::malformed("the JSON body is not valid")
+    }
+}
+
+/// Reads a flat JSON object as fields: strings, numbers (as written, see the module notes),
 /// booleans (`true`/`false`), `null` (absent), or arrays of those (one value per element).
 /// Nested objects and arrays are refused, naming the field.
 pub fn json_to_fields(value: &Value, limits: &BodyLimits) -> Result<Inbound, BodyError> {
@@ -435,6 +593,76 @@ pub fn json_to_fields(value: &Value, limits: &BodyLimits) -> Result<Inbound, Bod
         }
     }
     Ok(inbound)
+}
+
+/// Applies the caps of [`json_to_fields`] to a body in Leadsin's own shape, so that shape is no
+/// way around them: every top-level value and every entry of a list (`Email`, `Phone`, `Extra`)
+/// counts as one field, and every key and every text inside (an `Extra` entry's `Value`, an
+/// `Email` entry's `Address`, …) is bounded like a field's name or value. Culprits are named
+/// by their path (`Extra[3].Value`); values are never echoed.
+pub fn check_leadsin_limits(value: &Value, limits: &BodyLimits) -> Result<(), BodyError> {
+    let Value::Object(object) = value else {
+        return Ok(());
+    };
+    let count: usize = object
+        .values()
+        .map(|value| match value {
+            Value::Null => 0,
+            Value::Array(items) => items.len(),
+            _ => 1,
+        })
+        .sum();
+    if count > limits.max_fields {
+        let fields = object
+            .iter()
+            .filter_map(|(key, value)| match value {
+                Value::Array(items) if !items.is_empty() => Some((
+                    shown_name(key),
+                    vec![format!(
+                        "has {} entries; a body carries at most {} fields in all",
+                        items.len(),
+                        limits.max_fields
+                    )],
+                )),
+                _ => None,
+            })
+            .collect();
+        return Err(BodyError::TooLarge {
+            message: format!(
+                "the body has {count} fields (values and list entries); at most {} are accepted",
+                limits.max_fields
+            ),
+            fields,
+        });
+    }
+    for (key, value) in object {
+        check_texts(key, key, value, limits)?;
+    }
+    Ok(())
+}
+
+/// Bounds `key` and every key and text under `value`, which sits at `path`.
+fn check_texts(path: &str, key: &str, value: &Value, limits: &BodyLimits) -> Result<(), BodyError> {
+    if key.len() > limits.max_field_bytes {
+        return Err(field_too_large(path, limits.max_field_bytes));
+    }
+    match value {
+        Value::String(text) if text.len() > limits.max_field_bytes => {
+            Err(field_too_large(path, limits.max_field_bytes))
+        }
+        Value::Array(items) => items.iter().enumerate().try_for_each(|(index, item)| {
+            check_texts(&format!("{}[{index}]", shown_name(path)), "", item, limits)
+        }),
+        Value::Object(entry) => entry.iter().try_for_each(|(name, item)| {
+            check_texts(
+                &format!("{}.{}", shown_name(path), shown_name(name)),
+                name,
+                item,
+                limits,
+            )
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -590,7 +818,7 @@ mod tests {
             ..limits()
         };
         let error = decode_urlencoded(b"note=12345", None, &small).unwrap_err();
-        assert!(matches!(&error, BodyError::TooLarge { message } if message.contains("note")));
+        assert!(matches!(&error, BodyError::TooLarge { message, .. } if message.contains("note")));
     }
 
     #[tokio::test]
@@ -701,7 +929,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, BodyError::TooLarge { message } if message.contains("photo")),
+            matches!(&error, BodyError::TooLarge { message, .. } if message.contains("photo")),
             "{error}"
         );
     }
@@ -794,8 +1022,8 @@ mod tests {
 
     #[test]
     fn json_with_a_byte_order_mark_is_accepted() {
-        let value = parse_json(b"\xEF\xBB\xBF{\"a\":1}").unwrap();
-        assert_eq!(value, serde_json::json!({"a": 1}));
+        let value = parse_json(b"\xEF\xBB\xBF{\"a\":\"1\"}").unwrap();
+        assert_eq!(value, serde_json::json!({"a": "1"}));
     }
 
     #[tokio::test]
@@ -817,7 +1045,8 @@ mod tests {
     fn flat_json_numbers_booleans_nulls_and_lists_become_fields() {
         let value = parse_json(
             r#"{"name":"Zoë","age":42,"big":9007199254740993,"id":18446744073709551615,
-                "neg":-7,"ratio":1.5,"ok":true,"gone":null,"tags":["a",2,false,null],"none":[]}"#
+                "neg":-7,"ratio":1.5,"ok":true,"gone":null,"tags":["a",2,false,null],"none":[],
+                "huge":18446744073709551616123,"exp":1e3,"cents":1.50,"tiny":-2.5E-7}"#
                 .as_bytes(),
         )
         .unwrap();
@@ -830,6 +1059,10 @@ mod tests {
         assert_eq!(values(&inbound, "ratio"), ["1.5"]);
         assert_eq!(values(&inbound, "ok"), ["true"]);
         assert_eq!(values(&inbound, "tags"), ["a", "2", "false"]);
+        assert_eq!(values(&inbound, "huge"), ["18446744073709551616123"]);
+        assert_eq!(values(&inbound, "exp"), ["1e3"]);
+        assert_eq!(values(&inbound, "cents"), ["1.50"]);
+        assert_eq!(values(&inbound, "tiny"), ["-2.5E-7"]);
         assert!(inbound.get("gone").is_none());
         assert!(inbound.get("none").is_none());
     }
@@ -876,5 +1109,79 @@ mod tests {
         let value = serde_json::json!({"a": ["1", "2"], "b": "3", "c": "4"});
         let error = json_to_fields(&value, &small).unwrap_err();
         assert_eq!(error.code(), "body_too_large");
+    }
+
+    #[test]
+    fn leadsin_shaped_json_has_the_same_caps_as_flat_fields() {
+        let small = BodyLimits {
+            max_fields: 4,
+            max_field_bytes: 10,
+            ..limits()
+        };
+        let fits = serde_json::json!({"FirstName": "Ana", "LastName": "Ruiz",
+            "Extra": [{"ID": "1", "Value": "1234567890"}, {"ID": "2", "Value": "x"}]});
+        assert_eq!(check_leadsin_limits(&fits, &small), Ok(()));
+
+        let long_value = serde_json::json!({"FirstName": "Ana",
+            "Extra": [{"ID": "1", "Value": "x"}, {"ID": "2", "Value": "12345678901"}]});
+        let BodyError::TooLarge { message, fields } =
+            check_leadsin_limits(&long_value, &small).unwrap_err()
+        else {
+            panic!("expected too large");
+        };
+        assert!(message.contains("Extra[1].Value"), "{message}");
+        assert_eq!(
+            fields,
+            BTreeMap::from([(
+                "Extra[1].Value".to_owned(),
+                vec!["is longer than 10 bytes".to_owned()]
+            )])
+        );
+        assert!(
+            !message.contains("12345678901"),
+            "values are not echoed: {message}"
+        );
+
+        let long_key = serde_json::json!({"FirstName": "Ana", "Email": [{"Address1234": "a"}]});
+        let error = check_leadsin_limits(&long_key, &small).unwrap_err();
+        assert!(
+            error.to_string().contains("Email[0].Address1234"),
+            "{error}"
+        );
+
+        let many = serde_json::json!({"FirstName": "Ana", "LastName": "Ruiz",
+            "Extra": [{"ID": "1"}, {"ID": "2"}, {"ID": "3"}]});
+        let BodyError::TooLarge { fields, .. } = check_leadsin_limits(&many, &small).unwrap_err()
+        else {
+            panic!("expected too large");
+        };
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["Extra"]);
+        assert!(fields["Extra"][0].contains("3 entries"), "{fields:?}");
+    }
+
+    #[test]
+    fn json_is_read_exactly_with_escapes_nesting_whitespace_and_repeated_keys() {
+        let text = "{ \"a\" : [ 1 , { \"b\":\"caf\\u00e9 \\\"q\\\" \\\\\" } , [ ] , { } , true , false , null ] ,\n\t\"k\":\"x\", \"k\":2 , \"é\": -0.0 }";
+        let value = parse_json(text.as_bytes()).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"a": ["1", {"b": "café \"q\" \\"}, [], {}, true, false, null],
+                "k": "2", "é": "-0.0"})
+        );
+        let keys: Vec<_> = value.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["a", "k", "é"]);
+        for scalar in ["42", "\"text\"", "true", "null", " [ ] "] {
+            assert!(parse_json(scalar.as_bytes()).is_ok(), "{scalar}");
+        }
+    }
+
+    #[test]
+    fn invalid_json_is_refused_before_the_exact_reading() {
+        for text in ["{\"a\":1,}", "[1 2]", "{\"a\":01}", "\"\\x\"", "1 2", ""] {
+            let error = parse_json(text.as_bytes()).unwrap_err();
+            assert_eq!(error.code(), "malformed_body", "{text:?}");
+        }
+        let error = parse_json(b"{\"a\":\"\xff\"}").unwrap_err();
+        assert_eq!(error.code(), "malformed_body");
     }
 }

@@ -11,30 +11,31 @@ use crate::error::IngestError;
 pub fn verify(source: &Source, submission: &Submission<Unverified>) -> Result<(), IngestError> {
     match submission.header("origin") {
         None => Ok(()),
-        Some(origin) if is_allowed(source, origin, submission.own_host.as_deref()) => Ok(()),
+        Some(origin) if is_allowed(source, origin, submission.own_origin.as_deref()) => Ok(()),
         Some(origin) => Err(IngestError::OriginNotAllowed(origin.to_owned())),
     }
 }
 
-/// Whether a page at `origin` may post to `source`: allow-listed, or on the gateway's own host
-/// (the demo page, a form served by the same host).
-pub fn is_allowed(source: &Source, origin: &str, own_host: Option<&str>) -> bool {
-    source.allows_origin(origin) || is_allowed_host(origin, own_host)
+/// Whether a page at `origin` may post to `source`: allow-listed, or on the gateway's own
+/// origin (the demo page, a form served by the same host).
+pub fn is_allowed(source: &Source, origin: &str, own_origin: Option<&str>) -> bool {
+    source.allows_origin(origin) || is_own_origin(origin, own_origin)
 }
 
-/// Whether `origin` is the gateway's own host.
-pub fn is_allowed_host(origin: &str, own_host: Option<&str>) -> bool {
-    own_host.is_some_and(|own| origin_host(origin).as_deref() == Some(own))
-}
-
-/// `https://Example.com:8443` → `example.com:8443`; default ports are left out, as in `Host`.
-fn origin_host(origin: &str) -> Option<String> {
-    let url = reqwest::Url::parse(origin).ok()?;
-    let host = url.host_str()?.to_ascii_lowercase();
-    Some(match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host,
-    })
+/// Whether `origin` is the gateway's own: the same scheme, host and port (a default port
+/// written or not). A page served over `http` is not the gateway's `https` origin, nor is
+/// another port on the same host.
+pub fn is_own_origin(origin: &str, own_origin: Option<&str>) -> bool {
+    let tuple = |text: &str| {
+        reqwest::Url::parse(text)
+            .ok()
+            .map(|url| url.origin())
+            .filter(|origin| origin.is_tuple())
+    };
+    match (tuple(origin), own_origin.and_then(tuple)) {
+        (Some(origin), Some(own)) => origin == own,
+        _ => false,
+    }
 }
 
 pub async fn parse(
@@ -67,34 +68,53 @@ mod tests {
     }
 
     #[test]
-    fn allow_listed_and_same_host_origins_may_post() {
+    fn allow_listed_and_own_origins_may_post() {
         let source = source();
         assert!(is_allowed(&source, "https://www.example.com", None));
         assert!(is_allowed(
             &source,
             "http://127.0.0.1:8080",
-            Some("127.0.0.1:8080")
+            Some("http://127.0.0.1:8080")
         ));
         assert!(is_allowed(
             &source,
-            "https://leads.example.com",
-            Some("leads.example.com")
+            "https://Leads.example.com",
+            Some("https://leads.example.com")
+        ));
+        assert!(is_allowed(
+            &source,
+            "https://leads.example.com:443",
+            Some("https://leads.example.com")
         ));
     }
 
     #[test]
-    fn other_origins_and_ports_may_not() {
+    fn other_origins_schemes_and_ports_may_not() {
         let source = source();
         assert!(!is_allowed(
             &source,
             "https://evil.example",
-            Some("127.0.0.1:8080")
+            Some("http://127.0.0.1:8080")
         ));
         assert!(!is_allowed(
             &source,
             "http://127.0.0.1:9999",
-            Some("127.0.0.1:8080")
+            Some("http://127.0.0.1:8080")
         ));
-        assert!(!is_allowed(&source, "null", Some("127.0.0.1:8080")));
+        assert!(
+            !is_allowed(
+                &source,
+                "http://leads.example.com",
+                Some("https://leads.example.com")
+            ),
+            "the same host over another scheme is another origin"
+        );
+        assert!(!is_allowed(
+            &source,
+            "https://leads.example.com:8443",
+            Some("https://leads.example.com")
+        ));
+        assert!(!is_allowed(&source, "null", Some("http://127.0.0.1:8080")));
+        assert!(!is_allowed(&source, "http://127.0.0.1:8080", None));
     }
 }

@@ -30,19 +30,20 @@ pub struct Verified;
 pub struct Submission<State> {
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// The request's `Host` (`host[:port]`), to recognise same-origin posts.
-    pub own_host: Option<String>,
+    /// The gateway's own origin as this request reached it (`https://leads.example.com`), to
+    /// recognise same-origin posts.
+    pub own_origin: Option<String>,
     /// The raw query string (without `?`): webhooks may carry their shared key as `?key=…`.
     pub query: String,
     state: PhantomData<State>,
 }
 
 impl Submission<Unverified> {
-    pub fn new(headers: HeaderMap, body: Bytes, own_host: Option<String>) -> Self {
+    pub fn new(headers: HeaderMap, body: Bytes, own_origin: Option<String>) -> Self {
         Self {
             headers,
             body,
-            own_host,
+            own_origin,
             query: String::new(),
             state: PhantomData,
         }
@@ -58,7 +59,7 @@ impl Submission<Unverified> {
         Submission {
             headers: self.headers,
             body: self.body,
-            own_host: self.own_host,
+            own_origin: self.own_origin,
             query: self.query,
             state: PhantomData,
         }

@@ -54,7 +54,8 @@ pub async fn parse(
     .await
     .map_err(IngestError::from)?;
     match decoded {
-        body::Decoded::Json(value) if mapping::looks_like_leadsin(&value) => {
+        body::Decoded::Json(value) if mapping::looks_like_leadsin(&value, &source.mapping) => {
+            body::check_leadsin_limits(&value, &body_limits(source))?;
             Ok(Content::Leadsin(value))
         }
         body::Decoded::Json(value) => Ok(Content::Fields(

@@ -401,10 +401,15 @@ async fn a_preflight_from_a_foreign_origin_is_refused_without_allow_origin() {
         let body: Value = refused.json().await.unwrap();
         assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
     }
-    // An allowed page asking for another method than POST is not granted a method either.
+    // An allowed page asking for another method than POST is not granted it: it is told the
+    // methods it may use, which do not include the one it asked for.
     let other_method = preflight(&app, "https://www.example.com", "DELETE").await;
-    assert_eq!(other_method.status(), 403);
-    assert!(header_values(&other_method, "access-control-allow-methods").is_empty());
+    assert_eq!(other_method.status(), 405);
+    assert_eq!(
+        header_values(&other_method, "access-control-allow-methods"),
+        ["POST, OPTIONS"]
+    );
+    assert_eq!(header_values(&other_method, "allow"), ["POST, OPTIONS"]);
     assert_eq!(header_values(&other_method, "vary"), ["Origin"]);
 }
 
@@ -454,4 +459,38 @@ async fn answers_echo_only_an_allowed_origin_and_always_vary_on_origin() {
     assert!(header_values(&no_origin, "access-control-allow-origin").is_empty());
     assert_eq!(header_values(&no_origin, "vary"), ["Origin"]);
     app.received(2).await;
+}
+
+#[tokio::test]
+async fn control_characters_are_stripped_and_cannot_forge_lines_in_the_unmapped_note() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .post_form(
+            "website",
+            &[
+                ("name", "Ana\u{0} María\r\nLópez"),
+                ("email", "ana@example.com\u{7}"),
+                ("company", "Acme\tLtd\u{9b}"),
+                ("budget", "10k\r\n50k"),
+                ("message", "Hello\r\nutm_campaign: forged\u{85}x"),
+                ("evil\nkey", "v"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 303);
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(
+        *lead,
+        json!({
+            "FirstName": "Ana",
+            "LastName": "María López",
+            "Email": [{"Address": "ana@example.com", "Type": "work"}],
+            "OrgName": "Acme Ltd",
+            "Extra": [
+                {"ID": "1111111", "Value": "10k\n50k"},
+                {"ID": "3333333", "Value": "Website form"},
+                {"ID": "4444444", "Value": "message: Hello utm_campaign: forged x\nevil key: v"}
+            ]
+        })
+    );
 }

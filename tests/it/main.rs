@@ -2,10 +2,12 @@
 //! simulator over HTTPS, a real `redis-server` per test, a real headless Chromium. Shared
 //! set-up lives in `helpers`, named after what tests do with it.
 
+mod abuse;
 mod admin;
 mod bad_input;
 mod browser;
 mod cli;
+mod cors;
 mod delivery;
 mod durability;
 mod egress;
@@ -17,6 +19,7 @@ mod meta;
 mod metrics;
 mod metrics_series;
 mod openapi;
+mod partner;
 mod privacy;
 mod queue_contract;
 mod redis_modes;

@@ -191,6 +191,11 @@ async fn meta_handshake_with_the_verify_token_answers_the_challenge_as_plain_tex
         .unwrap()
         .to_owned();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert_eq!(
+        response.headers()["x-content-type-options"],
+        "nosniff",
+        "an echoed challenge is never sniffed into HTML"
+    );
     assert_eq!(response.text().await.unwrap(), "1158201444");
 }
 

@@ -1,0 +1,127 @@
+//! Senders that try to hold the gateway's memory or dodge its limits: bodies that trickle in,
+//! and addresses written so they would land in a fresh rate-limit bucket.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::app::TestApp;
+
+/// Reads whatever the gateway answers until it closes the connection, or `limit` passes.
+async fn read_answer(stream: &mut (impl AsyncReadExt + Unpin), limit: Duration) -> String {
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_trickling_in_is_answered_408_at_the_deadline_and_nothing_is_queued() {
+    let app = TestApp::spawn_with(&crate::helpers::app::default_sources(), |env| {
+        env.set("LEADGATE_BODY_TIMEOUT", "1s");
+    })
+    .await;
+    let addr = app.gateway().addr();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let head = format!(
+        "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Accept: application/json\r\nContent-Length: 60000\r\n\r\nname=Ana+Ruiz&message="
+    );
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+
+    // One byte every 100 ms: each arrives well within any per-read timeout, but the whole
+    // body never would.
+    let trickle = tokio::spawn(async move {
+        while started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if writer.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    });
+    let answer = read_answer(&mut reader, Duration::from_secs(8)).await;
+    let elapsed = started.elapsed();
+    trickle.abort();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_timeout\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
+    let stats = app.stats().await;
+    assert_eq!(stats.ready + stats.leased + stats.delayed, 0, "{stats:?}");
+    assert!(app.sim.received().is_empty());
+
+    // The gateway still serves everyone else.
+    let ok = app
+        .post_json("website", &serde_json::json!({"name": "Ana Ruiz"}))
+        .await;
+    assert_eq!(ok.status(), 202);
+}
+
+/// The default sources with the website form limited to 2 requests a minute per client, behind
+/// a trusted proxy on loopback.
+async fn behind_a_proxy_two_per_minute() -> TestApp {
+    let sources = crate::helpers::app::default_sources().replacen(
+        "per_ip = \"off\"\ntotal = \"off\"",
+        "per_ip = \"2/minute\"\ntotal = \"off\"",
+        1,
+    );
+    TestApp::spawn_with(&sources, |env| {
+        env.set("LEADGATE_TRUSTED_PROXIES", "127.0.0.1/32");
+    })
+    .await
+}
+
+async fn status_forwarded_for(app: &TestApp, client: &str) -> u16 {
+    app.http
+        .post(app.url("/in/website"))
+        .header("x-forwarded-for", client)
+        .json(&serde_json::json!({"name": "Ana Ruiz"}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn ipv6_clients_share_a_budget_per_64_whatever_address_they_pick() {
+    let app = behind_a_proxy_two_per_minute().await;
+    assert_eq!(status_forwarded_for(&app, "2001:db8:1:2::1").await, 202);
+    assert_eq!(
+        status_forwarded_for(&app, "[2001:db8:1:2::ffff]:443").await,
+        202
+    );
+    assert_eq!(
+        status_forwarded_for(&app, "2001:db8:1:2:abcd:ef01:2345:6789").await,
+        429,
+        "a third address in the same /64 is the same client"
+    );
+    assert_eq!(
+        status_forwarded_for(&app, "2001:db8:1:3::1").await,
+        202,
+        "another /64 is another client"
+    );
+    app.received(3).await;
+}
+
+#[tokio::test]
+async fn an_ipv4_client_written_with_a_port_or_as_mapped_ipv6_is_one_client() {
+    let app = behind_a_proxy_two_per_minute().await;
+    assert_eq!(status_forwarded_for(&app, "198.51.100.9:5555").await, 202);
+    assert_eq!(status_forwarded_for(&app, "::ffff:198.51.100.9").await, 202);
+    assert_eq!(
+        status_forwarded_for(&app, "[::ffff:198.51.100.9]:80").await,
+        429
+    );
+    // The forwarded client was read, not the proxy: another client still has its budget.
+    assert_eq!(status_forwarded_for(&app, "198.51.100.10:1").await, 202);
+    app.received(3).await;
+}
