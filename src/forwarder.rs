@@ -425,10 +425,10 @@ impl Forwarder {
                 }
                 continue;
             }
-            let leases = tokio::select! {
-                leases = this.queue.lease(free, LEASE_WAIT) => leases,
-                _ = shutdown.changed() => continue,
-            };
+            // Not raced against shutdown: a lease call dropped half-way may already have taken
+            // leads (Redis's XREADGROUP, the SQLite writer), which would then wait out the lease
+            // timeout. It returns within LEASE_WAIT; what it took at shutdown is handed back.
+            let leases = this.queue.lease(free, LEASE_WAIT).await;
             let leases = match leases {
                 Ok(leases) => leases,
                 Err(e) => {
@@ -437,11 +437,16 @@ impl Forwarder {
                     continue;
                 }
             };
-            if this.state.is_paused() {
-                // Paused while this lease call waited: hand the leads back untouched.
+            if this.state.is_paused() || *shutdown.borrow() {
+                // Paused, or told to stop, while this lease call waited: hand the leads back
+                // untouched, for another replica or the next start.
+                let why = if *shutdown.borrow() {
+                    "released at shutdown"
+                } else {
+                    "delivery paused"
+                };
                 for lease in leases {
-                    this.put_back(lease, Duration::ZERO, "delivery paused".to_owned())
-                        .await;
+                    this.put_back(lease, Duration::ZERO, why.to_owned()).await;
                 }
                 continue;
             }

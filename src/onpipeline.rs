@@ -205,7 +205,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
             .chars()
             .take(300)
             .collect::<String>();
-        let reason = format!("Onpipeline error {code}: {message}");
+        let reason = format!("Onpipeline error {code}: {}", mask_contacts(&message));
         return match code {
             409 => Outcome::Duplicate,
             400 | 406 | 413 | 422 => Outcome::Rejected {
@@ -269,13 +269,107 @@ fn snippet(body: &[u8]) -> String {
     if line.is_empty() {
         "empty body".to_owned()
     } else {
-        line
+        mask_contacts(&line)
     }
+}
+
+/// Masks what looks like an email address or a phone number in Onpipeline's free text (its
+/// `Error.Message`, a proxy's page), which may quote the lead: reasons are logged, stored with
+/// dead letters and shown by the admin API. A word with an `@` is an address; a run of digits
+/// and phone punctuation holding 7 or more digits is a number (dates and times may be masked
+/// too, which costs nothing here).
+fn mask_contacts(text: &str) -> String {
+    let is_phone_char =
+        |c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '(' | ')' | '.' | ' ');
+    let is_word_break = |c: char| {
+        c.is_whitespace()
+            || matches!(
+                c,
+                '<' | '>' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';' | ':' | '"' | '\'' | '='
+            )
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if is_word_break(c) && c != ' ' && c != '(' {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        // A word (up to the next break) holding an `@` is an address.
+        let word_end = rest.find(is_word_break).unwrap_or(rest.len());
+        let word = &rest[..word_end];
+        if let Some(at) = word.find('@')
+            && at > 0
+            && at + 1 < word.len()
+        {
+            out.push_str(&crate::telemetry::mask_email(word));
+            rest = &rest[word_end..];
+            continue;
+        }
+        if c.is_ascii_digit() || c == '+' || c == '(' {
+            let run_end = rest.find(|c: char| !is_phone_char(c)).unwrap_or(rest.len());
+            let run = rest[..run_end].trim_end_matches([' ', '-', '.', '(']);
+            if run.chars().filter(char::is_ascii_digit).count() >= 7 {
+                out.push_str(&crate::telemetry::mask_phone(run));
+                rest = &rest[run.len()..];
+                continue;
+            }
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emails_and_phone_numbers_in_onpipeline_s_text_are_masked() {
+        assert_eq!(
+            mask_contacts("Email leak.me@example.com is invalid, phone +44 7911 123456."),
+            "Email l***@example.com is invalid, phone +44********56."
+        );
+        assert_eq!(
+            mask_contacts("<html>leak2.me@example.com (020) 7946-0018</html>"),
+            "<html>l***@example.com (020) 7946-0018</html>".replace(
+                "(020) 7946-0018",
+                &crate::telemetry::mask_phone("(020) 7946-0018")
+            )
+        );
+        assert_eq!(
+            mask_contacts("Onpipeline error 406: FirstName is required"),
+            "Onpipeline error 406: FirstName is required"
+        );
+        let reason = match classify(
+            406,
+            None,
+            br#"{"Error":{"Code":406,"Message":"Email ana@example.com, phone 07911123456"}}"#,
+            now(),
+        ) {
+            Outcome::Rejected { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            !reason.contains("ana@example.com") && !reason.contains("07911123456"),
+            "{reason}"
+        );
+        let reason = match classify(
+            502,
+            None,
+            b"<h1>Bad gateway</h1> for bob@example.org",
+            now(),
+        ) {
+            Outcome::RetryLater { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            reason.contains("b***@example.org") && !reason.contains("bob@"),
+            "{reason}"
+        );
+    }
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
