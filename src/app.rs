@@ -276,13 +276,12 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.state.stop_accepting();
         let _ = self.shutdown.send(true);
-        if let Some(task) = self.forwarder_task {
-            if tokio::time::timeout(self.forwarder_stop, task)
+        if let Some(task) = self.forwarder_task
+            && tokio::time::timeout(self.forwarder_stop, task)
                 .await
                 .is_err()
-            {
-                warn!("The forwarder did not stop in time; unfinished leases will be redelivered.");
-            }
+        {
+            warn!("The forwarder did not stop in time; unfinished leases will be redelivered.");
         }
         for mut task in self.backfill {
             // A listing in flight only reads and enqueues (idempotently): cutting it is safe.
@@ -297,10 +296,10 @@ impl Gateway {
         self.server.stop(true).await;
         let _ = self.server_task.await;
         self.housekeeping.abort();
-        if let Some(sim) = self.simulator {
-            if let Ok(sim) = Arc::try_unwrap(sim) {
-                sim.stop().await;
-            }
+        if let Some(sim) = self.simulator
+            && let Ok(sim) = Arc::try_unwrap(sim)
+        {
+            sim.stop().await;
         }
     }
 }
@@ -314,7 +313,7 @@ async fn housekeeping(state: web::Data<AppState>) {
     loop {
         tick.tick().await;
         ticks += 1;
-        if ticks % 12 == 0 {
+        if ticks.is_multiple_of(12) {
             state.limiters.forget_idle();
         }
         match state.queue.stats().await {

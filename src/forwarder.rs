@@ -588,10 +588,10 @@ impl Forwarder {
                     AttemptOutcome::FetchFailed | AttemptOutcome::Replayed
                 )
             });
-            if let Some(source) = self.sources.get(&lease.lead.source) {
-                if !sent_before {
-                    crate::sources::note_repaired(source, &repaired);
-                }
+            if let Some(source) = self.sources.get(&lease.lead.source)
+                && !sent_before
+            {
+                crate::sources::note_repaired(source, &repaired);
             }
             work
         });

@@ -639,10 +639,10 @@ fn build(ctx: &Ctx<'_>, raw: RawSource) -> Result<Source, SourcesError> {
         ));
     }
 
-    if raw.kind.get_ref() != "facebook" {
-        if let Some((span, key)) = meta_keys(&raw) {
-            return Err(at(span, key, "only facebook sources take this key".into()));
-        }
+    if raw.kind.get_ref() != "facebook"
+        && let Some((span, key)) = meta_keys(&raw)
+    {
+        return Err(at(span, key, "only facebook sources take this key".into()));
     }
     let kind = match raw.kind.get_ref().as_str() {
         "facebook" => SourceKind::Facebook(Box::new(build_meta(ctx, &raw, &id)?)),

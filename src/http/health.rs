@@ -52,10 +52,10 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// `GET /metrics`: Prometheus text format. With `LEADGATE_METRICS_TOKEN` set it wants
 /// `Authorization: Bearer <token>`.
 pub async fn metrics(req: actix_web::HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Some(token) = &state.metrics_token {
-        if !super::admin::bearer_matches(&req, token) {
-            return super::admin::unauthorized();
-        }
+    if let Some(token) = &state.metrics_token
+        && !super::admin::bearer_matches(&req, token)
+    {
+        return super::admin::unauthorized();
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -99,16 +99,16 @@ impl Shared {
         peer_ip: IpAddr,
     ) -> Admission {
         let mut state = self.lock();
-        if state.settings.detect_duplicates {
-            if let Some(first) = state.seen.get(&canonical).cloned() {
-                state.repeats.push(RepeatedLead {
-                    lead_id: first,
-                    payload,
-                    peer_ip,
-                    at: Utc::now(),
-                });
-                return Admission::Duplicate;
-            }
+        if state.settings.detect_duplicates
+            && let Some(first) = state.seen.get(&canonical).cloned()
+        {
+            state.repeats.push(RepeatedLead {
+                lead_id: first,
+                payload,
+                peer_ip,
+                at: Utc::now(),
+            });
+            return Admission::Duplicate;
         }
         state.next_lead += 1;
         let lead_id = lead_id(state.next_lead);

@@ -281,10 +281,11 @@ pub fn inbound(lead: &MetaLeadRef, graph: &GraphLead, rules: &MappingRules) -> I
         ("is_organic", graph.is_organic.map(|b| b.to_string())),
     ];
     for (name, value) in metadata {
-        if let Some(value) = value {
-            if mapped(name) && inbound.get(name).is_none() {
-                inbound.push(name, value);
-            }
+        if let Some(value) = value
+            && mapped(name)
+            && inbound.get(name).is_none()
+        {
+            inbound.push(name, value);
         }
     }
     inbound

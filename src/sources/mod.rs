@@ -286,10 +286,10 @@ fn pick_name<'a>(source: &Source, candidates: &[Option<&'a str>]) -> Option<&'a 
 /// Platform metadata (ids, times) is offered to the mapping only under names the sources file
 /// maps, so it never clutters the unmapped-fields note.
 fn push_metadata(source: &Source, inbound: &mut Inbound, name: &str, value: Option<String>) {
-    if let Some(value) = value.filter(|v| !v.is_empty()) {
-        if is_mapped(source, name) {
-            inbound.push(name, value);
-        }
+    if let Some(value) = value.filter(|v| !v.is_empty())
+        && is_mapped(source, name)
+    {
+        inbound.push(name, value);
     }
 }
 

@@ -162,10 +162,10 @@ fn answer_text(answer: &Value) -> Option<String> {
             if let Some(other) = object.get("other").and_then(json_text) {
                 parts.push(other);
             }
-            if parts.is_empty() {
-                if let Some(amount) = object.get("amount").and_then(json_text) {
-                    parts.push(amount);
-                }
+            if parts.is_empty()
+                && let Some(amount) = object.get("amount").and_then(json_text)
+            {
+                parts.push(amount);
             }
             parts.join(", ")
         }

@@ -75,10 +75,10 @@ pub async fn parse(
     let mut fields = Inbound::new();
     let mut metadata: Vec<(&str, String)> = Vec::new();
     let mut note_metadata = |name: &'static str, value: Option<String>| {
-        if let Some(value) = value {
-            if !metadata.iter().any(|(n, _)| *n == name) {
-                metadata.push((name, value));
-            }
+        if let Some(value) = value
+            && !metadata.iter().any(|(n, _)| *n == name)
+        {
+            metadata.push((name, value));
         }
     };
     for name in METADATA {
