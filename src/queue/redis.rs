@@ -372,13 +372,25 @@ remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
+/// Numbers the replay from the history it appends to, in the same script: a history read
+/// before the call could be older than the one revived (another replica revived the lead and it
+/// died again in between). Same numbering as [`super::replay_entry`].
 const REVIVE_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
--- ARGV[1] lead id, ARGV[2] lead JSON with the new work, ARGV[3] the next attempt's number,
--- ARGV[4] the replay's Attempt JSON (appended to the history)
+-- ARGV[1] lead id, ARGV[2] lead JSON with the new work, ARGV[3] the replay's Attempt JSON
+-- (its number is set here; appended to the history)
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-append_history(KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', ARGV[3], 'lead', ARGV[2])
+local last = 0
+local history = redis.call('HGET', KEYS[2], 'history')
+if history and history ~= '' then
+  for _, attempt in ipairs(cjson.decode(history)) do
+    if tonumber(attempt.number) > last then last = tonumber(attempt.number) end
+  end
+end
+local entry = cjson.decode(ARGV[3])
+entry.number = last
+append_history(KEYS[2], cjson.encode(entry))
+redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', last + 1, 'lead', ARGV[2])
 redis.call('HDEL', KEYS[2], 'last_error', 'dead_reason', 'dead_at')
 redis.call('XADD', KEYS[1], '*', 'i', ARGV[1])
 return 1
@@ -1023,14 +1035,14 @@ impl RedisQueue {
     }
 
     pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
-        // The record's source and receipt time are fixed at enqueue, so reading them first
-        // cannot race with anything; the script re-checks that the dead letter is still there.
-        // The history, too, stays as read: nothing settles a dead letter.
+        // The lead's data but its work is fixed at enqueue, so reading it first cannot race;
+        // the script re-checks that the dead letter is still there and numbers the replay
+        // from the history it finds then.
         let Some(letter) = self.dead_letter(id).await? else {
             return Ok(false);
         };
         let replayed_at = Utc::now();
-        let (entry, next_attempt) = super::replay_entry(&letter.history, replayed_at);
+        let (entry, _) = super::replay_entry(&[], replayed_at);
         let lead = QueuedLead {
             work,
             replayed_at: Some(replayed_at),
@@ -1047,7 +1059,6 @@ impl RedisQueue {
                 .key(&keys.dead)
                 .arg(id.to_string())
                 .arg(to_json(&lead)?)
-                .arg(next_attempt)
                 .arg(to_json(&entry)?)
                 .invoke_async(&mut conn),
         )
