@@ -207,34 +207,6 @@ pub mod metric {
     /// paused it), else 0.
     pub const PAUSED: &str = "leadgate_delivery_paused";
 
-    /// The `outcome` labels of [`RECEIVED`] every source can have (`test` is Google's only).
-    const RECEIVED_OUTCOMES: [&str; 6] = [
-        "queued",
-        "duplicate",
-        "rejected",
-        "rate_limited",
-        "unauthorized",
-        "unavailable",
-    ];
-
-    /// The `outcome` and `status` labels of [`ATTEMPTS`] known in advance: the statuses
-    /// Onpipeline's reference documents for each outcome, plus 429 and `none` (no answer) for
-    /// retries. Other statuses appear when first met.
-    const KNOWN_ATTEMPTS: [(&str, &str); 12] = [
-        ("delivered", "200"),
-        ("delivered", "201"),
-        ("delivered", "202"),
-        ("duplicate", "409"),
-        ("rejected", "400"),
-        ("rejected", "406"),
-        ("paused", "401"),
-        ("paused", "403"),
-        ("paused", "404"),
-        ("retry", "500"),
-        ("retry", "429"),
-        ("retry", "none"),
-    ];
-
     /// Exports every series whose labels are known at start-up, at 0 when it has no value yet,
     /// so it exists before its first event: Prometheus' `increase()` misses the first count of
     /// a series born mid-window, and `absent()` cannot tell "nothing happened yet" from "not
@@ -243,7 +215,7 @@ pub mod metric {
         describe();
         for source in sources.iter() {
             let id = source.id.clone();
-            for outcome in RECEIVED_OUTCOMES {
+            for outcome in crate::error::IngestError::RECEIVED_OUTCOMES {
                 metrics::counter!(RECEIVED, "source" => id.clone(), "outcome" => outcome)
                     .increment(0);
             }
@@ -259,7 +231,7 @@ pub mod metric {
                 }
             }
         }
-        for (outcome, status) in KNOWN_ATTEMPTS {
+        for (outcome, status) in crate::onpipeline::known_attempt_labels() {
             metrics::counter!(ATTEMPTS, "outcome" => outcome, "status" => status).increment(0);
         }
         metrics::counter!(DEAD_LETTERED).increment(0);
