@@ -174,6 +174,18 @@ impl IngestError {
         }
     }
 
+    /// Every `outcome` label of the received-leads metric a source of any kind can have: a
+    /// lead queued, a duplicate, and each [`IngestError::outcome`] (tested to match; Google's
+    /// `test` is not in it). Start-up exports a series for each.
+    pub const RECEIVED_OUTCOMES: [&'static str; 6] = [
+        "queued",
+        "duplicate",
+        "rejected",
+        "rate_limited",
+        "unauthorized",
+        "unavailable",
+    ];
+
     /// The `outcome` label of the received-leads metric for this refusal.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -391,6 +403,24 @@ mod tests {
             }
         }
         errors
+    }
+
+    #[test]
+    fn every_refusal_s_metric_outcome_is_listed_in_received_outcomes_and_nothing_else_is() {
+        let produced: BTreeSet<&str> = one_of_each().iter().map(IngestError::outcome).collect();
+        let listed: BTreeSet<&str> = IngestError::RECEIVED_OUTCOMES.iter().copied().collect();
+        assert_eq!(listed.len(), IngestError::RECEIVED_OUTCOMES.len());
+        let missing: Vec<_> = produced.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "missing from RECEIVED_OUTCOMES: {missing:?}"
+        );
+        let extra: Vec<_> = listed.difference(&produced).collect();
+        assert_eq!(
+            extra,
+            [&"duplicate", &"queued"],
+            "only the two answers that accept"
+        );
     }
 
     #[test]

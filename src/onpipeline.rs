@@ -169,6 +169,36 @@ fn transport_failure(e: &reqwest::Error) -> Outcome {
     }
 }
 
+/// Statuses of a success answer (with Onpipeline's `Header`).
+const DELIVERED: [u16; 3] = [200, 201, 202];
+/// Codes of an `Error` object that refuse the data for good.
+const REJECTED: [u16; 4] = [400, 406, 413, 422];
+/// Statuses (and `Error` codes) that mean our credentials, egress or URL are wrong.
+const PAUSED: [u16; 3] = [401, 403, 404];
+/// Retry statuses common enough to export from start-up: rate limiting, Onpipeline's own 500,
+/// and a proxy's or load balancer's 502, 503 and 504. Any other status is retried too, its
+/// series appearing when first met.
+const RETRY_EXPECTED: [u16; 5] = [429, 500, 502, 503, 504];
+
+/// The (`outcome`, `status`) labels of the attempts metric known in advance, from the same
+/// lists [`classify`] matches on (and `retry`/`none`: no answer came), so the metric's series
+/// and the classification cannot drift apart.
+pub fn known_attempt_labels() -> Vec<(&'static str, String)> {
+    let with = |outcome: &'static str, statuses: &[u16]| {
+        statuses
+            .iter()
+            .map(move |s| (outcome, s.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let mut labels = with("delivered", &DELIVERED);
+    labels.extend(with("duplicate", &[409]));
+    labels.extend(with("rejected", &REJECTED));
+    labels.extend(with("paused", &PAUSED));
+    labels.extend(with("retry", &RETRY_EXPECTED));
+    labels.push(("retry", "none".to_owned()));
+    labels
+}
+
 /// Reads an answer of Onpipeline, following its API reference: a JSON body with `Header` and
 /// `Data` on success, or an `Error` object (`Code`, `Message`) — which is an error even when
 /// the HTTP status is 2xx. The code in the body wins over the HTTP status when both exist.
@@ -208,11 +238,11 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
         let reason = format!("Onpipeline error {code}: {}", mask_contacts(&message));
         return match code {
             409 => Outcome::Duplicate,
-            400 | 406 | 413 | 422 => Outcome::Rejected {
+            code if REJECTED.contains(&code) => Outcome::Rejected {
                 reason,
                 status: code,
             },
-            401 | 403 | 404 => Outcome::Paused {
+            code if PAUSED.contains(&code) => Outcome::Paused {
                 reason,
                 status: code,
             },
@@ -226,7 +256,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
 
     let header = json.as_ref().and_then(|j| j.get("Header"));
     match status {
-        200..=202 if header.is_some() => {
+        status if DELIVERED.contains(&status) && header.is_some() => {
             let lead_id = json
                 .as_ref()
                 .and_then(|j| j.pointer("/Data/LeadID"))
@@ -247,7 +277,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8], now: System
             status: Some(status),
             after,
         },
-        401 | 403 | 404 => Outcome::Paused {
+        status if PAUSED.contains(&status) => Outcome::Paused {
             reason: format!("HTTP {status}: {}", snippet(body)),
             status,
         },
@@ -373,6 +403,53 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn labels(outcome: &Outcome) -> (&'static str, String) {
+        (
+            outcome.label(),
+            outcome
+                .status()
+                .map_or_else(|| "none".to_owned(), |s| s.to_string()),
+        )
+    }
+
+    /// Every answer classify can make, over every status with Onpipeline's error object, its
+    /// success shape, and a proxy's page: each one that is not a retry of an unusual status
+    /// has its series exported from start-up, and every exported series is one classify makes.
+    #[test]
+    fn every_classified_outcome_is_in_the_known_attempt_labels_and_every_label_is_made() {
+        let known = known_attempt_labels();
+        let mut made = std::collections::BTreeSet::new();
+        for status in 100..=599u16 {
+            let code = status.to_string();
+            let bodies = [
+                serde_json::to_vec(&serde_json::json!({"Error": {"Code": code, "Message": "m"}}))
+                    .unwrap(),
+                br#"{"Header": {"Status": "ok"}, "Data": {"LeadID": "1"}}"#.to_vec(),
+                b"<html>proxy</html>".to_vec(),
+            ];
+            for body in bodies {
+                let outcome = classify(status, None, &body, now());
+                let pair = labels(&outcome);
+                let unusual_retry = matches!(outcome, Outcome::RetryLater { .. })
+                    && !RETRY_EXPECTED.contains(&status);
+                if !unusual_retry {
+                    assert!(known.contains(&pair), "{status}: {pair:?} is not exported");
+                }
+                made.insert(pair);
+            }
+        }
+        made.insert(labels(&Outcome::RetryLater {
+            reason: "timed out".to_owned(),
+            status: None,
+            after: None,
+        }));
+        for pair in &known {
+            assert!(made.contains(pair), "{pair:?} is exported but never made");
+        }
+        let unique: std::collections::BTreeSet<_> = known.iter().collect();
+        assert_eq!(unique.len(), known.len(), "a label pair is listed twice");
     }
 
     fn error_body(code: &str, message: &str) -> Vec<u8> {

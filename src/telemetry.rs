@@ -38,7 +38,7 @@ pub fn init(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerG
     });
     let installed = tracing_subscriber::registry()
         .with(filter)
-        .with(ClientFaults::start())
+        .with(ClientFaults::new(std::env::var("RUST_LOG").ok().as_deref()))
         .with(text)
         .with(json)
         .try_init();
@@ -56,47 +56,32 @@ pub fn init_for_tests() {
 
 /// actix-http logs `stream error: …` at ERROR for every connection a client spoke malformed
 /// HTTP on, or broke off mid-request: the client's fault, not the server's, and an alert on
-/// ERROR lines would fire on every scanner. This layer drops those lines and a small thread
-/// logs each again at DEBUG, as `A client sent a malformed request or broke off its
-/// connection.` under the target `leadgate::http`. (An event's level cannot be changed in
-/// flight, and an event logged from inside the subscriber would be lost, hence the thread.)
+/// ERROR lines would fire on every scanner. This layer counts each such line in
+/// [`metric::HTTP_CLIENT_FAULTS`] and drops it, unless `RUST_LOG` names `actix_http` (an
+/// operator who asks for actix's own lines gets them, at actix's level).
 pub struct ClientFaults {
-    relay: std::sync::mpsc::SyncSender<String>,
+    pass_through: bool,
 }
 
 impl ClientFaults {
     const TARGET: &'static str = "actix_http::h1::dispatcher";
 
-    /// The layer, and the thread that logs what it drops (a bounded queue: when it is full,
-    /// the debug lines are dropped, never the request).
-    pub fn start() -> Self {
-        let (relay, lines) = std::sync::mpsc::sync_channel::<String>(256);
-        let spawned = std::thread::Builder::new()
-            .name("client-faults-log".to_owned())
-            .spawn(move || {
-                for error in lines {
-                    tracing::debug!(
-                        target: "leadgate::http",
-                        error,
-                        "A client sent a malformed request or broke off its connection."
-                    );
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "Could not start the thread that logs client faults.");
+    /// The layer for this `RUST_LOG` value.
+    pub fn new(rust_log: Option<&str>) -> Self {
+        Self {
+            pass_through: rust_log.is_some_and(|directives| directives.contains("actix_http")),
         }
-        Self { relay }
     }
 
-    /// The message of an actix line about a client's fault, `None` for every other event.
-    fn client_fault(event: &tracing::Event<'_>) -> Option<String> {
+    /// Whether the event is actix's line about a client's fault.
+    fn is_client_fault(event: &tracing::Event<'_>) -> bool {
         let metadata = event.metadata();
         if metadata.target() != Self::TARGET || *metadata.level() != tracing::Level::ERROR {
-            return None;
+            return false;
         }
         let mut message = Message(String::new());
         event.record(&mut message);
-        message.0.starts_with("stream error").then_some(message.0)
+        message.0.starts_with("stream error")
     }
 }
 
@@ -106,13 +91,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for ClientFaults {
         event: &tracing::Event<'_>,
         _: tracing_subscriber::layer::Context<'_, S>,
     ) -> bool {
-        match Self::client_fault(event) {
-            Some(message) => {
-                let _ = self.relay.try_send(message);
-                false
-            }
-            None => true,
+        if Self::is_client_fault(event) {
+            metrics::counter!(metric::HTTP_CLIENT_FAULTS).increment(1);
+            return self.pass_through;
         }
+        true
     }
 }
 
@@ -206,34 +189,9 @@ pub mod metric {
     /// 1 while delivery is paused (Onpipeline refused our token or address, or an operator
     /// paused it), else 0.
     pub const PAUSED: &str = "leadgate_delivery_paused";
-
-    /// The `outcome` labels of [`RECEIVED`] every source can have (`test` is Google's only).
-    const RECEIVED_OUTCOMES: [&str; 6] = [
-        "queued",
-        "duplicate",
-        "rejected",
-        "rate_limited",
-        "unauthorized",
-        "unavailable",
-    ];
-
-    /// The `outcome` and `status` labels of [`ATTEMPTS`] known in advance: the statuses
-    /// Onpipeline's reference documents for each outcome, plus 429 and `none` (no answer) for
-    /// retries. Other statuses appear when first met.
-    const KNOWN_ATTEMPTS: [(&str, &str); 12] = [
-        ("delivered", "200"),
-        ("delivered", "201"),
-        ("delivered", "202"),
-        ("duplicate", "409"),
-        ("rejected", "400"),
-        ("rejected", "406"),
-        ("paused", "401"),
-        ("paused", "403"),
-        ("paused", "404"),
-        ("retry", "500"),
-        ("retry", "429"),
-        ("retry", "none"),
-    ];
+    /// Connections a client spoke malformed HTTP on or broke off mid-request (actix-http's
+    /// `stream error` lines, which are not logged; see [`super::ClientFaults`]).
+    pub const HTTP_CLIENT_FAULTS: &str = "leadgate_http_client_faults_total";
 
     /// Exports every series whose labels are known at start-up, at 0 when it has no value yet,
     /// so it exists before its first event: Prometheus' `increase()` misses the first count of
@@ -243,7 +201,7 @@ pub mod metric {
         describe();
         for source in sources.iter() {
             let id = source.id.clone();
-            for outcome in RECEIVED_OUTCOMES {
+            for outcome in crate::error::IngestError::RECEIVED_OUTCOMES {
                 metrics::counter!(RECEIVED, "source" => id.clone(), "outcome" => outcome)
                     .increment(0);
             }
@@ -259,10 +217,11 @@ pub mod metric {
                 }
             }
         }
-        for (outcome, status) in KNOWN_ATTEMPTS {
+        for (outcome, status) in crate::onpipeline::known_attempt_labels() {
             metrics::counter!(ATTEMPTS, "outcome" => outcome, "status" => status).increment(0);
         }
         metrics::counter!(DEAD_LETTERED).increment(0);
+        metrics::counter!(HTTP_CLIENT_FAULTS).increment(0);
         for state in ["ready", "leased", "delayed", "dead"] {
             metrics::gauge!(QUEUE_DEPTH, "state" => state).increment(0.0);
         }
@@ -302,6 +261,10 @@ pub mod metric {
         );
         describe_counter!(DEAD_LETTERED, "Leads moved to the dead letters.");
         describe_gauge!(PAUSED, "1 while delivery is paused, else 0.");
+        describe_counter!(
+            HTTP_CLIENT_FAULTS,
+            "Connections closed for malformed HTTP or broken off by the client."
+        );
     }
 
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

@@ -227,6 +227,27 @@ pub enum AttemptOutcome {
     /// Not an attempt: an operator replayed the dead letter here; a new delivery schedule
     /// starts, and attempts go on numbering after this entry's number.
     Replayed,
+    /// An outcome this version does not know, written by a newer one sharing the queue (a
+    /// rolling upgrade, a rollback): read as this so the history stays readable. Never written
+    /// by this version.
+    #[serde(other)]
+    Unknown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_outcome_of_a_newer_version_is_read_as_unknown() {
+        let attempt: Attempt = serde_json::from_str(
+            r#"{"number":2,"at":"2026-12-04T10:00:00Z","duration_ms":0,"outcome":"redirected"}"#,
+        )
+        .unwrap();
+        assert_eq!(attempt.outcome, AttemptOutcome::Unknown);
+        let replayed: AttemptOutcome = serde_json::from_str(r#""replayed""#).unwrap();
+        assert_eq!(replayed, AttemptOutcome::Replayed);
+    }
 }
 
 /// Backend-specific identity of a leased entry.

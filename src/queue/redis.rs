@@ -17,7 +17,7 @@
 //! | `{P}:lead:<id>` | hash | the lead's record: `lead` ([`QueuedLead`] JSON — the personal data — while queued or dead); `state` (`queued`, `delivered`, `dead`; absent = `queued`); `attempt` (the attempt the next lease makes, or the last one made for a dead letter; absent = 1); `last_error`; `history` (JSON array of [`Attempt`]); `delivery` ([`Delivery`] JSON); `dead_reason`; `dead_at` (ms); `source` and `received_at` (RFC 3339), written when `lead` goes (until then they are read from it) | enqueue (`HSET lead`, the only extra write per lead), every settle, revive, delete_dead | none while queued or dead; `record_ttl` from delivery, or from the deletion of its dead letter |
 //! | `{P}:work:<id>` | string | the [`QueuedLead`] JSON of a delivered lead, moved out of its record at delivery | settle `Delivered` | `pii_ttl` |
 //! | `{P}:dead` | sorted set (not a stream: revive and delete_dead find a dead letter by its lead id, which `ZREM`/`ZSCORE` do in the same script as the record change, while a stream entry is addressed only by its own entry id; `ZREVRANGE` lists newest first) | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
-//! | `{P}:deadlog` | stream, capped at about [`DEADLOG_MAXLEN`] entries (`XADD MAXLEN ~`: the oldest go first) | the dead-letter log, an audit trail for operators (`XREAD`/`XRANGE` it, or tail it with `XREAD BLOCK 0 STREAMS {P}:deadlog $`): one entry per dead-lettering, fields `lead_id`, `source`, `reason` and `at` (ms, Redis server clock; the entry id carries the same time). Only written, never read by leadgate: replay and delete go by `{P}:dead` | settle `Dead`, in the same script as the record and `{P}:dead` | none (trimmed by its cap) |
+//! | `{P}:deadlog` | stream, capped at about [`DEADLOG_MAXLEN`] entries (`XTRIM MAXLEN ~`: the oldest go first) and kept no longer than `record_ttl` (a reason may quote the lead's data, e.g. Onpipeline's error message): `XADD MINID` drops older entries at each dead-lettering, and the stats script (sampled every few seconds by every serving process) with `XTRIM MINID` | the dead-letter log, an audit trail for operators (`XREAD`/`XRANGE` it, or tail it with `XREAD BLOCK 0 STREAMS {P}:deadlog $`): one entry per dead-lettering, fields `lead_id`, `source`, `reason` and `at` (ms, Redis server clock; the entry id carries the same time). Only written, never read by leadgate: replay and delete go by `{P}:dead` | settle `Dead`, in the same script as the record and `{P}:dead`; stats (trim only) | none (entries trimmed by age and by the cap) |
 //! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
 //! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
 //! | `{P}:upstream` | string | the shared upstream rate limit's theoretical arrival time (GCRA), µs on the Redis server clock | acquire_upstream | a second past it |
@@ -306,6 +306,11 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+
+-- The oldest dead-letter log entry id kept `ttl` ms after `now`, for XADD/XTRIM MINID.
+local function kept_since(now, ttl)
+  return string.format('%.0f', math.max(0, now - tonumber(ttl)))
+end
 "#;
 
 const SETTLE_DELIVERED_LUA: &str = r#"
@@ -352,25 +357,40 @@ return 1
 const SETTLE_DEAD_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set, KEYS[4] dead-letter log
 -- ARGV[1] group, ARGV[2] entry id, ARGV[3] deliveries, ARGV[4] reason, ARGV[5] Attempt JSON
--- or '', ARGV[6] lead id, ARGV[7] source, ARGV[8] the log's cap
+-- or '', ARGV[6] lead id, ARGV[7] source, ARGV[8] the log's cap, ARGV[9] record TTL ms
 if not holds(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
 local now = now_ms()
 append_history(KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[2], 'state', 'dead', 'dead_reason', ARGV[4], 'dead_at', now)
 redis.call('ZADD', KEYS[3], now, ARGV[6])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'lead_id', ARGV[6], 'source', ARGV[7],
-  'reason', ARGV[4], 'at', string.format('%.0f', now))
+-- A reason may quote the lead's data: entries go when they are older than the records kept
+-- (exact MINID: `~` would keep a whole stream node of them), and the cap bounds the size.
+redis.call('XADD', KEYS[4], 'MINID', kept_since(now, ARGV[9]), '*', 'lead_id', ARGV[6],
+  'source', ARGV[7], 'reason', ARGV[4], 'at', string.format('%.0f', now))
+redis.call('XTRIM', KEYS[4], 'MAXLEN', '~', ARGV[8])
 remove(KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
+/// Numbers the replay from the history it appends to, in the same script: a history read
+/// before the call could be older than the one revived (another replica revived the lead and it
+/// died again in between). Same numbering as [`super::replay_entry`].
 const REVIVE_LUA: &str = r#"
 -- KEYS[1] ready stream, KEYS[2] record, KEYS[3] dead set
--- ARGV[1] lead id, ARGV[2] lead JSON with the new work, ARGV[3] the next attempt's number,
--- ARGV[4] the replay's Attempt JSON (appended to the history)
+-- ARGV[1] lead id, ARGV[2] lead JSON with the new work, ARGV[3] the replay's Attempt JSON
+-- (its number is set here; appended to the history)
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-append_history(KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', ARGV[3], 'lead', ARGV[2])
+local last = 0
+local history = redis.call('HGET', KEYS[2], 'history')
+if history and history ~= '' then
+  for _, attempt in ipairs(cjson.decode(history)) do
+    if tonumber(attempt.number) > last then last = tonumber(attempt.number) end
+  end
+end
+local entry = cjson.decode(ARGV[3])
+entry.number = last
+append_history(KEYS[2], cjson.encode(entry))
+redis.call('HSET', KEYS[2], 'state', 'queued', 'attempt', last + 1, 'lead', ARGV[2])
 redis.call('HDEL', KEYS[2], 'last_error', 'dead_reason', 'dead_at')
 redis.call('XADD', KEYS[1], '*', 'i', ARGV[1])
 return 1
@@ -406,12 +426,17 @@ end
 return out
 "#;
 
+/// Counts by state; also trims the dead-letter log by age, so its entries go `record_ttl` after
+/// they were written even while nothing is dead-lettered (every serving process samples the
+/// stats every few seconds).
 const STATS_LUA: &str = r#"
--- KEYS[1] ready stream, KEYS[2] delayed set, KEYS[3] dead set, KEYS[4] delivered index
+-- KEYS[1] ready stream, KEYS[2] delayed set, KEYS[3] dead set, KEYS[4] delivered index,
+-- KEYS[5] dead-letter log
 -- ARGV[1] group, ARGV[2] record TTL ms
 -- Returns {ready, leased, delayed, dead, delivered, oldest ready age in ms (-1: none)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('XTRIM', KEYS[5], 'MINID', string.format('%.0f', math.max(0, now - tonumber(ARGV[2]))))
 local len = redis.call('XLEN', KEYS[1])
 local pending, last = 0, '0-0'
 local groups = redis.pcall('XINFO', 'GROUPS', KEYS[1])
@@ -906,6 +931,7 @@ impl RedisQueue {
                         .arg(id.to_string())
                         .arg(&lease.lead.source)
                         .arg(DEADLOG_MAXLEN)
+                        .arg(ttl_ms(settings.record_ttl))
                         .invoke_async(&mut conn),
                 )
                 .await?
@@ -974,6 +1000,7 @@ impl RedisQueue {
                     .key(&keys.delayed)
                     .key(&keys.dead)
                     .key(&keys.delivered)
+                    .key(&keys.deadlog)
                     .arg(GROUP)
                     .arg(ttl_ms(self.inner.settings.record_ttl))
                     .invoke_async(&mut conn),
@@ -1008,14 +1035,14 @@ impl RedisQueue {
     }
 
     pub async fn revive(&self, id: LeadId, work: Work) -> Result<bool> {
-        // The record's source and receipt time are fixed at enqueue, so reading them first
-        // cannot race with anything; the script re-checks that the dead letter is still there.
-        // The history, too, stays as read: nothing settles a dead letter.
+        // The lead's data but its work is fixed at enqueue, so reading it first cannot race;
+        // the script re-checks that the dead letter is still there and numbers the replay
+        // from the history it finds then.
         let Some(letter) = self.dead_letter(id).await? else {
             return Ok(false);
         };
         let replayed_at = Utc::now();
-        let (entry, next_attempt) = super::replay_entry(&letter.history, replayed_at);
+        let (entry, _) = super::replay_entry(&[], replayed_at);
         let lead = QueuedLead {
             work,
             replayed_at: Some(replayed_at),
@@ -1032,7 +1059,6 @@ impl RedisQueue {
                 .key(&keys.dead)
                 .arg(id.to_string())
                 .arg(to_json(&lead)?)
-                .arg(next_attempt)
                 .arg(to_json(&entry)?)
                 .invoke_async(&mut conn),
         )

@@ -1,7 +1,6 @@
 //! What browsers and HTTP clients see around the lead itself: the gateway's own origin (scheme,
 //! host and port), CORS preflights and the headers a page's script may read, `405` with
-//! `Allow`, `HEAD` on the health routes, and a client's malformed request logged as the
-//! client's fault.
+//! `Allow`, and `HEAD` on the health routes.
 
 use std::time::Duration;
 
@@ -245,47 +244,4 @@ async fn head_on_the_health_routes_answers_like_get_without_a_body() {
         );
         assert_eq!(body, "", "{path}: a HEAD answer has no body");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_request_is_logged_as_the_client_s_fault_not_as_an_error() {
-    use crate::helpers::app::{GatewayEnv, GatewayProcess, default_sources, start_sim};
-    let sim = start_sim(Vec::new()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
-    env.set("RUST_LOG", "info,leadgate::http=debug");
-    let gateway = GatewayProcess::start(&env, &[]).await;
-    let addr = gateway.base.trim_start_matches("http://").to_owned();
-    for request in [
-        "POST /in/website HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-    ] {
-        let mut stream = TcpStream::connect(&addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    }
-    let log = crate::helpers::eventually(
-        Duration::from_secs(10),
-        "the client-fault lines",
-        || async {
-            let log = gateway.log();
-            (log.matches("A client sent a malformed request").count() >= 2).then_some(log)
-        },
-    )
-    .await;
-    let faults: Vec<&str> = log
-        .lines()
-        .filter(|line| line.contains("A client sent a malformed request"))
-        .collect();
-    assert!(
-        faults.iter().all(|line| line.contains("DEBUG")),
-        "{faults:?}"
-    );
-    assert!(
-        !log.lines().any(|line| line.contains("ERROR")),
-        "a client's malformed request is not a server error:\n{log}"
-    );
 }

@@ -729,15 +729,13 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
             .contains("401"),
         "{readyz}"
     );
-    let metrics = http
-        .get(format!("{}/metrics", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("leadgate_delivery_paused 1"), "{metrics}");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics.value("leadgate_delivery_paused", &[]),
+        Some(1.0),
+        "{}",
+        metrics.text
+    );
     // Probes keep asking, with back-off; let a few happen.
     eventually(Duration::from_secs(15), "probes", || async {
         (sim.requests().len() >= 3).then_some(())

@@ -15,6 +15,7 @@ mod faults;
 mod forms;
 mod google;
 mod helpers;
+mod logging;
 mod meta;
 mod metrics;
 mod metrics_series;

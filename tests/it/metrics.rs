@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::helpers::app::{
-    GatewayEnv, GatewayProcess, TestApp, client, default_sources, start_sim,
-};
+use crate::helpers::app::{GatewayEnv, GatewayProcess, TestApp, default_sources, start_sim};
 
 const GOOGLE_KEY: &str = "g00gle-metrics-key-0123";
 
@@ -37,17 +35,6 @@ fn google_lead(lead_id: &str, email: &str, test: bool) -> Value {
     })
 }
 
-async fn metrics_text(base: &str) -> String {
-    client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// A series for every label set known at start-up exists at 0 on a fresh process, before any
 /// lead, attempt, dead letter or pause: alerts written with `increase()` or `absent()` work
 /// from the first scrape.
@@ -58,18 +45,19 @@ async fn a_fresh_gateway_exports_every_known_series_at_zero() {
     let sources = format!("{}{}", default_sources(), google_source("google-fresh"));
     let env = GatewayEnv::new(dir.path(), &sim, &sources);
     let gateway = GatewayProcess::start(&env, &[]).await;
-    let text = metrics_text(&gateway.base).await;
-    let value = |series: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map(str::trim)
-    };
+    let metrics = gateway.metrics().await;
+    let text = &metrics.text;
+    let value = |series: &str| metrics.printed(series);
     for series in [
         "leadgate_dead_lettered_total",
         "leadgate_delivery_paused",
         r#"leadgate_delivery_attempts_total{outcome="delivered",status="201"}"#,
         r#"leadgate_delivery_attempts_total{outcome="retry",status="none"}"#,
         r#"leadgate_delivery_attempts_total{outcome="rejected",status="406"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="rejected",status="413"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="rejected",status="422"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="retry",status="502"}"#,
+        r#"leadgate_delivery_attempts_total{outcome="retry",status="504"}"#,
         r#"leadgate_delivery_attempts_total{outcome="paused",status="401"}"#,
         r#"leadgate_delivery_attempts_total{outcome="duplicate",status="409"}"#,
         r#"leadgate_leads_received_total{source="website",outcome="queued"}"#,

@@ -3,7 +3,6 @@
 //! letter, a retry waiting, and leads waiting while delivery is paused each show in their
 //! series with the exact value.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,66 +14,6 @@ use crate::helpers::app::{
     wait_received,
 };
 use crate::helpers::eventually;
-
-/// One sample of the Prometheus text format: `name{label="value",…} number`.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the text format (no escaped quotes or commas in our label values).
-fn samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (name, labels) = match series.split_once('{') {
-                Some((name, rest)) => (name, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|pair| !pair.is_empty())
-                .filter_map(|pair| {
-                    let (k, v) = pair.split_once('=')?;
-                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
-                })
-                .collect();
-            Some(Sample {
-                name: name.to_owned(),
-                labels,
-                value: value.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-/// `GET /metrics`, parsed.
-async fn scrape(gateway: &GatewayProcess) -> Vec<Sample> {
-    let text = client()
-        .get(format!("{}/metrics", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    samples(&text)
-}
-
-/// The value of the series with exactly these labels, if it exists.
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let wanted: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    samples
-        .iter()
-        .find(|s| s.name == name && s.labels == wanted)
-        .map(|s| s.value)
-}
 
 /// The default sources plus `tight`, a form source that lets one post a minute from an IP.
 fn sources() -> String {
@@ -180,22 +119,23 @@ async fn every_alerting_series_shows_its_event_on_the_metrics_page() {
     // The gauges are sampled every few seconds: wait for a sample that shows the two waiting
     // leads as at least a second old.
     let metrics = eventually(Duration::from_secs(20), "the queue gauges", || async {
-        let metrics = scrape(&gateway).await;
-        let oldest = value(&metrics, "leadgate_queue_oldest_ready_seconds", &[])?;
-        let ready = value(&metrics, "leadgate_queue_depth", &[("state", "ready")])?;
+        let metrics = gateway.metrics().await;
+        let oldest = metrics.value("leadgate_queue_oldest_ready_seconds", &[])?;
+        let ready = metrics.value("leadgate_queue_depth", &[("state", "ready")])?;
         (ready == 2.0 && oldest >= 1.0).then_some(metrics)
     })
     .await;
-    let depth = |state: &str| value(&metrics, "leadgate_queue_depth", &[("state", state)]);
+    let depth = |state: &str| metrics.value("leadgate_queue_depth", &[("state", state)]);
     assert_eq!(depth("leased"), Some(0.0));
     assert_eq!(depth("delayed"), Some(1.0));
     assert_eq!(depth("dead"), Some(1.0));
-    let oldest = value(&metrics, "leadgate_queue_oldest_ready_seconds", &[]).unwrap();
+    let oldest = metrics
+        .value("leadgate_queue_oldest_ready_seconds", &[])
+        .unwrap();
     assert!(oldest < 60.0, "the oldest ready lead waited {oldest} s");
 
     let received = |source: &str, outcome: &str| {
-        value(
-            &metrics,
+        metrics.value(
             "leadgate_leads_received_total",
             &[("source", source), ("outcome", outcome)],
         )
@@ -207,12 +147,11 @@ async fn every_alerting_series_shows_its_event_on_the_metrics_page() {
     assert_eq!(received("website", "queued"), Some(3.0));
 
     assert_eq!(
-        value(&metrics, "leadgate_dead_lettered_total", &[]),
+        metrics.value("leadgate_dead_lettered_total", &[]),
         Some(1.0)
     );
     let attempts = |outcome: &str, status: &str| {
-        value(
-            &metrics,
+        metrics.value(
             "leadgate_delivery_attempts_total",
             &[("outcome", outcome), ("status", status)],
         )
@@ -221,10 +160,11 @@ async fn every_alerting_series_shows_its_event_on_the_metrics_page() {
     assert_eq!(attempts("retry", "503"), Some(1.0));
     assert_eq!(attempts("delivered", "201"), Some(1.0));
     let all_attempts: f64 = metrics
+        .samples
         .iter()
         .filter(|s| s.name == "leadgate_delivery_attempts_total")
         .map(|s| s.value)
         .sum();
-    assert_eq!(all_attempts, 3.0, "{metrics:#?}");
-    assert_eq!(value(&metrics, "leadgate_delivery_paused", &[]), Some(1.0));
+    assert_eq!(all_attempts, 3.0, "{:#?}", metrics.samples);
+    assert_eq!(metrics.value("leadgate_delivery_paused", &[]), Some(1.0));
 }

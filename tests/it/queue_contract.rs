@@ -1625,6 +1625,65 @@ mod redis_only {
         assert_eq!(newest, id.to_string());
     }
 
+    /// Writes a dead-letter log entry dated `age` ago, behind the queue's back (its id carries
+    /// the time, which is what the trim goes by).
+    async fn old_deadlog_entry(harness: &Harness, age: Duration, lead_id: &str) {
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let at = Utc::now().timestamp_millis() - i64::try_from(age.as_millis()).unwrap();
+        ::redis::cmd("XADD")
+            .arg("{leadgate-test}:deadlog")
+            .arg(format!("{at}-0"))
+            .arg("lead_id")
+            .arg(lead_id)
+            .arg("reason")
+            .arg("Onpipeline error 406: ana.lopez@example.com is not a valid email")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    /// A reason can quote the lead's data, so the log keeps nothing older than the records:
+    /// trimmed at the next dead-lettering, and by the stats every process samples while
+    /// nothing dies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_letter_stream_entries_older_than_the_record_ttl_are_trimmed() {
+        let settings = QueueSettings {
+            record_ttl: Duration::from_secs(60),
+            ..fast()
+        };
+        let harness = Harness::with(Kind::Redis, settings, false);
+        let queue = harness.open("a").await;
+        old_deadlog_entry(&harness, Duration::from_secs(120), "old-one").await;
+        queue.enqueue(&lead("website"), None).await.unwrap();
+        let id = dead_letter(&queue, "refused").await;
+        let ids: Vec<String> = deadlog(&harness)
+            .await
+            .iter()
+            .map(|e| e["lead_id"].clone())
+            .collect();
+        assert_eq!(ids, [id.to_string()]);
+
+        // Older than the TTL while nothing is dead-lettered: gone at the next stats; one
+        // within the TTL stays.
+        let client = harness.redis.as_ref().unwrap().client();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        ::redis::cmd("DEL")
+            .arg("{leadgate-test}:deadlog")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        old_deadlog_entry(&harness, Duration::from_secs(120), "old-two").await;
+        old_deadlog_entry(&harness, Duration::from_secs(30), "recent").await;
+        queue.stats().await.unwrap();
+        let ids: Vec<String> = deadlog(&harness)
+            .await
+            .iter()
+            .map(|e| e["lead_id"].clone())
+            .collect();
+        assert_eq!(ids, ["recent"]);
+    }
+
     /// The consumer names in the group, sorted.
     async fn consumers(harness: &Harness) -> Vec<String> {
         let client = harness.redis.as_ref().unwrap().client();

@@ -424,19 +424,15 @@ page_id = "3000002"
         })
     );
 
-    let metrics = client()
-        .get(format!("{}/metrics", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == r#"leadgate_leads_repaired_total{source="unbounce-repair"} 1"#),
-        "{metrics}"
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metrics.value(
+            "leadgate_leads_repaired_total",
+            &[("source", "unbounce-repair")]
+        ),
+        Some(1.0),
+        "{}",
+        metrics.text
     );
 
     let line = eventually(Duration::from_secs(10), "the repair warning", || async {
@@ -465,6 +461,7 @@ async fn the_same_elementor_post_sent_twice_is_one_lead() {
     let body = serde_urlencoded(&[
         ("Name", "Élodie Martin"),
         ("Email", "elodie.martin@example.fr"),
+        ("Date", "May 1, 2024"),
         ("Time", "10:00"),
         ("form_id", "7c1e2f3"),
     ]);
@@ -478,6 +475,45 @@ async fn the_same_elementor_post_sent_twice_is_one_lead() {
     app.received(1).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(app.sim.received().len(), 1);
+}
+
+/// Posts `body` twice to `path` and checks it became two leads, both delivered.
+async fn posted_twice_is_two_leads(app: &TestApp, path: &str, body: String) {
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let answer = assert_plain_200(post(app, path, FORM, &[], body.clone()).await).await;
+        ids.push(answer["ids"][0].as_str().unwrap().to_owned());
+    }
+    assert_ne!(ids[0], ids[1], "a second lead, not a redelivery");
+    assert_eq!(app.received(2).await.len(), 2);
+}
+
+/// Without the Date and Time rows nothing tells a resent post from the visitor submitting the
+/// same thing again, so both are leads.
+#[tokio::test]
+async fn the_same_elementor_content_without_date_and_time_sent_twice_is_two_leads() {
+    let app = spawn().await;
+    let body = serde_urlencoded(&[
+        ("Name", "Élodie Martin"),
+        ("Email", "elodie.martin@example.fr"),
+        ("form_id", "7c1e2f3"),
+    ]);
+    posted_twice_is_two_leads(&app, &format!("/in/elementor?key={ELEMENTOR_KEY}"), body).await;
+}
+
+#[tokio::test]
+async fn the_same_unbounce_content_without_its_submission_time_sent_twice_is_two_leads() {
+    let app = spawn().await;
+    let data = json!({
+        "first_name": ["Liam"],
+        "last_name": ["O'Connor"],
+        "email": ["liam.oconnor@example.co.uk"],
+    });
+    let body = serde_urlencoded(&[
+        ("page_id", "0b7f1c2e-3d4a-4b5c-9e8f-7a6b5c4d3e2f"),
+        ("data.json", &data.to_string()),
+    ]);
+    posted_twice_is_two_leads(&app, &format!("/in/unbounce?key={UNBOUNCE_KEY}"), body).await;
 }
 
 #[tokio::test]

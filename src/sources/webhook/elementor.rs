@@ -13,13 +13,17 @@
 //! names in both formats: `form_id`, `form_name`, `date`, `time`, `page_url`, `page_title`,
 //! `user_agent`, `remote_ip`, `credit`. Elementor counts only an exact `200` as success (the
 //! visitor sees "Webhook error" otherwise) and never retries. It sends no submission id, so
-//! the dedupe key is the form id and a SHA-256 of every posted field: the same post sent
-//! twice (a proxy's retry, a double send) is one lead. It does not sign: the source checks a
-//! shared key in the URL.
+//! the dedupe key is the form id and an HMAC-SHA256 (keyed with the source's key; a SHA-256
+//! with `auth = "none"`) of every posted field: the same post sent twice (a proxy's retry, a
+//! double send) is one lead. Only when the form sends its `Date` and `Time` metadata rows,
+//! though: without them nothing tells a resent post from the same person submitting again, so
+//! there is no dedupe key. It does not sign: the source checks a shared key in the URL.
 
 use std::collections::HashMap;
 
-use super::{field_parts, fields_of, fingerprint, one_lead};
+use secrecy::SecretString;
+
+use super::{field_parts, fields_of, fingerprint, has_timestamp, one_lead};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::lead::Inbound;
@@ -54,6 +58,7 @@ const SIMPLE_METADATA: [(&str, &str); 9] = [
 
 pub async fn parse(
     source: &Source,
+    key: Option<&SecretString>,
     submission: Submission<Verified>,
 ) -> Result<Vec<Item>, IngestError> {
     let limits = body_limits(source);
@@ -65,17 +70,21 @@ pub async fn parse(
     } else {
         read_simple(source, &posted)
     };
-    // No submission id: the form's id and a SHA-256 of everything posted (values, date,
-    // time, visitor's IP and browser when enabled) stand for one.
-    let form_id = posted
-        .get(if advanced { "form[id]" } else { "form_id" })
-        .and_then(|v| v.first())
-        .map_or("", String::as_str);
-    let digest = fingerprint(field_parts(&posted).iter().map(String::as_str));
-    Ok(one_lead(
-        fields,
-        Some(format!("elementor:{form_id}:{digest}")),
-    ))
+    // No submission id: the form's id and a fingerprint of everything posted (values, date,
+    // time, visitor's IP and browser when enabled) stand for one — but only when the date and
+    // time rows are enabled, or the same content sent again on purpose would be dropped.
+    let first = |name: &str| posted.get(name).and_then(|v| v.first()).map(String::as_str);
+    let form_id = first(if advanced { "form[id]" } else { "form_id" }).unwrap_or("");
+    let (date, time) = if advanced {
+        (first("meta[date][value]"), first("meta[time][value]"))
+    } else {
+        (first("Date"), first("Time"))
+    };
+    let id = has_timestamp(date, time).then(|| {
+        let digest = fingerprint(key, field_parts(&posted).iter().map(String::as_str));
+        format!("elementor:{form_id}:{digest}")
+    });
+    Ok(one_lead(fields, id))
 }
 
 fn read_simple(source: &Source, posted: &Inbound) -> Inbound {
@@ -242,31 +251,60 @@ mod tests {
                 parse_one(&source, &[FORM], body.as_bytes())
                     .await
                     .platform_id
-                    .unwrap()
             }
         };
         let post = vec![
             ("Name", "Ana López"),
             ("Email", "ana@example.com"),
+            ("Date", "May 1, 2024"),
             ("Time", "10:57"),
             ("form_id", "a1b2c3d"),
         ];
-        let first = id(post.clone()).await;
+        let first = id(post.clone()).await.unwrap();
         assert!(first.starts_with("elementor:a1b2c3d:"), "{first}");
-        assert_eq!(id(post.clone()).await, first);
+        assert_eq!(id(post.clone()).await.unwrap(), first);
         let mut later = post.clone();
-        later[2] = ("Time", "10:58");
-        assert_ne!(id(later).await, first);
+        later[3] = ("Time", "10:58");
+        assert_ne!(id(later).await.unwrap(), first);
         // Values are framed: moving text from one field into the next is another post.
         let mut shifted = post;
         shifted[0] = ("Name", "Ana Lópe");
         shifted[1] = ("Email", "zana@example.com");
-        assert_ne!(id(shifted).await, first);
+        assert_ne!(id(shifted).await.unwrap(), first);
         let advanced = id(vec![
             ("form[id]", "a1b2c3d"),
             ("fields[name][value]", "Ana López"),
+            ("meta[date][value]", "May 1, 2024"),
+            ("meta[time][value]", "10:57"),
         ])
-        .await;
+        .await
+        .unwrap();
         assert!(advanced.starts_with("elementor:a1b2c3d:"), "{advanced}");
+    }
+
+    #[tokio::test]
+    async fn a_post_without_its_date_and_time_rows_has_no_dedupe_key() {
+        let source = source("elementor", "auth = \"none\"\n");
+        for pairs in [
+            vec![
+                ("Name", "Ana López"),
+                ("Email", "ana@example.com"),
+                ("form_id", "a1b2c3d"),
+            ],
+            vec![
+                ("Name", "Ana López"),
+                ("Time", "10:57"),
+                ("form_id", "a1b2c3d"),
+            ],
+            vec![
+                ("form[id]", "a1b2c3d"),
+                ("fields[name][value]", "Ana López"),
+                ("meta[date][value]", "May 1, 2024"),
+            ],
+        ] {
+            let body = urlencode(&pairs);
+            let item = parse_one(&source, &[FORM], body.as_bytes()).await;
+            assert_eq!(item.platform_id, None, "{pairs:?}");
+        }
     }
 }

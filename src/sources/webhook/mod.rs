@@ -61,8 +61,8 @@ pub async fn parse(
 ) -> Result<Vec<Item>, IngestError> {
     match hook.preset {
         Preset::Typeform => typeform::parse(source, &submission),
-        Preset::Unbounce => unbounce::parse(source, submission).await,
-        Preset::Elementor => elementor::parse(source, submission).await,
+        Preset::Unbounce => unbounce::parse(source, fingerprint_key(hook), submission).await,
+        Preset::Elementor => elementor::parse(source, fingerprint_key(hook), submission).await,
         Preset::Webflow => webflow::parse(source, &submission),
         Preset::Jotform => jotform::parse(source, submission).await,
     }
@@ -146,16 +146,48 @@ fn push_json(fields: &mut Inbound, name: &str, value: &Value) {
 }
 
 /// A submission's fingerprint, for tools that send no submission id (Unbounce, Elementor):
-/// the hex SHA-256 of `parts`, each length-prefixed so no two different lists of parts share
-/// one. A redelivery carries the same content, so it gets the same fingerprint — the dedupe key.
-fn fingerprint<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
-    use sha2::Digest;
-    let mut hash = Sha256::new();
+/// an HMAC-SHA256 of `parts` keyed with the source's shared key when it has one (`auth =
+/// "key"`, the default), else a plain SHA-256 (`auth = "none"`); each part length-prefixed so
+/// no two different lists of parts share one. A redelivery carries the same content, so it gets
+/// the same fingerprint — the dedupe key. The fingerprint of personal data ends up in a queue
+/// key's name: keyed, it cannot be confirmed by hashing a guessed email without the secret.
+fn fingerprint<'a>(key: Option<&SecretString>, parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut mac =
+        key.and_then(|key| Hmac::<Sha256>::new_from_slice(key.expose_secret().as_bytes()).ok());
+    let mut hash = <Sha256 as sha2::Digest>::new();
     for part in parts {
-        hash.update((part.len() as u64).to_be_bytes());
-        hash.update(part.as_bytes());
+        let len = (part.len() as u64).to_be_bytes();
+        match &mut mac {
+            Some(mac) => {
+                mac.update(&len);
+                mac.update(part.as_bytes());
+            }
+            None => {
+                sha2::Digest::update(&mut hash, len);
+                sha2::Digest::update(&mut hash, part.as_bytes());
+            }
+        }
     }
-    hex::encode(hash.finalize())
+    match mac {
+        Some(mac) => hex::encode(mac.finalize().into_bytes()),
+        None => hex::encode(sha2::Digest::finalize(hash)),
+    }
+}
+
+/// The secret a source's fingerprints are keyed with: its shared key, when it has one.
+fn fingerprint_key(hook: &Webhook) -> Option<&SecretString> {
+    match &hook.auth {
+        WebhookAuth::Key(key) => Some(key),
+        WebhookAuth::Signature(_) | WebhookAuth::None => None,
+    }
+}
+
+/// Whether a submission's date and time are both known and not blank: only then is a
+/// fingerprint a dedupe key. Without them, the same person sending the same form twice on
+/// purpose would have the second lead dropped as a redelivery.
+fn has_timestamp(date: Option<&str>, time: Option<&str>) -> bool {
+    let known = |v: Option<&str>| v.is_some_and(|v| !v.trim().is_empty());
+    known(date) && known(time)
 }
 
 /// The parts of flat fields for a [`fingerprint`], in the order they were sent: each name, its

@@ -12,15 +12,18 @@
 //! `page_url`, `page_name`, `variant`, `page_uuid`, `ip_address`, `date_submitted`,
 //! `time_submitted`) reach the mapping when mapped. Unbounce does not sign its requests: the
 //! source checks a shared key in the URL. Unbounce sends no submission id: the dedupe key is
-//! the page id, the submission's date and time, and a SHA-256 of `data.json` (of the flat
-//! fields when there is none) — what a redelivery resends unchanged. Unconfirmed, and so
+//! the page id, the submission's date and time, and an HMAC-SHA256 keyed with the source's key
+//! (a SHA-256 with `auth = "none"`) of `data.json` (of the flat fields when there is none) —
+//! what a redelivery resends unchanged. A submission without its date and time has no dedupe
+//! key: identical content may be a genuine repeat. Unconfirmed, and so
 //! accepted liberally: a JSON delivery (chosen in Unbounce's settings) is read the same way,
 //! with `data.json` as a string or an object, or the body itself as the data; a body without
 //! `data.json` is read as flat fields.
 
+use secrecy::SecretString;
 use serde_json::Value;
 
-use super::{field_parts, fields_of, fingerprint, one_lead, push_json};
+use super::{field_parts, fields_of, fingerprint, has_timestamp, one_lead, push_json};
 use crate::config::Source;
 use crate::error::IngestError;
 use crate::lead::Inbound;
@@ -41,6 +44,7 @@ pub const METADATA: [&str; 8] = [
 
 pub async fn parse(
     source: &Source,
+    key: Option<&SecretString>,
     submission: Submission<Verified>,
 ) -> Result<Vec<Item>, IngestError> {
     let limits = body_limits(source);
@@ -68,8 +72,8 @@ pub async fn parse(
     // Unbounce sends no submission id; a redelivery resends the same submission, so its
     // fingerprint is the dedupe key.
     let digest = match &data {
-        Some(data) => fingerprint([data.to_string().as_str()]),
-        None => fingerprint(field_parts(&top).iter().map(String::as_str)),
+        Some(data) => fingerprint(key, [data.to_string().as_str()]),
+        None => fingerprint(key, field_parts(&top).iter().map(String::as_str)),
     };
 
     let mut fields = Inbound::new();
@@ -112,18 +116,22 @@ pub async fn parse(
         metadata
             .iter()
             .find(|(n, _)| *n == name)
-            .map_or("", |(_, v)| v.as_str())
+            .map(|(_, v)| v.as_str())
     };
-    let id = format!(
-        "unbounce:{}:{} {}:{digest}",
-        meta("page_id"),
-        meta("date_submitted"),
-        meta("time_submitted")
-    );
+    // Only with the submission's date and time is the fingerprint one submission's: without
+    // them, the same content sent again on purpose is another lead.
+    let id = has_timestamp(meta("date_submitted"), meta("time_submitted")).then(|| {
+        format!(
+            "unbounce:{}:{} {}:{digest}",
+            meta("page_id").unwrap_or(""),
+            meta("date_submitted").unwrap_or(""),
+            meta("time_submitted").unwrap_or("")
+        )
+    });
     for (name, value) in metadata {
         push_metadata(source, &mut fields, name, Some(value));
     }
-    Ok(one_lead(fields, Some(id)))
+    Ok(one_lead(fields, id))
 }
 
 fn first_text(value: &Value) -> Option<String> {
@@ -166,33 +174,41 @@ mod tests {
         );
         assert!(f.get("ip_address").is_none());
         assert!(f.get("page_url").is_none());
-        let id = item.platform_id.as_deref().unwrap();
-        assert!(
-            id.starts_with("unbounce:f0e1d2c3-0000-4000-8000-000000000001: :"),
-            "{id}"
-        );
     }
 
-    async fn id_of(page_id: &str, data: &str) -> String {
-        let source = source("unbounce", "auth = \"none\"\n");
+    async fn id_of(page_id: &str, data: &str) -> Option<String> {
+        id_with(page_id, data, "auth = \"none\"\n").await
+    }
+
+    async fn id_with(page_id: &str, data: &str, auth: &str) -> Option<String> {
+        let source = source("unbounce", auth);
         let body = crate::sources::webhook::test_support::urlencode(&[
             ("page_id", page_id),
             ("variant", "a"),
             ("data.json", data),
         ]);
-        let item = parse_one(
+        let verified = crate::sources::verify(
             &source,
-            &[("content-type", "application/x-www-form-urlencoded")],
-            body.as_bytes(),
+            crate::sources::webhook::test_support::submission(
+                &[
+                    ("content-type", "application/x-www-form-urlencoded"),
+                    ("x-leadgate-key", "unbounce-key-0123456789"),
+                ],
+                body.as_bytes(),
+            ),
         )
-        .await;
-        item.platform_id.unwrap()
+        .unwrap();
+        let hook = crate::sources::webhook::test_support::hook(&source);
+        let mut items = crate::sources::webhook::parse(&source, hook, verified)
+            .await
+            .unwrap();
+        items.pop().unwrap().platform_id
     }
 
     #[tokio::test]
     async fn a_resent_submission_has_the_same_dedupe_key_and_another_submission_does_not() {
         let data = r#"{"email":["ana@example.com"],"date_submitted":["2024-05-01"],"time_submitted":["10:57 PM UTC"]}"#;
-        let first = id_of("p1", data).await;
+        let first = id_of("p1", data).await.unwrap();
         assert!(
             first.starts_with("unbounce:p1:2024-05-01 10:57 PM UTC:"),
             "{first}"
@@ -203,9 +219,35 @@ mod tests {
         );
         // The same JSON written with other spacing is the same submission.
         let spaced = data.replace("],", "], ").replace("\":[", "\": [ ");
-        assert_eq!(id_of("p1", &spaced).await, first);
+        assert_eq!(id_of("p1", &spaced).await.unwrap(), first);
         let other = data.replace("ana@", "ana.b@");
-        assert_ne!(id_of("p1", &other).await, first);
-        assert_ne!(id_of("p2", data).await, first);
+        assert_ne!(id_of("p1", &other).await.unwrap(), first);
+        assert_ne!(id_of("p2", data).await.unwrap(), first);
+    }
+
+    #[tokio::test]
+    async fn a_submission_without_its_date_and_time_has_no_dedupe_key() {
+        for data in [
+            r#"{"email":["ana@example.com"]}"#,
+            r#"{"email":["ana@example.com"],"date_submitted":["2024-05-01"]}"#,
+            r#"{"email":["ana@example.com"],"date_submitted":["2024-05-01"],"time_submitted":[" "]}"#,
+        ] {
+            assert_eq!(id_of("p1", data).await, None, "{data}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fingerprint_is_keyed_with_the_source_s_key() {
+        let data = r#"{"email":["ana@example.com"],"date_submitted":["2024-05-01"],"time_submitted":["10:57 PM UTC"]}"#;
+        let open = id_of("p1", data).await.unwrap();
+        let keyed = |key: &'static str| async move {
+            id_with("p1", data, &format!("secret = \"{key}\"\n"))
+                .await
+                .unwrap()
+        };
+        let first = keyed("unbounce-key-0123456789").await;
+        assert_eq!(first.len(), open.len());
+        assert_ne!(first, open, "keyed, not the plain SHA-256 of the data");
+        assert_eq!(keyed("unbounce-key-0123456789").await, first);
     }
 }

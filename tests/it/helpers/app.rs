@@ -256,19 +256,9 @@ impl TestApp {
     /// every gateway in the test process, so tests compare before and after, for a source id
     /// no other test uses.
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
+        super::metrics::Metrics::scrape(&self.url(""))
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map(|value| value.trim().parse().unwrap())
-            .unwrap_or(0.0)
+            .get(series)
     }
 
     pub async fn stats(&self) -> leadgate::queue::Stats {
@@ -487,6 +477,11 @@ impl GatewayProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /metrics` of this process (whose counters are its own), parsed.
+    pub async fn metrics(&self) -> super::metrics::Metrics {
+        super::metrics::Metrics::scrape(&self.base).await
     }
 
     /// A request to the admin API (the environment must set `LEADGATE_ADMIN_TOKEN` to

@@ -1,6 +1,7 @@
 //! Test helpers that read like the API they exercise.
 
 pub mod app;
+pub mod metrics;
 pub mod proxy;
 pub mod redis;
 pub mod tcp;
