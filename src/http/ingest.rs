@@ -298,9 +298,9 @@ fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
 /// on the host this request was sent to.
 fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
     let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    let peer = req.peer_addr().map(|a| limits::canonical(a.ip()));
-    let from_trusted_proxy =
-        peer.is_some_and(|ip| state.trusted_proxies.iter().any(|net| net.contains(&ip)));
+    let from_trusted_proxy = req
+        .peer_addr()
+        .is_some_and(|peer| limits::is_trusted_proxy(peer.ip(), &state.trusted_proxies));
     let forwarded_proto = from_trusted_proxy
         .then(|| req.headers().get("x-forwarded-proto")?.to_str().ok())
         .flatten()
