@@ -97,6 +97,15 @@ pub struct Item {
     pub test: bool,
 }
 
+impl Content {
+    /// A body in Leadsin's shape, its text cleaned as [`Inbound`]'s is
+    /// ([`crate::lead::clean_json`]): the only way such a body becomes content.
+    pub fn leadsin(mut body: serde_json::Value) -> Self {
+        crate::lead::clean_json(&mut body);
+        Content::Leadsin(body)
+    }
+}
+
 impl Item {
     fn new(content: Content) -> Self {
         Self {
@@ -200,7 +209,7 @@ pub fn remap(source: &Source, input: &Input) -> Result<Work, IngestError> {
                 .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
                 .collect(),
         ),
-        Input::Leadsin { body } => Content::Leadsin(body.clone()),
+        Input::Leadsin { body } => Content::leadsin(body.clone()),
     };
     // A replay is not a new lead: its repairs were counted when it first arrived.
     to_work(source, &content).map(|(work, _)| work)
