@@ -44,7 +44,8 @@ pub enum IngestError {
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
     TooLarge { limit: usize },
-    /// The whole body did not arrive within `LEADGATE_BODY_TIMEOUT`.
+    /// The whole body did not arrive within its deadline (`LEADGATE_BODY_TIMEOUT` plus an
+    /// allowance for its size).
     #[error("the body did not arrive within {} seconds; send it whole, promptly", .after.as_secs_f64())]
     BodyTimeout { after: Duration },
     /// A part of the body (a field, a file, the field count) is over its cap; `fields` names

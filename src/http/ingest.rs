@@ -348,20 +348,39 @@ fn idempotency_key(
 /// sender nothing, so memory is spent only as bytes actually arrive.
 const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
 
+/// The least upload rate a body is allowed for: a phone on a poor mobile link still manages
+/// this, and a sender that cannot is holding a connection rather than sending a lead.
+const MIN_BODY_RATE: u64 = 16 * 1024;
+
+/// The most a body's size adds to `LEADGATE_BODY_TIMEOUT`: a connection may not be held for
+/// longer than this past the base, however large the body says it will be.
+const MAX_BODY_ALLOWANCE: Duration = Duration::from_secs(120);
+
+/// How long a body of `expected` bytes may take to arrive: `base` (`LEADGATE_BODY_TIMEOUT`)
+/// plus a second for each [`MIN_BODY_RATE`] bytes, the extra at most [`MAX_BODY_ALLOWANCE`].
+/// So a 1 MiB form over a slow uplink is not cut off, and a trickle is still bounded.
+fn body_deadline(base: Duration, expected: usize) -> Duration {
+    let expected = u64::try_from(expected).unwrap_or(u64::MAX);
+    let allowance = Duration::from_millis(expected.saturating_mul(1000) / MIN_BODY_RATE);
+    base.saturating_add(allowance.min(MAX_BODY_ALLOWANCE))
+}
+
 /// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
 /// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
-/// the whole body has not arrived within `deadline`.
+/// the whole body has not arrived within its deadline ([`body_deadline`] of `base` and the
+/// declared length, or of `limit` for a body of unknown length).
 async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,
-    deadline: Duration,
+    base: Duration,
 ) -> Result<Bytes, IngestError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let deadline = body_deadline(base, declared.unwrap_or(limit).min(limit));
     collect_body(payload, declared, limit, deadline)
         .await
         .map(BytesMut::freeze)
@@ -528,6 +547,31 @@ mod tests {
                 .map(|p| Ok(Bytes::from_static(p)))
                 .collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn the_body_deadline_grows_with_the_expected_size_up_to_a_cap() {
+        let base = Duration::from_secs(15);
+        assert_eq!(body_deadline(base, 0), base);
+        assert_eq!(
+            body_deadline(base, 16 * 1024),
+            Duration::from_secs(16),
+            "a second per 16 KiB"
+        );
+        // A 1 MiB multipart form over a ~50 KB/s uplink takes about 21 s: it fits.
+        let one_mib = body_deadline(base, 1024 * 1024);
+        assert_eq!(one_mib, Duration::from_secs(15 + 64));
+        assert!(one_mib > Duration::from_secs_f64(1024.0 * 1024.0 / 50_000.0));
+        // However large the claim, the connection is held at most base + 120 s.
+        assert_eq!(
+            body_deadline(base, 100 * 1024 * 1024),
+            base + MAX_BODY_ALLOWANCE
+        );
+        assert_eq!(body_deadline(base, usize::MAX), base + MAX_BODY_ALLOWANCE);
+        assert_eq!(
+            body_deadline(Duration::from_secs(1), 2000),
+            Duration::from_millis(1122)
+        );
     }
 
     #[tokio::test]

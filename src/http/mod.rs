@@ -42,7 +42,8 @@ pub struct AppState {
     /// `LEADGATE_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
     pub metrics_token: Option<SecretString>,
     pub metrics: PrometheusHandle,
-    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive.
+    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive, before
+    /// the allowance for its size.
     pub body_timeout: Duration,
     accepting: AtomicBool,
 }
