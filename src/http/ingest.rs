@@ -449,9 +449,10 @@ pub async fn preflight(
         });
     let method_allowed =
         requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
+    let methods = sources::allowed_methods(&source.kind);
     let mut response = match (origin_allowed, method_allowed) {
         (true, true) => HttpResponse::NoContent()
-            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, methods))
             .insert_header((
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 "Content-Type, Accept, Idempotency-Key, X-Requested-With",
@@ -460,10 +461,10 @@ pub async fn preflight(
             .finish(),
         // The page may post, just not with that method: say which methods it may use.
         (true, false) => {
-            let mut response = IngestError::MethodNotAllowed.json_response();
+            let mut response = sources::method_not_allowed(&source).json_response();
             response.headers_mut().insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static(ALLOWED_METHODS),
+                HeaderValue::from_static(methods),
             );
             response
         }
@@ -475,9 +476,6 @@ pub async fn preflight(
     add_cors(&req, &source, response.headers_mut());
     response
 }
-
-/// The methods `/in/{source_id}` takes from a page (preflights and `Allow`).
-const ALLOWED_METHODS: &str = IngestError::ALLOWED;
 
 /// The answer headers a page's script may read: a refusal's wait, a replay's mark.
 const EXPOSED_HEADERS: &str = "Retry-After, Idempotent-Replayed";
@@ -524,6 +522,22 @@ pub async fn handshake(
         }
     };
     add_cors(&req, &source, response.headers_mut());
+    response
+}
+
+/// Any other method on `/in/{source_id}` (`PUT`, `DELETE`, …): `404 unknown_source` for a
+/// source that does not exist, else `405 method_not_allowed` with the source's own `Allow`.
+pub async fn other_method(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let source_id = path.into_inner();
+    let Some(source) = state.sources.get(&source_id) else {
+        return IngestError::UnknownSource(source_id).json_response();
+    };
+    let mut response = sources::method_not_allowed(source).json_response();
+    add_cors(&req, source, response.headers_mut());
     response
 }
 
