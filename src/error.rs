@@ -3,6 +3,7 @@
 //! whatever reason, is a `503` with `Retry-After` — the sender keeps the lead and tries again —
 //! and the cause is logged, never returned.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -19,11 +20,10 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 pub enum IngestError {
     #[error("there is no source {0:?}")]
     UnknownSource(String),
-    #[error(
-        "this source does not take that method; leads are POSTed (allowed: {})",
-        Self::ALLOWED
-    )]
-    MethodNotAllowed,
+    /// A method the route does not take; `allowed` is its `Allow` header (for a source,
+    /// [`crate::sources::allowed_methods`]).
+    #[error("this route does not take that method; it takes {allowed}")]
+    MethodNotAllowed { allowed: Cow<'static, str> },
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
     #[error("posts from {0} are not allowed for this source")]
@@ -44,7 +44,8 @@ pub enum IngestError {
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
     TooLarge { limit: usize },
-    /// The whole body did not arrive within `LEADGATE_BODY_TIMEOUT`.
+    /// The whole body did not arrive within its deadline (`LEADGATE_BODY_TIMEOUT` plus an
+    /// allowance for its size).
     #[error("the body did not arrive within {} seconds; send it whole, promptly", .after.as_secs_f64())]
     BodyTimeout { after: Duration },
     /// A part of the body (a field, a file, the field count) is over its cap; `fields` names
@@ -120,7 +121,7 @@ impl IngestError {
     pub fn status(&self) -> StatusCode {
         match self {
             IngestError::UnknownSource(_) => StatusCode::NOT_FOUND,
-            IngestError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            IngestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::Unauthorized => StatusCode::UNAUTHORIZED,
             IngestError::OriginNotAllowed(_)
             | IngestError::Forbidden(_)
@@ -142,7 +143,7 @@ impl IngestError {
     pub fn code(&self) -> &str {
         match self {
             IngestError::UnknownSource(_) => "unknown_source",
-            IngestError::MethodNotAllowed => "method_not_allowed",
+            IngestError::MethodNotAllowed { .. } => "method_not_allowed",
             IngestError::Unauthorized => "unauthorized",
             IngestError::OriginNotAllowed(_) => "origin_not_allowed",
             IngestError::Forbidden(_) => "forbidden",
@@ -197,7 +198,7 @@ impl IngestError {
             | IngestError::HandshakeRefused => "unauthorized",
             IngestError::Unavailable { .. } => "unavailable",
             IngestError::UnknownSource(_)
-            | IngestError::MethodNotAllowed
+            | IngestError::MethodNotAllowed { .. }
             | IngestError::UnsupportedMediaType(_)
             | IngestError::Malformed(_)
             | IngestError::TooLarge { .. }
@@ -268,8 +269,8 @@ impl IngestError {
         if matches!(self, IngestError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if matches!(self, IngestError::MethodNotAllowed) {
-            response.insert_header((header::ALLOW, Self::ALLOWED));
+        if let IngestError::MethodNotAllowed { allowed } = self {
+            response.insert_header((header::ALLOW, allowed.as_ref()));
         }
         self.close_if_unread(&mut response);
         response.json(body)
@@ -289,9 +290,6 @@ impl IngestError {
 }
 
 impl IngestError {
-    /// What a `405` from a source lists in `Allow`.
-    pub const ALLOWED: &'static str = "POST, OPTIONS";
-
     /// A body that timed out is still (slowly) arriving: the connection cannot carry another
     /// request, so the answer closes it rather than wait for the rest.
     fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {
@@ -380,13 +378,15 @@ mod tests {
                 retry_after: Duration::from_secs(1),
                 cause: Some(crate::queue::Error::Other(anyhow::anyhow!("boom"))),
             },
-            IngestError::MethodNotAllowed,
+            IngestError::MethodNotAllowed {
+                allowed: "POST, OPTIONS".into(),
+            },
         ];
         // No wildcard arm: a new variant fails to compile here until it is added above.
         for error in &errors {
             match error {
                 IngestError::UnknownSource(_)
-                | IngestError::MethodNotAllowed
+                | IngestError::MethodNotAllowed { .. }
                 | IngestError::Unauthorized
                 | IngestError::OriginNotAllowed(_)
                 | IngestError::Forbidden(_)

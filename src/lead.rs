@@ -1,6 +1,7 @@
 //! Domain types of a lead. Raw strings from senders become these types through constructors
 //! that can fail, so the rest of the code never handles an unchecked email or phone number.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
@@ -154,8 +155,46 @@ impl fmt::Debug for PhoneNumber {
     }
 }
 
+/// Whether `c` ends a line: `\n`, `\r`, vertical tab, form feed, NEL, U+2028, U+2029.
+pub fn is_line_break(c: char) -> bool {
+    matches!(
+        c,
+        '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{85}' | '\u{2028}' | '\u{2029}'
+    )
+}
+
+/// A sender's text with its control characters (C0, DEL, C1) removed, line breaks and tabs
+/// excepted: so no invisible byte reaches a field. This is the one cleaning of sender text,
+/// applied where it enters ([`Inbound::push`], [`clean_json`]), so every reader — the strict
+/// and the lenient mapping alike — sees the same text. How the remaining line breaks are
+/// written is the target field's business (the mapping joins them for one-line fields).
+pub fn clean_text(text: &str) -> Cow<'_, str> {
+    let is_noise = |c: char| c.is_control() && !is_line_break(c) && c != '\t';
+    if !text.chars().any(is_noise) {
+        return Cow::Borrowed(text);
+    }
+    Cow::Owned(text.chars().filter(|c| !is_noise(*c)).collect())
+}
+
+/// Cleans every string in a JSON body (see [`clean_text`]); keys are left as sent, as they
+/// only select fields.
+pub fn clean_json(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            if let Cow::Owned(clean) = clean_text(text) {
+                *text = clean;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(clean_json),
+        Value::Object(object) => object.values_mut().for_each(clean_json),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
 /// The fields a sender submitted, in the order they first appeared. A name submitted several
-/// times (repeated keys, `name[]`) keeps every value in order. Blank values are kept here and
+/// times (repeated keys, `name[]`) keeps every value in order. Names and values are cleaned of
+/// control characters as they are added ([`clean_text`]). Blank values are kept here and
 /// treated as absent by the mapping.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Inbound {
@@ -173,13 +212,14 @@ impl Inbound {
         Self::default()
     }
 
-    /// Adds one value; a trailing `[]` on the name is dropped (`interest[]` → `interest`).
+    /// Adds one value, name and value cleaned ([`clean_text`]); a trailing `[]` on the name is
+    /// dropped (`interest[]` → `interest`).
     pub fn push(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        let mut name = name.into();
+        let mut name = cleaned(name.into());
         if let Some(stripped) = name.strip_suffix("[]") {
             name = stripped.to_owned();
         }
-        let value = value.into();
+        let value = cleaned(value.into());
         match self.position(&name) {
             Some(at) => self.fields[at].1.push(value),
             None => {
@@ -222,6 +262,14 @@ impl Inbound {
 
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
+    }
+}
+
+/// `text` through [`clean_text`], reusing its buffer when nothing had to go.
+fn cleaned(text: String) -> String {
+    match clean_text(&text) {
+        Cow::Borrowed(_) => text,
+        Cow::Owned(clean) => clean,
     }
 }
 
@@ -485,6 +533,33 @@ mod tests {
         assert_eq!(
             inbound.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             ["interest", "name"]
+        );
+    }
+
+    #[test]
+    fn inbound_names_and_values_lose_control_characters_but_keep_line_breaks_and_tabs() {
+        let inbound: Inbound = [
+            ("e\u{0}mail", "ana@exa\u{7}mple.com\u{9b}"),
+            ("message", "one\r\ntwo\u{85}three\u{2028}four\tfive\u{7f}"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(inbound.get("email").unwrap(), ["ana@example.com"]);
+        assert_eq!(
+            inbound.get("message").unwrap(),
+            ["one\r\ntwo\u{85}three\u{2028}four\tfive"]
+        );
+    }
+
+    #[test]
+    fn every_string_of_a_json_body_is_cleaned_and_its_keys_and_numbers_are_not() {
+        let mut body = serde_json::json!({"FirstName": "A\u{0}na", "Email": [{"Address": "a\u{1b}@b.example"}],
+            "Extra": [{"ID": 7, "Value": "x\ny\u{9b}"}], "k\u{7}": true});
+        clean_json(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({"FirstName": "Ana", "Email": [{"Address": "a@b.example"}],
+                "Extra": [{"ID": 7, "Value": "x\ny"}], "k\u{7}": true})
         );
     }
 

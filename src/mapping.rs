@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::lead::{
     EmailAddress, EmailEntry, EmailType, ExtraEntry, Inbound, LeadsinPayload, PhoneEntry,
-    PhoneNumber, PhoneType,
+    PhoneNumber, PhoneType, is_line_break,
 };
 
 /// A standard Leadsin field an incoming field can be mapped to, as written in `[source.fields]`:
@@ -299,10 +299,11 @@ pub fn map_fields_lenient(inbound: &Inbound, rules: &MappingRules) -> (LeadsinPa
     let mut cleaned = Inbound::new();
     for (name, values) in inbound.iter() {
         for value in values {
-            if email_fields.contains(name)
-                && !value.trim().is_empty()
-                && EmailAddress::parse(value).is_err()
-            {
+            // The same text the strict mapping read, so a value it accepted is never moved aside.
+            let invalid = email_fields.contains(name)
+                && field_text(value, Lines::Join)
+                    .is_some_and(|text| EmailAddress::parse(&text).is_err());
+            if invalid {
                 if rules.unmapped_extra.is_none() {
                     dropped.push((name.to_owned(), value.trim().to_owned()));
                 }
@@ -728,7 +729,7 @@ fn unmapped_note(inbound: &Inbound, rules: &MappingRules) -> Option<String> {
         .filter_map(|(name, values)| {
             // One field, one line: neither its name nor a value may start another.
             let values = present(values, Lines::Join);
-            let name = clean_text(name, Lines::Join);
+            let name = with_lines(name, Lines::Join);
             (!values.is_empty()).then(|| format!("{}: {}", name.trim(), values.join(", ")))
         })
         .collect();
@@ -745,21 +746,26 @@ fn is_control(name: &str) -> bool {
     name.starts_with('_')
 }
 
-/// The values cleaned of control characters (see [`clean_text`]), trimmed, blank ones left out.
+/// The values as text for their target ([`field_text`]), blank ones left out.
 fn present(values: &[String], lines: Lines) -> Vec<Cow<'_, str>> {
     values
         .iter()
-        .filter_map(|value| {
-            let text = match clean_text(value, lines) {
-                Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
-                Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
-            };
-            (!text.is_empty()).then_some(text)
-        })
+        .filter_map(|value| field_text(value, lines))
         .collect()
 }
 
-/// What [`clean_text`] does with line breaks.
+/// One value as it reaches a field: its line breaks written as `lines` says, trimmed; `None`
+/// when blank. Control characters were removed where the value entered
+/// ([`crate::lead::clean_text`]), so this is the same text for every reader of the value.
+fn field_text(value: &str, lines: Lines) -> Option<Cow<'_, str>> {
+    let text = match with_lines(value, lines) {
+        Cow::Borrowed(text) => Cow::Borrowed(text.trim()),
+        Cow::Owned(text) => Cow::Owned(text.trim().to_owned()),
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+/// How line breaks are written in a field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lines {
     /// Single-line fields (names, emails, phones, address parts, the unmapped note's lines):
@@ -769,35 +775,27 @@ enum Lines {
     Keep,
 }
 
-/// Text as it may reach the CRM: control characters (C0, DEL, C1) are removed, except that a
-/// line break (`\r\n`, `\r`, `\n`, vertical tab, form feed, NEL, U+2028, U+2029) and a tab are
-/// kept readable as `lines` says. So a value can neither carry invisible bytes into a field
-/// nor forge a `key: value` line in the unmapped-fields note.
-fn clean_text(text: &str, lines: Lines) -> Cow<'_, str> {
-    let is_line_break = |c: char| {
-        matches!(
-            c,
-            '\n' | '\r' | '\u{0b}' | '\u{0c}' | '\u{85}' | '\u{2028}' | '\u{2029}'
-        )
-    };
-    if !text.chars().any(|c| c.is_control() || is_line_break(c)) {
+/// Writes the line breaks of `text` (`\r\n`, `\r`, `\n`, vertical tab, form feed, NEL, U+2028,
+/// U+2029) and its tabs as `lines` says, so a value can never forge a `key: value` line in the
+/// unmapped-fields note.
+fn with_lines(text: &str, lines: Lines) -> Cow<'_, str> {
+    let special = |c: char| is_line_break(c) || (c == '\t' && lines == Lines::Join);
+    if !text.chars().any(special) {
         return Cow::Borrowed(text);
     }
-    let mut clean = String::with_capacity(text.len());
+    let mut written = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c == '\r' && chars.peek() == Some(&'\n') {
             continue; // the `\n` that follows stands for the pair
         }
         match (c, lines) {
-            (c, Lines::Join) if is_line_break(c) || c == '\t' => clean.push(' '),
-            (c, Lines::Keep) if is_line_break(c) => clean.push('\n'),
-            ('\t', Lines::Keep) => clean.push('\t'),
-            (c, _) if c.is_control() => {}
-            (c, _) => clean.push(c),
+            (c, Lines::Join) if special(c) => written.push(' '),
+            (c, Lines::Keep) if is_line_break(c) => written.push('\n'),
+            (c, _) => written.push(c),
         }
     }
-    Cow::Owned(clean)
+    Cow::Owned(written)
 }
 
 fn append_text(slot: &mut Option<String>, value: &str) {
@@ -852,7 +850,7 @@ fn or_list(items: &[&str]) -> String {
     }
 }
 
-/// A Leadsin scalar as trimmed text, cleaned (see [`clean_text`]): strings and numbers, and for
+/// A Leadsin scalar as trimmed text (see [`field_text`]): strings and numbers, and for
 /// an `Extra` entry's `Value` (`extra_value`) booleans too, with line breaks kept; `null` and
 /// blank text are absent; anything else is an error at `path`.
 fn scalar_text(
@@ -869,9 +867,7 @@ fn scalar_text(
             } else {
                 Lines::Join
             };
-            let text = clean_text(text, lines);
-            let text = text.trim();
-            (!text.is_empty()).then(|| text.to_owned())
+            field_text(text, lines).map(Cow::into_owned)
         }
         Value::Number(number) => Some(number.to_string()),
         Value::Bool(flag) if extra_value => Some(flag.to_string()),
@@ -1867,6 +1863,26 @@ mod tests {
     }
 
     #[test]
+    fn lenient_mapping_reads_an_email_as_the_strict_mapping_does_when_repairing_a_name() {
+        let mut rules = lenient_rules();
+        rules.last_name_fallback = String::new();
+        rules.unmapped_extra = Some("4444444".parse().unwrap());
+        let inbound: Inbound = [("name", "Cher"), ("email", "cher@exa\u{7}mple.com\u{0}")]
+            .into_iter()
+            .collect();
+        let (payload, repaired) = map_fields_lenient(&inbound, &rules);
+        assert_eq!(
+            emails(&payload),
+            [("cher@example.com", EmailType::Work)],
+            "a valid email is not moved into the note: {:?}",
+            payload.extra
+        );
+        assert!(payload.extra.is_empty(), "{:?}", payload.extra);
+        assert_eq!(payload.last_name, "-");
+        assert!(repaired.dropped.is_empty(), "{repaired:?}");
+    }
+
+    #[test]
     fn lenient_mapping_changes_nothing_when_the_data_is_valid() {
         let rules = lenient_rules();
         let inbound: Inbound = [("name", "Ana Ruiz"), ("email", "ana@example.com")]
@@ -1917,8 +1933,10 @@ mod tests {
 
     #[test]
     fn leadsin_text_is_cleaned_like_form_text_and_extra_values_keep_their_lines() {
-        let body = json!({"FirstName": "Ana\u{0}", "LastName": "Ruiz\nGil", "City": "Ma\u{9b}drid",
+        // Bodies are cleaned where they are built (`Content::leadsin`), as `Inbound` is.
+        let mut body = json!({"FirstName": "Ana\u{0}", "LastName": "Ruiz\nGil", "City": "Ma\u{9b}drid",
             "Extra": [{"ID": "1", "Value": "line one\r\nline\ttwo\u{7f}"}]});
+        crate::lead::clean_json(&mut body);
         let payload = map_leadsin(&body, &MappingRules::default()).unwrap();
         assert_eq!(names(&payload), ("Ana", "Ruiz Gil"));
         assert_eq!(payload.city.as_deref(), Some("Madrid"));

@@ -88,7 +88,8 @@ pub struct Settings {
         deserialize_with = "duration"
     )]
     pub graph_parked_retry: Duration,
-    /// How long a request's whole body may take to arrive; a slower body is answered `408`.
+    /// The base of how long a request's whole body may take to arrive (the ingest handler adds
+    /// an allowance for the body's size); a slower body is answered `408`.
     #[serde(default = "defaults::body_timeout", deserialize_with = "duration")]
     pub body_timeout: Duration,
 }

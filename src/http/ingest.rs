@@ -298,9 +298,9 @@ fn client_ip(req: &HttpRequest, state: &AppState) -> std::net::IpAddr {
 /// on the host this request was sent to.
 fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
     let host = req.headers().get(header::HOST)?.to_str().ok()?;
-    let peer = req.peer_addr().map(|a| limits::canonical(a.ip()));
-    let from_trusted_proxy =
-        peer.is_some_and(|ip| state.trusted_proxies.iter().any(|net| net.contains(&ip)));
+    let from_trusted_proxy = req
+        .peer_addr()
+        .is_some_and(|peer| limits::is_trusted_proxy(peer.ip(), &state.trusted_proxies));
     let forwarded_proto = from_trusted_proxy
         .then(|| req.headers().get("x-forwarded-proto")?.to_str().ok())
         .flatten()
@@ -348,20 +348,39 @@ fn idempotency_key(
 /// sender nothing, so memory is spent only as bytes actually arrive.
 const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
 
+/// The least upload rate a body is allowed for: a phone on a poor mobile link still manages
+/// this, and a sender that cannot is holding a connection rather than sending a lead.
+const MIN_BODY_RATE: u64 = 16 * 1024;
+
+/// The most a body's size adds to `LEADGATE_BODY_TIMEOUT`: a connection may not be held for
+/// longer than this past the base, however large the body says it will be.
+const MAX_BODY_ALLOWANCE: Duration = Duration::from_secs(120);
+
+/// How long a body of `expected` bytes may take to arrive: `base` (`LEADGATE_BODY_TIMEOUT`)
+/// plus a second for each [`MIN_BODY_RATE`] bytes, the extra at most [`MAX_BODY_ALLOWANCE`].
+/// So a 1 MiB form over a slow uplink is not cut off, and a trickle is still bounded.
+fn body_deadline(base: Duration, expected: usize) -> Duration {
+    let expected = u64::try_from(expected).unwrap_or(u64::MAX);
+    let allowance = Duration::from_millis(expected.saturating_mul(1000) / MIN_BODY_RATE);
+    base.saturating_add(allowance.min(MAX_BODY_ALLOWANCE))
+}
+
 /// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
 /// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
-/// the whole body has not arrived within `deadline`.
+/// the whole body has not arrived within its deadline ([`body_deadline`] of `base` and the
+/// declared length, or of `limit` for a body of unknown length).
 async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,
-    deadline: Duration,
+    base: Duration,
 ) -> Result<Bytes, IngestError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    let deadline = body_deadline(base, declared.unwrap_or(limit).min(limit));
     collect_body(payload, declared, limit, deadline)
         .await
         .map(BytesMut::freeze)
@@ -430,9 +449,10 @@ pub async fn preflight(
         });
     let method_allowed =
         requested_method.is_none_or(|m| m.eq_ignore_ascii_case(Method::POST.as_str()));
+    let methods = sources::allowed_methods(&source.kind);
     let mut response = match (origin_allowed, method_allowed) {
         (true, true) => HttpResponse::NoContent()
-            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, ALLOWED_METHODS))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, methods))
             .insert_header((
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
                 "Content-Type, Accept, Idempotency-Key, X-Requested-With",
@@ -441,10 +461,10 @@ pub async fn preflight(
             .finish(),
         // The page may post, just not with that method: say which methods it may use.
         (true, false) => {
-            let mut response = IngestError::MethodNotAllowed.json_response();
+            let mut response = sources::method_not_allowed(&source).json_response();
             response.headers_mut().insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static(ALLOWED_METHODS),
+                HeaderValue::from_static(methods),
             );
             response
         }
@@ -456,9 +476,6 @@ pub async fn preflight(
     add_cors(&req, &source, response.headers_mut());
     response
 }
-
-/// The methods `/in/{source_id}` takes from a page (preflights and `Allow`).
-const ALLOWED_METHODS: &str = IngestError::ALLOWED;
 
 /// The answer headers a page's script may read: a refusal's wait, a replay's mark.
 const EXPOSED_HEADERS: &str = "Retry-After, Idempotent-Replayed";
@@ -508,6 +525,22 @@ pub async fn handshake(
     response
 }
 
+/// Any other method on `/in/{source_id}` (`PUT`, `DELETE`, …): `404 unknown_source` for a
+/// source that does not exist, else `405 method_not_allowed` with the source's own `Allow`.
+pub async fn other_method(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let source_id = path.into_inner();
+    let Some(source) = state.sources.get(&source_id) else {
+        return IngestError::UnknownSource(source_id).json_response();
+    };
+    let mut response = sources::method_not_allowed(source).json_response();
+    add_cors(&req, source, response.headers_mut());
+    response
+}
+
 /// `GET /thanks`: the built-in thank-you page.
 pub async fn thanks() -> HttpResponse {
     HttpResponse::build(StatusCode::OK)
@@ -528,6 +561,31 @@ mod tests {
                 .map(|p| Ok(Bytes::from_static(p)))
                 .collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn the_body_deadline_grows_with_the_expected_size_up_to_a_cap() {
+        let base = Duration::from_secs(15);
+        assert_eq!(body_deadline(base, 0), base);
+        assert_eq!(
+            body_deadline(base, 16 * 1024),
+            Duration::from_secs(16),
+            "a second per 16 KiB"
+        );
+        // A 1 MiB multipart form over a ~50 KB/s uplink takes about 21 s: it fits.
+        let one_mib = body_deadline(base, 1024 * 1024);
+        assert_eq!(one_mib, Duration::from_secs(15 + 64));
+        assert!(one_mib > Duration::from_secs_f64(1024.0 * 1024.0 / 50_000.0));
+        // However large the claim, the connection is held at most base + 120 s.
+        assert_eq!(
+            body_deadline(base, 100 * 1024 * 1024),
+            base + MAX_BODY_ALLOWANCE
+        );
+        assert_eq!(body_deadline(base, usize::MAX), base + MAX_BODY_ALLOWANCE);
+        assert_eq!(
+            body_deadline(Duration::from_secs(1), 2000),
+            Duration::from_millis(1122)
+        );
     }
 
     #[tokio::test]

@@ -1,11 +1,11 @@
 //! Abuse limits per source (governor, in process) and the client address they key on.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, RateLimiter};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 
 use crate::config::Sources;
 use crate::error::IngestError;
@@ -81,9 +81,8 @@ impl Limiters {
 /// written with a port (`203.0.113.7:51234`, `[2001:db8::7]:443`) or in brackets; IPv4-mapped
 /// IPv6 addresses are read as the IPv4 address they carry, for the peer and every hop.
 pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     let peer = canonical(peer);
-    if !is_trusted(&peer) {
+    if !is_trusted_proxy(peer, trusted) {
         return peer;
     }
     let Some(header) = forwarded_for else {
@@ -94,7 +93,7 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
         match parse_hop(hop) {
             Some(ip) => {
                 client = ip;
-                if !is_trusted(&ip) {
+                if !is_trusted_proxy(ip, trusted) {
                     break;
                 }
             }
@@ -103,6 +102,13 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -
         }
     }
     client
+}
+
+/// Whether `ip` (read as [`canonical`]) is in one of the `LEADGATE_TRUSTED_PROXIES` networks:
+/// the one test of whether a peer's `X-Forwarded-*` headers are believed.
+pub fn is_trusted_proxy(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = canonical(ip);
+    trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// One `X-Forwarded-For` entry: an address, with or without a port, IPv6 optionally in
@@ -131,7 +137,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 /// take a fresh budget per request.
 pub fn rate_key(ip: IpAddr) -> IpAddr {
     match canonical(ip) {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> 64))),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Net::new_assert(v6, 64).trunc().network()),
         v4 => v4,
     }
 }
@@ -170,6 +176,17 @@ mod tests {
     fn a_trusted_peer_without_the_header_is_the_client() {
         let ip = client_ip("10.0.0.2".parse().unwrap(), None, &nets(&["10.0.0.0/8"]));
         assert_eq!(ip.to_string(), "10.0.0.2");
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_recognised_also_through_a_dual_stack_socket() {
+        let trusted = nets(&["10.0.0.0/8", "2001:db8::/32"]);
+        assert!(is_trusted_proxy(ip("10.1.2.3"), &trusted));
+        assert!(is_trusted_proxy(ip("::ffff:10.1.2.3"), &trusted));
+        assert!(is_trusted_proxy(ip("2001:db8::1"), &trusted));
+        assert!(!is_trusted_proxy(ip("203.0.113.9"), &trusted));
+        assert!(!is_trusted_proxy(ip("::ffff:203.0.113.9"), &trusted));
+        assert!(!is_trusted_proxy(ip("10.1.2.3"), &[]));
     }
 
     #[test]

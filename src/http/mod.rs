@@ -9,17 +9,16 @@ pub mod limits;
 pub mod pages;
 pub mod sandbox;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use actix_web::dev::ResourceDef;
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use ipnet::IpNet;
 
 use crate::config::Sources;
-use crate::error::{ErrorBody, ErrorDetail};
+use crate::error::{ErrorBody, ErrorDetail, IngestError};
 use crate::forwarder::DeliveryState;
 use crate::queue::Queue;
 use crate::sim::Simulator;
@@ -42,7 +41,8 @@ pub struct AppState {
     /// `LEADGATE_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer token.
     pub metrics_token: Option<SecretString>,
     pub metrics: PrometheusHandle,
-    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive.
+    /// `LEADGATE_BODY_TIMEOUT`: how long a request's whole body may take to arrive, before
+    /// the allowance for its size.
     pub body_timeout: Duration,
     accepting: AtomicBool,
 }
@@ -126,37 +126,52 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
     move |cfg| {
         cfg.app_data(state);
         register(cfg);
+        // Every other method on a source: its answer depends on the source (unknown → 404, else
+        // its own `Allow`), so it goes to the ingest side, which knows the source.
+        cfg.route(SOURCE_PATH, web::route().to(ingest::other_method));
         cfg.default_service(web::to(fallback));
     }
 }
 
+/// The path of the sources' routes.
+const SOURCE_PATH: &str = "/in/{source_id}";
+
+/// Each path of [`ROUTES`] but the sources', compiled once, with the methods it takes, for
+/// [`fallback`].
+static PATHS: LazyLock<Vec<(ResourceDef, Vec<&'static str>)>> = LazyLock::new(|| {
+    let mut paths: Vec<(&str, Vec<&str>)> = Vec::new();
+    for &(method, path) in ROUTES.iter().filter(|(_, path)| *path != SOURCE_PATH) {
+        match paths.iter_mut().find(|(known, _)| *known == path) {
+            Some((_, methods)) => methods.push(method),
+            None => paths.push((path, vec![method])),
+        }
+    }
+    paths
+        .into_iter()
+        .map(|(path, methods)| (ResourceDef::new(path), methods))
+        .collect()
+});
+
 /// What no route answers: `405 method_not_allowed` with `Allow` when the path is served for
-/// other methods, `404 not_found` when it is not served at all.
+/// other methods, `404 not_found` when it is not served at all. (`/in/{source_id}` never gets
+/// here: see [`configure`].)
 async fn fallback(req: HttpRequest) -> HttpResponse {
+    // Several patterns may match one path (`/admin/dead/replay` is also `/admin/dead/{id}`).
     let mut allowed: Vec<&str> = Vec::new();
-    for (method, path) in ROUTES {
-        if !allowed.contains(method) && ResourceDef::new(*path).is_match(req.path()) {
-            allowed.push(method);
+    for (_, methods) in PATHS.iter().filter(|(path, _)| path.is_match(req.path())) {
+        for method in methods {
+            if !allowed.contains(method) {
+                allowed.push(method);
+            }
         }
     }
     if allowed.is_empty() {
         return not_found().await;
     }
-    let allow = allowed.join(", ");
-    let method: String = req.method().as_str().chars().take(20).collect();
-    let mut response = HttpResponse::MethodNotAllowed();
-    response.insert_header((header::ALLOW, allow.as_str()));
-    if req.path().starts_with("/in/") {
-        // The sources' routes answer pages (CORS): keep caches from mixing origins here too.
-        response.insert_header((header::VARY, "Origin"));
+    IngestError::MethodNotAllowed {
+        allowed: allowed.join(", ").into(),
     }
-    response.json(ErrorBody {
-        error: ErrorDetail {
-            code: "method_not_allowed",
-            message: format!("this route does not take {method}; it takes {allow}"),
-            fields: None,
-        },
-    })
+    .json_response()
 }
 
 async fn not_found() -> HttpResponse {

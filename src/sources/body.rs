@@ -13,8 +13,8 @@
 //! the sender wrote, and ids beyond 2^53 or 2^64 keep every digit. `serde_json`'s
 //! `arbitrary_precision` would do the same inside `Value`, but it is a crate-wide feature that
 //! changes how numbers travel through `#[serde(untagged)]` and `flatten` in every crate that
-//! uses `serde_json` (the test suite's CDP client among them), so [`parse_json`] reads the
-//! number text itself. JSON object keys keep their order (`serde_json`'s `preserve_order`), so
+//! uses `serde_json` (the test suite's CDP client among them), so [`parse_json`] keeps the
+//! number text with `raw_value` instead, which only adds an API. JSON object keys keep their order (`serde_json`'s `preserve_order`), so
 //! fields reach the mapping in the order they were sent.
 
 use std::borrow::Cow;
@@ -24,6 +24,7 @@ use std::convert::Infallible;
 use bytes::Bytes;
 use encoding_rs::{Encoding, UTF_8, WINDOWS_1252};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::lead::Inbound;
 
@@ -400,153 +401,91 @@ fn shown_name(name: &str) -> String {
     name.chars().take(60).collect()
 }
 
+/// The deepest nesting of objects and lists a JSON body may have. Lead bodies and platform
+/// envelopes are a few levels deep; the bound keeps [`exact_value`]'s re-reading of each level
+/// (see [`parse_json`]) to a small multiple of the body's size.
+const MAX_JSON_DEPTH: usize = 32;
+
 /// Parses a JSON body (RFC 8259: UTF-8; a leading byte order mark is tolerated). Numbers come
 /// back as strings of their exact text (see the module notes).
+///
+/// serde_json reads the whole body first as a [`RawValue`] — checking the syntax, with errors
+/// that name the line and column and never quote the input — and then each object or list is
+/// read again from its own checked text, one level at a time, its members kept as raw text:
+/// so a number's text is there to keep, as written.
 pub fn parse_json(body: &[u8]) -> Result<Value, BodyError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    // serde_json checks the syntax (its errors name the line and column and never quote the
-    // input, and it bounds the nesting); the tree is then built from the checked text.
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+    let raw: &RawValue = serde_json::from_slice(body)
         .map_err(|error| BodyError::malformed(format!("the JSON body is not valid: {error}")))?;
-    ExactJson { text: body, at: 0 }.value()
+    exact_value(raw, 0)
 }
 
-/// Builds a `Value` from JSON text that serde_json has already checked, keeping each number's
-/// text. Every step still checks what it reads, so a mismatch is an error, never a panic.
-struct ExactJson<'a> {
-    text: &'a [u8],
-    at: usize,
+/// A `Value` from checked JSON text, numbers as strings of their text. A repeated key keeps
+/// its first place and its last value, as serde_json does.
+fn exact_value(raw: &RawValue, depth: usize) -> Result<Value, BodyError> {
+    let text = raw.get();
+    let nested = matches!(text.as_bytes().first(), Some(b'{' | b'['));
+    if nested && depth == MAX_JSON_DEPTH {
+        return Err(BodyError::malformed(format!(
+            "the JSON body is nested more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
+    let value = match text.as_bytes().first() {
+        Some(b'{') => {
+            let Members(members) = serde_json::from_str(text).map_err(|_| broken_json())?;
+            let mut object = serde_json::Map::with_capacity(members.len());
+            for (key, member) in members {
+                object.insert(key, exact_value(member, depth + 1)?);
+            }
+            Value::Object(object)
+        }
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).map_err(|_| broken_json())?;
+            items
+                .into_iter()
+                .map(|item| exact_value(item, depth + 1))
+                .collect::<Result<_, _>>()
+                .map(Value::Array)?
+        }
+        Some(b'-' | b'0'..=b'9') => Value::String(text.to_owned()),
+        // Strings (unescaped), `true`, `false`, `null`.
+        _ => serde_json::from_str(text).map_err(|_| broken_json())?,
+    };
+    Ok(value)
 }
 
-impl ExactJson<'_> {
-    fn value(&mut self) -> Result<Value, BodyError> {
-        match self.peek()? {
-            b'{' => {
-                self.at += 1;
-                let mut object = serde_json::Map::new();
-                if self.peek()? == b'}' {
-                    self.at += 1;
-                    return Ok(Value::Object(object));
-                }
-                loop {
-                    let key = self.string()?;
-                    self.expect(b':')?;
-                    let value = self.value()?;
-                    // A repeated key keeps its first place and its last value, as serde_json does.
-                    object.insert(key, value);
-                    match self.next()? {
-                        b',' => continue,
-                        b'}' => return Ok(Value::Object(object)),
-                        _ => return Err(Self::broken()),
-                    }
-                }
+/// An object's members in the order written, repeated keys included, each value unread.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
             }
-            b'[' => {
-                self.at += 1;
-                let mut items = Vec::new();
-                if self.peek()? == b']' {
-                    self.at += 1;
-                    return Ok(Value::Array(items));
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(member);
                 }
-                loop {
-                    items.push(self.value()?);
-                    match self.next()? {
-                        b',' => continue,
-                        b']' => return Ok(Value::Array(items)),
-                        _ => return Err(Self::broken()),
-                    }
-                }
-            }
-            b'"' => self.string().map(Value::String),
-            b't' => self.literal(b"true", Value::Bool(true)),
-            b'f' => self.literal(b"false", Value::Bool(false)),
-            b'n' => self.literal(b"null", Value::Null),
-            _ => {
-                let start = self.at;
-                while self
-                    .text
-                    .get(self.at)
-                    .is_some_and(|b| matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                {
-                    self.at += 1;
-                }
-                match std::str::from_utf8(&self.text[start..self.at]) {
-                    Ok(number) if !number.is_empty() => Ok(Value::String(number.to_owned())),
-                    _ => Err(Self::broken()),
-                }
+                Ok(Members(members))
             }
         }
+        deserializer.deserialize_map(Visit)
     }
+}
 
-    /// A string token, unescaped.
-    fn string(&mut self) -> Result<String, BodyError> {
-        if self.peek()? != b'"' {
-            return Err(Self::broken());
-        }
-        let start = self.at;
-        self.at += 1;
-        let mut escaped = false;
-        loop {
-            match self.text.get(self.at) {
-                None => return Err(Self::broken()),
-                Some(b'\\') => {
-                    escaped = true;
-                    self.at += 2;
-                }
-                Some(b'"') => break,
-                Some(_) => self.at += 1,
-            }
-        }
-        self.at += 1;
-        let token = &self.text[start..self.at];
-        let text = if escaped {
-            serde_json::from_slice::<String>(token).map_err(|_| Self::broken())?
-        } else {
-            std::str::from_utf8(&token[1..token.len() - 1])
-                .map_err(|_| BodyError::malformed("the JSON body is not valid UTF-8"))?
-                .to_owned()
-        };
-        Ok(text)
-    }
-
-    fn literal(&mut self, word: &[u8], value: Value) -> Result<Value, BodyError> {
-        if self.text[self.at..].starts_with(word) {
-            self.at += word.len();
-            Ok(value)
-        } else {
-            Err(Self::broken())
-        }
-    }
-
-    /// The next byte that is not whitespace, left unread.
-    fn peek(&mut self) -> Result<u8, BodyError> {
-        while self
-            .text
-            .get(self.at)
-            .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-        {
-            self.at += 1;
-        }
-        self.text.get(self.at).copied().ok_or_else(Self::broken)
-    }
-
-    fn next(&mut self) -> Result<u8, BodyError> {
-        let byte = self.peek()?;
-        self.at += 1;
-        Ok(byte)
-    }
-
-    fn expect(&mut self, byte: u8) -> Result<(), BodyError> {
-        if self.next()? == byte {
-            Ok(())
-        } else {
-            Err(Self::broken())
-        }
-    }
-
-    fn broken() -> BodyError {
-        BodyError::malformed("the JSON body is not valid")
-    }
+/// Text serde_json checked as a whole but could not read again in part: not expected, and
+/// an error rather than a panic if it happens.
+fn broken_json() -> BodyError {
+    BodyError::malformed("the JSON body is not valid")
 }
 
 /// Reads a flat JSON object as fields: strings, numbers (as written, see the module notes),
@@ -1172,6 +1111,26 @@ mod tests {
         assert_eq!(keys, ["a", "k", "é"]);
         for scalar in ["42", "\"text\"", "true", "null", " [ ] "] {
             assert!(parse_json(scalar.as_bytes()).is_ok(), "{scalar}");
+        }
+    }
+
+    #[test]
+    fn json_nested_beyond_the_bound_is_malformed_and_within_it_is_read() {
+        let nested = |depth: usize| format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        let deepest = parse_json(nested(MAX_JSON_DEPTH).as_bytes()).unwrap();
+        let mut inner = &deepest;
+        for _ in 0..MAX_JSON_DEPTH {
+            inner = &inner[0];
+        }
+        assert_eq!(inner, "1");
+        let objects = format!(
+            "{}\"1\"{}",
+            "{\"a\":".repeat(MAX_JSON_DEPTH + 1),
+            "}".repeat(MAX_JSON_DEPTH + 1)
+        );
+        for text in [nested(MAX_JSON_DEPTH + 1), objects, nested(100_000)] {
+            let error = parse_json(text.as_bytes()).unwrap_err();
+            assert_eq!(error.code(), "malformed_body");
         }
     }
 

@@ -97,6 +97,15 @@ pub struct Item {
     pub test: bool,
 }
 
+impl Content {
+    /// A body in Leadsin's shape, its text cleaned as [`Inbound`]'s is
+    /// ([`crate::lead::clean_json`]): the only way such a body becomes content.
+    pub fn leadsin(mut body: serde_json::Value) -> Self {
+        crate::lead::clean_json(&mut body);
+        Content::Leadsin(body)
+    }
+}
+
 impl Item {
     fn new(content: Content) -> Self {
         Self {
@@ -137,6 +146,30 @@ pub async fn parse(
     Ok(vec![Item::new(content)])
 }
 
+/// The methods `/in/{source_id}` takes for a source without a handshake.
+pub const METHODS: &str = "POST, OPTIONS";
+/// The methods `/in/{source_id}` takes for a source with a handshake (Meta's `GET`).
+pub const METHODS_WITH_HANDSHAKE: &str = "POST, GET, OPTIONS";
+
+/// The methods a source's `/in/{source_id}` takes: its `405`s' `Allow`, the preflight's
+/// `Access-Control-Allow-Methods`, and `openapi.yaml`'s `AllowSource` (a test keeps it equal).
+pub fn allowed_methods(kind: &SourceKind) -> &'static str {
+    match kind {
+        SourceKind::Facebook(_) => METHODS_WITH_HANDSHAKE,
+        SourceKind::Form
+        | SourceKind::Partner { .. }
+        | SourceKind::Google { .. }
+        | SourceKind::Webhook(_) => METHODS,
+    }
+}
+
+/// The refusal of a method `source` does not take.
+pub fn method_not_allowed(source: &Source) -> IngestError {
+    IngestError::MethodNotAllowed {
+        allowed: allowed_methods(&source.kind).into(),
+    }
+}
+
 /// Answers a `GET` on a source: the subscription handshake of platforms that have one (Meta).
 /// Returns the plain-text body of a `200`.
 pub fn handshake(source: &Source, query: &str) -> Result<String, IngestError> {
@@ -144,7 +177,7 @@ pub fn handshake(source: &Source, query: &str) -> Result<String, IngestError> {
         SourceKind::Form
         | SourceKind::Partner { .. }
         | SourceKind::Google { .. }
-        | SourceKind::Webhook(_) => Err(IngestError::MethodNotAllowed),
+        | SourceKind::Webhook(_) => Err(method_not_allowed(source)),
         SourceKind::Facebook(meta) => facebook::handshake(meta, query),
     }
 }
@@ -200,7 +233,7 @@ pub fn remap(source: &Source, input: &Input) -> Result<Work, IngestError> {
                 .flat_map(|(name, values)| values.iter().map(move |v| (name.clone(), v.clone())))
                 .collect(),
         ),
-        Input::Leadsin { body } => Content::Leadsin(body.clone()),
+        Input::Leadsin { body } => Content::leadsin(body.clone()),
     };
     // A replay is not a new lead: its repairs were counted when it first arrived.
     to_work(source, &content).map(|(work, _)| work)

@@ -56,7 +56,7 @@ pub async fn parse(
     match decoded {
         body::Decoded::Json(value) if mapping::looks_like_leadsin(&value, &source.mapping) => {
             body::check_leadsin_limits(&value, &body_limits(source))?;
-            Ok(Content::Leadsin(value))
+            Ok(Content::leadsin(value))
         }
         body::Decoded::Json(value) => Ok(Content::Fields(
             body::json_to_fields(&value, &body_limits(source)).map_err(IngestError::from)?,

@@ -26,7 +26,7 @@ async fn a_body_trickling_in_is_answered_408_at_the_deadline_and_nothing_is_queu
     let (mut reader, mut writer) = stream.into_split();
     let head = format!(
         "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
-         Accept: application/json\r\nContent-Length: 60000\r\n\r\nname=Ana+Ruiz&message="
+         Accept: application/json\r\nContent-Length: 2000\r\n\r\nname=Ana+Ruiz&message="
     );
     writer.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
@@ -63,6 +63,37 @@ async fn a_body_trickling_in_is_answered_408_at_the_deadline_and_nothing_is_queu
         .post_json("website", &serde_json::json!({"name": "Ana Ruiz"}))
         .await;
     assert_eq!(ok.status(), 202);
+}
+
+#[tokio::test]
+async fn a_large_body_over_a_slow_uplink_gets_time_for_its_size_and_is_queued() {
+    let app = TestApp::spawn_with(&crate::helpers::app::default_sources(), |env| {
+        env.set("LEADGATE_BODY_TIMEOUT", "1s");
+    })
+    .await;
+    let addr = app.gateway().addr();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let mut body = b"name=Ana+Ruiz&message=".to_vec();
+    body.resize(60_000, b'x');
+    let head = format!(
+        "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Accept: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    // About 30 KB/s: the whole body takes 2 s, twice the base deadline, and well within the
+    // time its size earns (1 s + 60 KB at 16 KiB/s).
+    for piece in body.chunks(7_500) {
+        writer.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let answer = read_answer(&mut reader, Duration::from_secs(3)).await;
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["FirstName"], "Ana");
 }
 
 /// The default sources with the website form limited to 2 requests a minute per client, behind

@@ -200,13 +200,39 @@ async fn a_405_names_the_allowed_methods() {
         .await
         .unwrap();
     assert_eq!(put.status(), 405);
-    assert_eq!(put.headers()["allow"], "POST, GET, OPTIONS");
+    assert_eq!(
+        put.headers()["allow"],
+        "POST, OPTIONS",
+        "the same Allow as the source's GET"
+    );
     assert_eq!(put.headers()["vary"], "Origin");
     let body: Value = put.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
+    // Another method on a source that does not exist: the source is what is missing.
+    let unknown = app
+        .http
+        .put(app.url("/in/no-such-source"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.headers().get("allow").is_none());
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unknown_source");
     let delete = app.http.delete(app.url("/healthz")).send().await.unwrap();
     assert_eq!(delete.status(), 405);
     assert_eq!(delete.headers()["allow"], "GET, HEAD");
+    let body: Value = delete.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    // A path two routes match lists both routes' methods.
+    let replay = app
+        .http
+        .get(app.url("/admin/dead/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 405);
+    assert_eq!(replay.headers()["allow"], "POST, DELETE");
     // A path that does not exist is still a 404.
     let nowhere = app.http.put(app.url("/nowhere")).send().await.unwrap();
     assert_eq!(nowhere.status(), 404);

@@ -252,6 +252,37 @@ async fn an_invalid_email_from_google_is_forwarded_in_the_note_not_refused() {
 }
 
 #[tokio::test]
+async fn a_valid_email_with_a_stray_control_character_arrives_cleaned_when_the_name_is_repaired() {
+    // No fallback of its own: the missing last name is a repair, so the lenient mapping runs.
+    let app = TestApp::spawn_with(&sources("last_name_fallback = \"\""), |_| {}).await;
+    let body = lead(
+        "control-char-email-1",
+        json!([
+            column("FIRST_NAME", "First Name", "Paula"),
+            column("EMAIL", "User Email", "paula.serra@exa\u{7}mple.com\u{0}"),
+        ]),
+    );
+    assert_plain_200(post(&app, &body).await).await;
+    let leads = app.received(1).await;
+    let payload = &leads[0].payload;
+    assert_eq!(payload["LastName"], "-");
+    assert_eq!(
+        payload["Email"],
+        json!([{"Address": "paula.serra@example.com", "Type": "work"}]),
+        "{payload}"
+    );
+    let note = payload["Extra"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["ID"] == "4444444");
+    assert!(
+        note.is_none_or(|note| !note["Value"].as_str().unwrap().contains("invalid")),
+        "{payload}"
+    );
+}
+
+#[tokio::test]
 async fn a_lead_with_an_invalid_email_is_counted_as_repaired_and_a_valid_one_is_not() {
     let app = TestApp::spawn_with(&source_named("google-repaired", ""), |_| {}).await;
     let series = r#"leadgate_leads_repaired_total{source="google-repaired"}"#;

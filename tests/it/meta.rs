@@ -214,6 +214,16 @@ async fn meta_handshake_with_a_wrong_token_is_refused() {
 }
 
 #[tokio::test]
+async fn another_method_on_a_meta_source_lists_its_handshake_in_allow() {
+    let app = meta_app(PAGE_TOKEN, "").await;
+    let put = app.http.put(app.url("/in/fb")).send().await.unwrap();
+    assert_eq!(put.status(), 405);
+    assert_eq!(put.headers()["allow"], "POST, GET, OPTIONS");
+    let body: Value = put.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
+
+#[tokio::test]
 async fn meta_handshake_never_verifies_when_the_configured_token_is_empty() {
     let sim = Arc::new(start_sim(Vec::new()).await);
     let text = sources(PAGE_TOKEN, "").replace(

@@ -88,6 +88,23 @@ fn spec_documents_exactly_the_routes_the_gateway_serves() {
 }
 
 #[test]
+fn allow_source_lists_exactly_the_methods_sources_take() {
+    let spec = spec();
+    let documented: BTreeSet<&str> = spec
+        .pointer("/components/headers/AllowSource/schema/enum")
+        .and_then(Value::as_array)
+        .expect("AllowSource lists its values")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let served = BTreeSet::from([
+        leadgate::sources::METHODS,
+        leadgate::sources::METHODS_WITH_HANDSHAKE,
+    ]);
+    assert_eq!(documented, served);
+}
+
+#[test]
 fn every_operation_has_a_response() {
     let spec = spec();
     let operations = operations(&spec);
