@@ -156,3 +156,54 @@ async fn an_ipv4_client_written_with_a_port_or_as_mapped_ipv6_is_one_client() {
     assert_eq!(status_forwarded_for(&app, "198.51.100.10:1").await, 202);
     app.received(3).await;
 }
+
+/// JSON nested thousands deep — a few kilobytes, no credentials — is a `400 malformed_body`,
+/// and the gateway process is still there afterwards (reading it recursively once overflowed
+/// a worker's stack and aborted the process). A Google source reads its body before its key,
+/// so it is tried too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_nested_thousands_deep_is_refused_and_the_process_survives() {
+    use crate::helpers::app::{GatewayEnv, GatewayProcess, client, default_sources, start_sim};
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sources = format!(
+        "{}\n[[source]]\nid = \"ads\"\nkind = \"google\"\ngoogle_key = \"google-key-0123456789\"\n",
+        default_sources()
+    );
+    let env = GatewayEnv::new(dir.path(), &sim, &sources);
+    let gateway = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    let arrays = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let objects = format!("{}1{}", "{\"a\":".repeat(6_000), "}".repeat(6_000));
+    let wrapped = format!("{{\"name\":\"Deep Lead\",\"budget\":{arrays}}}");
+    for (path, body) in [
+        ("website", &arrays),
+        ("website", &objects),
+        ("website", &wrapped),
+        ("ads", &wrapped),
+    ] {
+        let response = http
+            .post(format!("{}/in/{path}", gateway.base))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("no answer for /in/{path}: {e}\n{}", gateway.log()));
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            status == 400 || (path == "ads" && (status == 401 || status == 403)),
+            "/in/{path}: {status} {answer}"
+        );
+        if status == 400 {
+            assert_eq!(answer["error"]["code"], "malformed_body", "{answer}");
+        }
+    }
+    let health = http
+        .get(format!("{}/healthz", gateway.base))
+        .send()
+        .await
+        .expect("the process is still serving");
+    assert_eq!(health.status(), 200);
+    assert!(sim.received().is_empty());
+}
