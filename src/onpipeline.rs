@@ -306,8 +306,8 @@ fn snippet(body: &[u8]) -> String {
 /// Masks what looks like an email address or a phone number in Onpipeline's free text (its
 /// `Error.Message`, a proxy's page), which may quote the lead: reasons are logged, stored with
 /// dead letters and shown by the admin API. A word with an `@` is an address; a run of digits
-/// and phone punctuation holding 7 or more digits is a number (dates and times may be masked
-/// too, which costs nothing here).
+/// and phone punctuation is a number when it holds 9 or more digits, or starts with `+` and
+/// holds 7 — so the 7-digit custom field IDs Onpipeline names in its errors stay readable.
 fn mask_contacts(text: &str) -> String {
     let is_phone_char =
         |c: char| c.is_ascii_digit() || matches!(c, '+' | '-' | '(' | ')' | '.' | ' ');
@@ -340,7 +340,8 @@ fn mask_contacts(text: &str) -> String {
         if c.is_ascii_digit() || c == '+' || c == '(' {
             let run_end = rest.find(|c: char| !is_phone_char(c)).unwrap_or(rest.len());
             let run = rest[..run_end].trim_end_matches([' ', '-', '.', '(']);
-            if run.chars().filter(char::is_ascii_digit).count() >= 7 {
+            let digits = run.chars().filter(char::is_ascii_digit).count();
+            if digits >= 9 || (run.starts_with('+') && digits >= 7) {
                 out.push_str(&crate::telemetry::mask_phone(run));
                 rest = &rest[run.len()..];
                 continue;
@@ -373,6 +374,11 @@ mod tests {
             mask_contacts("Onpipeline error 406: FirstName is required"),
             "Onpipeline error 406: FirstName is required"
         );
+        assert_eq!(
+            mask_contacts("Extra[0].ID 9999999 is not a custom field of this account"),
+            "Extra[0].ID 9999999 is not a custom field of this account"
+        );
+        assert_eq!(mask_contacts("call +44 20 7946"), "call +44****46");
         let reason = match classify(
             406,
             None,
