@@ -40,6 +40,14 @@ pub enum IngestError {
     HandshakeRefused,
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A `Content-Encoding` other than `identity`: the body is not read as if it were plain.
+    /// Holds the header as sent, already capped for echoing.
+    #[error("Content-Encoding {0:?} is not accepted; send the body unencoded")]
+    UnsupportedEncoding(String),
+    /// Both `Content-Length` and `Transfer-Encoding`: a proxy in front may have framed the
+    /// body differently than we would (request smuggling), so neither is trusted.
+    #[error("the request has both Content-Length and Transfer-Encoding; send only one")]
+    AmbiguousLength,
     #[error("{0}")]
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
@@ -104,7 +112,9 @@ pub const ALL_CODES: &[&str] = &[
     "invalid_signature",
     "handshake_refused",
     "unsupported_media_type",
+    "unsupported_encoding",
     "malformed_body",
+    "ambiguous_length",
     "payload_too_large",
     "body_timeout",
     Rejection::VALIDATION_FAILED,
@@ -127,8 +137,10 @@ impl IngestError {
             | IngestError::Forbidden(_)
             | IngestError::InvalidSignature(_)
             | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
-            IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            IngestError::Malformed(_) | IngestError::AmbiguousLength => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -150,7 +162,9 @@ impl IngestError {
             IngestError::InvalidSignature(_) => "invalid_signature",
             IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
+            IngestError::UnsupportedEncoding(_) => "unsupported_encoding",
             IngestError::Malformed(_) => "malformed_body",
+            IngestError::AmbiguousLength => "ambiguous_length",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => "payload_too_large",
             IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
@@ -200,7 +214,9 @@ impl IngestError {
             IngestError::UnknownSource(_)
             | IngestError::MethodNotAllowed { .. }
             | IngestError::UnsupportedMediaType(_)
+            | IngestError::UnsupportedEncoding(_)
             | IngestError::Malformed(_)
+            | IngestError::AmbiguousLength
             | IngestError::TooLarge { .. }
             | IngestError::PartTooLarge { .. }
             | IngestError::BodyTimeout { .. }
@@ -291,9 +307,13 @@ impl IngestError {
 
 impl IngestError {
     /// A body that timed out is still (slowly) arriving: the connection cannot carry another
-    /// request, so the answer closes it rather than wait for the rest.
+    /// request, so the answer closes it rather than wait for the rest. A body of ambiguous
+    /// length has no trustworthy end at all (RFC 9112 §6.1: close after answering).
     fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {
-        if matches!(self, IngestError::BodyTimeout { .. }) {
+        if matches!(
+            self,
+            IngestError::BodyTimeout { .. } | IngestError::AmbiguousLength
+        ) {
             response.force_close();
         }
     }
@@ -353,7 +373,9 @@ mod tests {
             IngestError::InvalidSignature("the signature does not match"),
             IngestError::HandshakeRefused,
             IngestError::UnsupportedMediaType(String::new()),
+            IngestError::UnsupportedEncoding("gzip".to_owned()),
             IngestError::Malformed(String::new()),
+            IngestError::AmbiguousLength,
             IngestError::TooLarge { limit: 1 },
             IngestError::PartTooLarge {
                 message: String::new(),
@@ -393,7 +415,9 @@ mod tests {
                 | IngestError::InvalidSignature(_)
                 | IngestError::HandshakeRefused
                 | IngestError::UnsupportedMediaType(_)
+                | IngestError::UnsupportedEncoding(_)
                 | IngestError::Malformed(_)
+                | IngestError::AmbiguousLength
                 | IngestError::TooLarge { .. }
                 | IngestError::PartTooLarge { .. }
                 | IngestError::BodyTimeout { .. }

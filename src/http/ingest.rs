@@ -80,6 +80,7 @@ async fn accept(
     state: &AppState,
     source: &Source,
 ) -> Result<Outcome, IngestError> {
+    check_framing(req)?;
     if !state.accepting() {
         return Err(IngestError::Unavailable {
             retry_after: Duration::from_secs(5),
@@ -319,6 +320,34 @@ fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
     // Only a bare host[:port] makes an origin; anything else in `Host` is not ours.
     (url.path() == "/" && url.query().is_none() && url.username().is_empty())
         .then(|| url.origin().ascii_serialization())
+}
+
+/// Refuses what the body reader must not guess at: a body framed both by `Content-Length` and
+/// by `Transfer-Encoding` (a proxy trusting the one and we the other is request smuggling;
+/// the answer also closes the connection), and a body in a `Content-Encoding` other than
+/// `identity`, which would otherwise be read as if it were plain and refused for the wrong
+/// reason, or accepted garbled.
+fn check_framing(req: &HttpRequest) -> Result<(), IngestError> {
+    let headers = req.headers();
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(IngestError::AmbiguousLength);
+    }
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let identity = text
+            .split(',')
+            .map(str::trim)
+            .filter(|coding| !coding.is_empty())
+            .all(|coding| coding.eq_ignore_ascii_case("identity"));
+        if !identity {
+            return Err(IngestError::UnsupportedEncoding(sources::body::shown_name(
+                text.trim(),
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn idempotency_key(
