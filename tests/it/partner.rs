@@ -142,3 +142,18 @@ async fn a_leadsin_body_with_a_plain_string_email_is_told_the_shape_email_needs(
         json!([{"Address": "ana@example.com", "Type": "work"}])
     );
 }
+
+#[tokio::test]
+async fn a_flat_partner_body_with_an_org_name_key_is_read_as_flat_fields() {
+    let app = TestApp::spawn().await;
+    let body = json!({"name": "Ana Lopez", "email": "ana@example.com", "OrgName": "Acme"});
+    let response = app.post_partner(&body).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(lead["FirstName"], "Ana", "{lead}");
+    assert_eq!(lead["LastName"], "Lopez", "{lead}");
+    assert_eq!(
+        lead["Email"],
+        json!([{"Address": "ana@example.com", "Type": "work"}])
+    );
+}
