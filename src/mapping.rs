@@ -463,17 +463,23 @@ pub fn map_leadsin(body: &Value, rules: &MappingRules) -> Result<LeadsinPayload,
                             errors.add(&id_path, "is required");
                             None
                         }
-                        Some(raw) => {
-                            scalar_text(&id_path, raw, false, &mut errors).and_then(|raw| {
-                                match raw.parse::<ExtraId>() {
-                                    Ok(id) => Some(id),
-                                    Err(message) => {
-                                        errors.add(&id_path, message);
-                                        None
-                                    }
+                        Some(raw) => match scalar_text(&id_path, raw, false, &mut errors) {
+                            Some(text) => match text.parse::<ExtraId>() {
+                                Ok(id) => Some(id),
+                                Err(message) => {
+                                    errors.add(&id_path, message);
+                                    None
                                 }
-                            })
-                        }
+                            },
+                            // A blank ID names no field, as a missing one does: say so rather
+                            // than drop the value unseen. (Other shapes were reported above.)
+                            None => {
+                                if raw.is_string() {
+                                    errors.add(&id_path, "is required");
+                                }
+                                None
+                            }
+                        },
                     };
                     let value = entry
                         .get("Value")
@@ -1644,6 +1650,23 @@ mod tests {
             !format!("{rejection:?}").contains("broken"),
             "{rejection:?}"
         );
+    }
+
+    #[test]
+    fn a_blank_extra_id_is_required_like_a_missing_one() {
+        let body = json!({
+            "FirstName": "Mike", "LastName": "Smith",
+            "Extra": [{"ID": "", "Value": "x"}, {"ID": "  ", "Value": "y"}, {"Value": "z"}]
+        });
+        let rejection = map_leadsin(&body, &MappingRules::default()).unwrap_err();
+        assert_eq!(rejection.code, Rejection::VALIDATION_FAILED);
+        assert_eq!(
+            field_keys(&rejection),
+            ["Extra[0].ID", "Extra[1].ID", "Extra[2].ID"]
+        );
+        for messages in rejection.fields.values() {
+            assert_eq!(messages, &["is required"]);
+        }
     }
 
     #[test]

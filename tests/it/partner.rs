@@ -157,3 +157,17 @@ async fn a_flat_partner_body_with_an_org_name_key_is_read_as_flat_fields() {
         json!([{"Address": "ana@example.com", "Type": "work"}])
     );
 }
+
+#[tokio::test]
+async fn a_leadsin_extra_entry_with_a_blank_id_is_422_like_one_without_an_id() {
+    let app = TestApp::spawn().await;
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz",
+        "Extra": [{"ID": "", "Value": "x"}, {"Value": "y"}]});
+    let error = error_of(app.post_partner(&body).await, 422).await;
+    assert_eq!(error["error"]["code"], "validation_failed", "{error}");
+    assert_eq!(
+        error["error"]["fields"],
+        json!({"Extra[0].ID": ["is required"], "Extra[1].ID": ["is required"]})
+    );
+    assert_nothing_queued(&app).await;
+}
