@@ -18,7 +18,8 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("there is no source {0:?}")]
+    /// The id is the sender's text: the message shows at most 60 characters of it.
+    #[error("there is no source {:?}", crate::sources::body::shown_name(.0))]
     UnknownSource(String),
     /// A method the route does not take; `allowed` is its `Allow` header (for a source,
     /// [`crate::sources::allowed_methods`]).
@@ -26,7 +27,8 @@ pub enum IngestError {
     MethodNotAllowed { allowed: Cow<'static, str> },
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
-    #[error("posts from {0} are not allowed for this source")]
+    /// The `Origin` is the sender's text: the message shows at most 60 characters of it.
+    #[error("posts from {} are not allowed for this source", crate::sources::body::shown_name(.0))]
     OriginNotAllowed(String),
     /// A platform's or webhook's proof of origin (key, signature, timestamp) is missing or
     /// wrong. The message says which check failed, never what was expected.

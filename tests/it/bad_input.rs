@@ -441,3 +441,30 @@ async fn a_content_encoding_other_than_identity_is_415_unsupported_encoding() {
         .unwrap();
     assert_eq!(response.status(), 202);
 }
+
+#[tokio::test]
+async fn an_unknown_source_s_message_quotes_at_most_60_characters_of_its_id() {
+    let app = TestApp::spawn().await;
+    let id = "a".repeat(5000);
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::GET,
+        reqwest::Method::OPTIONS,
+    ] {
+        let response = app
+            .http
+            .request(method.clone(), app.url(&format!("/in/{id}")))
+            .header("content-type", "application/json")
+            .body("{\"name\":\"Ana Ruiz\"}")
+            .send()
+            .await
+            .unwrap();
+        let error = assert_error(response, 404, "unknown_source").await;
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("\"{}\"", "a".repeat(60))) && message.len() < 120,
+            "{method}: {} bytes: {message:.100}",
+            message.len()
+        );
+    }
+}
