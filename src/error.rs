@@ -67,6 +67,12 @@ pub enum IngestError {
     },
     #[error("{}", .0.message)]
     Rejected(Rejection),
+    /// The request's `Idempotency-Key` was first used, within its time to live, with a
+    /// different body: nothing is queued, and the first lead is left as it was.
+    #[error(
+        "this Idempotency-Key was already used with a different body; send a new key for a new lead, or the same body to retry"
+    )]
+    IdempotencyKeyReused,
     #[error("too many requests{}", scope_text(.scope))]
     RateLimited {
         retry_after: Duration,
@@ -123,6 +129,7 @@ pub const ALL_CODES: &[&str] = &[
     Rejection::NAME_REQUIRED,
     Rejection::FIRST_NAME_REQUIRED,
     Rejection::LAST_NAME_REQUIRED,
+    "idempotency_key_reused",
     "rate_limited",
     "unavailable",
     // Answered by `http::not_found` for routes that do not exist, outside `IngestError`.
@@ -147,7 +154,9 @@ impl IngestError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Rejected(_) | IngestError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -170,6 +179,7 @@ impl IngestError {
             IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => "payload_too_large",
             IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
+            IngestError::IdempotencyKeyReused => "idempotency_key_reused",
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unavailable { .. } => "unavailable",
         }
@@ -222,7 +232,8 @@ impl IngestError {
             | IngestError::TooLarge { .. }
             | IngestError::PartTooLarge { .. }
             | IngestError::BodyTimeout { .. }
-            | IngestError::Rejected(_) => "rejected",
+            | IngestError::Rejected(_)
+            | IngestError::IdempotencyKeyReused => "rejected",
         }
     }
 
@@ -390,6 +401,7 @@ mod tests {
             rejected(Rejection::NAME_REQUIRED),
             rejected(Rejection::FIRST_NAME_REQUIRED),
             rejected(Rejection::LAST_NAME_REQUIRED),
+            IngestError::IdempotencyKeyReused,
             IngestError::RateLimited {
                 retry_after: Duration::from_secs(1),
                 scope: "ip",
@@ -424,6 +436,7 @@ mod tests {
                 | IngestError::PartTooLarge { .. }
                 | IngestError::BodyTimeout { .. }
                 | IngestError::Rejected(_)
+                | IngestError::IdempotencyKeyReused
                 | IngestError::RateLimited { .. }
                 | IngestError::Unavailable { .. } => {}
             }

@@ -96,8 +96,13 @@ async fn accept(
         state.limiters.check(&source.id, client)?;
     }
 
-    let header_key = idempotency_key(req, source)?;
+    let mut header_key = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body, state.body_timeout).await?;
+    if let Some(key) = &mut header_key {
+        // A retry sends the same bytes; a reuse of the key for another lead does not.
+        use sha2::Digest;
+        key.body_digest = Some(hex::encode(sha2::Sha256::digest(&body)));
+    }
     let submission = Submission::new(req.headers().clone(), body, own_origin(req, state))
         .with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
@@ -172,6 +177,10 @@ async fn accept(
                     .increment(1);
                 ids.push(first);
                 replayed = true;
+            }
+            Enqueued::Conflict { first } => {
+                info!(source = %source.id, lead_id = %first, "An Idempotency-Key was reused with a different body; nothing queued.");
+                return Err(IngestError::IdempotencyKeyReused);
             }
         }
     }
@@ -370,6 +379,8 @@ fn idempotency_key(
     Ok(Some(IdempotencyKey {
         source: source.id.clone(),
         key: key.to_owned(),
+        // Filled in once the body is read.
+        body_digest: None,
     }))
 }
 
