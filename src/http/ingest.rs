@@ -41,6 +41,11 @@ pub async fn ingest(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // Before anything else, the source's existence included: whatever the answer, the
+    // connection must not carry on after a body whose end is in doubt.
+    if let Err(e) = check_length(&req) {
+        return e.json_response();
+    }
     let source_id = path.into_inner();
     let Some(source) = state.sources.get(&source_id).cloned() else {
         return IngestError::UnknownSource(source_id).json_response();
@@ -80,7 +85,7 @@ async fn accept(
     state: &AppState,
     source: &Source,
 ) -> Result<Outcome, IngestError> {
-    check_framing(req)?;
+    check_encoding(req)?;
     if !state.accepting() {
         return Err(IngestError::Unavailable {
             retry_after: Duration::from_secs(5),
@@ -331,19 +336,23 @@ fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
         .then(|| url.origin().ascii_serialization())
 }
 
-/// Refuses what the body reader must not guess at: a body framed both by `Content-Length` and
-/// by `Transfer-Encoding` (a proxy trusting the one and we the other is request smuggling;
-/// the answer also closes the connection), and a body in a `Content-Encoding` other than
-/// `identity`, which would otherwise be read as if it were plain and refused for the wrong
-/// reason, or accepted garbled.
-fn check_framing(req: &HttpRequest) -> Result<(), IngestError> {
+/// Refuses a body framed both by `Content-Length` and by `Transfer-Encoding`: a proxy trusting
+/// the one and we the other is request smuggling (RFC 9112 §6.1). The answer closes the
+/// connection.
+fn check_length(req: &HttpRequest) -> Result<(), IngestError> {
     let headers = req.headers();
     if headers.contains_key(header::CONTENT_LENGTH)
         && headers.contains_key(header::TRANSFER_ENCODING)
     {
         return Err(IngestError::AmbiguousLength);
     }
-    for value in headers.get_all(header::CONTENT_ENCODING) {
+    Ok(())
+}
+
+/// Refuses a body in a `Content-Encoding` other than `identity`, which would otherwise be read
+/// as if it were plain and refused for the wrong reason, or accepted garbled.
+fn check_encoding(req: &HttpRequest) -> Result<(), IngestError> {
+    for value in req.headers().get_all(header::CONTENT_ENCODING) {
         let text = String::from_utf8_lossy(value.as_bytes());
         let identity = text
             .split(',')

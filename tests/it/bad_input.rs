@@ -376,6 +376,15 @@ async fn content_length_with_chunked_transfer_encoding_is_400_and_the_connection
     );
     assert_nothing_queued(&app).await;
 
+    // On a source that does not exist too: the connection is not trusted to carry on.
+    let head = format!(
+        "POST /in/nope HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let (answer, closed) = raw_exchange(&app, &head, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(closed, "the connection stays open: {answer}");
+
     // Chunked alone is fine.
     let head = format!(
         "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
