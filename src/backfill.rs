@@ -193,7 +193,8 @@ impl Job {
                 info!(source = %self.source.id, lead_id = %queued.id, leadgen_id = %lead.id, "Meta backfill queued a lead.");
                 Ok(true)
             }
-            Enqueued::Replayed { .. } => Ok(false),
+            // A platform key carries no body digest, so it is never a conflict.
+            Enqueued::Replayed { .. } | Enqueued::Conflict { .. } => Ok(false),
         }
     }
 

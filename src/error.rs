@@ -18,7 +18,8 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("there is no source {0:?}")]
+    /// The id is the sender's text: the message shows at most 60 characters of it.
+    #[error("there is no source {:?}", crate::sources::body::shown_name(.0))]
     UnknownSource(String),
     /// A method the route does not take; `allowed` is its `Allow` header (for a source,
     /// [`crate::sources::allowed_methods`]).
@@ -26,7 +27,8 @@ pub enum IngestError {
     MethodNotAllowed { allowed: Cow<'static, str> },
     #[error("a valid `Authorization: Bearer <key>` header is required")]
     Unauthorized,
-    #[error("posts from {0} are not allowed for this source")]
+    /// The `Origin` is the sender's text: the message shows at most 60 characters of it.
+    #[error("posts from {} are not allowed for this source", crate::sources::body::shown_name(.0))]
     OriginNotAllowed(String),
     /// A platform's or webhook's proof of origin (key, signature, timestamp) is missing or
     /// wrong. The message says which check failed, never what was expected.
@@ -40,6 +42,14 @@ pub enum IngestError {
     HandshakeRefused,
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A `Content-Encoding` other than `identity`: the body is not read as if it were plain.
+    /// Holds the header as sent, already capped for echoing.
+    #[error("Content-Encoding {0:?} is not accepted; send the body unencoded")]
+    UnsupportedEncoding(String),
+    /// Both `Content-Length` and `Transfer-Encoding`: a proxy in front may have framed the
+    /// body differently than we would (request smuggling), so neither is trusted.
+    #[error("the request has both Content-Length and Transfer-Encoding; send only one")]
+    AmbiguousLength,
     #[error("{0}")]
     Malformed(String),
     #[error("the body is larger than this source accepts ({limit} bytes)")]
@@ -57,6 +67,12 @@ pub enum IngestError {
     },
     #[error("{}", .0.message)]
     Rejected(Rejection),
+    /// The request's `Idempotency-Key` was first used, within its time to live, with a
+    /// different body: nothing is queued, and the first lead is left as it was.
+    #[error(
+        "this Idempotency-Key was already used with a different body; send a new key for a new lead, or the same body to retry"
+    )]
+    IdempotencyKeyReused,
     #[error("too many requests{}", scope_text(.scope))]
     RateLimited {
         retry_after: Duration,
@@ -104,13 +120,16 @@ pub const ALL_CODES: &[&str] = &[
     "invalid_signature",
     "handshake_refused",
     "unsupported_media_type",
+    "unsupported_encoding",
     "malformed_body",
+    "ambiguous_length",
     "payload_too_large",
     "body_timeout",
     Rejection::VALIDATION_FAILED,
     Rejection::NAME_REQUIRED,
     Rejection::FIRST_NAME_REQUIRED,
     Rejection::LAST_NAME_REQUIRED,
+    "idempotency_key_reused",
     "rate_limited",
     "unavailable",
     // Answered by `http::not_found` for routes that do not exist, outside `IngestError`.
@@ -127,13 +146,17 @@ impl IngestError {
             | IngestError::Forbidden(_)
             | IngestError::InvalidSignature(_)
             | IngestError::HandshakeRefused => StatusCode::FORBIDDEN,
-            IngestError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            IngestError::Malformed(_) => StatusCode::BAD_REQUEST,
+            IngestError::UnsupportedMediaType(_) | IngestError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            IngestError::Malformed(_) | IngestError::AmbiguousLength => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             IngestError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            IngestError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            IngestError::Rejected(_) | IngestError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             IngestError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -150,10 +173,13 @@ impl IngestError {
             IngestError::InvalidSignature(_) => "invalid_signature",
             IngestError::HandshakeRefused => "handshake_refused",
             IngestError::UnsupportedMediaType(_) => "unsupported_media_type",
+            IngestError::UnsupportedEncoding(_) => "unsupported_encoding",
             IngestError::Malformed(_) => "malformed_body",
+            IngestError::AmbiguousLength => "ambiguous_length",
             IngestError::TooLarge { .. } | IngestError::PartTooLarge { .. } => "payload_too_large",
             IngestError::BodyTimeout { .. } => "body_timeout",
             IngestError::Rejected(r) => r.code,
+            IngestError::IdempotencyKeyReused => "idempotency_key_reused",
             IngestError::RateLimited { .. } => "rate_limited",
             IngestError::Unavailable { .. } => "unavailable",
         }
@@ -200,11 +226,14 @@ impl IngestError {
             IngestError::UnknownSource(_)
             | IngestError::MethodNotAllowed { .. }
             | IngestError::UnsupportedMediaType(_)
+            | IngestError::UnsupportedEncoding(_)
             | IngestError::Malformed(_)
+            | IngestError::AmbiguousLength
             | IngestError::TooLarge { .. }
             | IngestError::PartTooLarge { .. }
             | IngestError::BodyTimeout { .. }
-            | IngestError::Rejected(_) => "rejected",
+            | IngestError::Rejected(_)
+            | IngestError::IdempotencyKeyReused => "rejected",
         }
     }
 
@@ -291,9 +320,13 @@ impl IngestError {
 
 impl IngestError {
     /// A body that timed out is still (slowly) arriving: the connection cannot carry another
-    /// request, so the answer closes it rather than wait for the rest.
+    /// request, so the answer closes it rather than wait for the rest. A body of ambiguous
+    /// length has no trustworthy end at all (RFC 9112 §6.1: close after answering).
     fn close_if_unread(&self, response: &mut actix_web::HttpResponseBuilder) {
-        if matches!(self, IngestError::BodyTimeout { .. }) {
+        if matches!(
+            self,
+            IngestError::BodyTimeout { .. } | IngestError::AmbiguousLength
+        ) {
             response.force_close();
         }
     }
@@ -353,7 +386,9 @@ mod tests {
             IngestError::InvalidSignature("the signature does not match"),
             IngestError::HandshakeRefused,
             IngestError::UnsupportedMediaType(String::new()),
+            IngestError::UnsupportedEncoding("gzip".to_owned()),
             IngestError::Malformed(String::new()),
+            IngestError::AmbiguousLength,
             IngestError::TooLarge { limit: 1 },
             IngestError::PartTooLarge {
                 message: String::new(),
@@ -366,6 +401,7 @@ mod tests {
             rejected(Rejection::NAME_REQUIRED),
             rejected(Rejection::FIRST_NAME_REQUIRED),
             rejected(Rejection::LAST_NAME_REQUIRED),
+            IngestError::IdempotencyKeyReused,
             IngestError::RateLimited {
                 retry_after: Duration::from_secs(1),
                 scope: "ip",
@@ -393,11 +429,14 @@ mod tests {
                 | IngestError::InvalidSignature(_)
                 | IngestError::HandshakeRefused
                 | IngestError::UnsupportedMediaType(_)
+                | IngestError::UnsupportedEncoding(_)
                 | IngestError::Malformed(_)
+                | IngestError::AmbiguousLength
                 | IngestError::TooLarge { .. }
                 | IngestError::PartTooLarge { .. }
                 | IngestError::BodyTimeout { .. }
                 | IngestError::Rejected(_)
+                | IngestError::IdempotencyKeyReused
                 | IngestError::RateLimited { .. }
                 | IngestError::Unavailable { .. } => {}
             }

@@ -102,7 +102,9 @@ impl EmailAddress {
     pub fn parse(raw: &str) -> Result<Self, String> {
         use validator::ValidateEmail;
         let trimmed = raw.trim();
-        if trimmed.validate_email() {
+        // Invisible characters the cleaning keeps (a joiner, a soft hyphen) make an address
+        // that looks right and is not the one typed.
+        if trimmed.validate_email() && !trimmed.chars().any(is_format_char) {
             Ok(Self(trimmed.to_owned()))
         } else {
             Err("is not a valid email address".to_owned())
@@ -163,13 +165,52 @@ pub fn is_line_break(c: char) -> bool {
     )
 }
 
+/// Whether `c` is an invisible character that only hides or reorders text: the bidirectional
+/// embeddings, overrides and isolates (U+202A–U+202E, U+2066–U+2069: "Trojan Source"), the
+/// zero-width space and the byte order mark / zero-width no-break space (U+200B, U+FEFF). The
+/// zero-width joiner and non-joiner (U+200D, U+200C) are not among them: emoji sequences and
+/// several scripts' names need them.
+fn is_hiding(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200b}' | '\u{feff}')
+}
+
+/// Whether `c` is a format character (Unicode general category Cf, as of Unicode 16): invisible,
+/// and never part of an email address.
+pub fn is_format_char(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{890}'..='\u{891}'
+            | '\u{8e2}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    )
+}
+
 /// A sender's text with its control characters (C0, DEL, C1) removed, line breaks and tabs
-/// excepted: so no invisible byte reaches a field. This is the one cleaning of sender text,
+/// excepted, and the characters that hide or reorder text ([`is_hiding`]): so no invisible
+/// byte reaches a field. This is the one cleaning of sender text,
 /// applied where it enters ([`Inbound::push`], [`clean_json`]), so every reader — the strict
 /// and the lenient mapping alike — sees the same text. How the remaining line breaks are
 /// written is the target field's business (the mapping joins them for one-line fields).
 pub fn clean_text(text: &str) -> Cow<'_, str> {
-    let is_noise = |c: char| c.is_control() && !is_line_break(c) && c != '\t';
+    let is_noise = |c: char| (c.is_control() && !is_line_break(c) && c != '\t') || is_hiding(c);
     if !text.chars().any(is_noise) {
         return Cow::Borrowed(text);
     }
@@ -549,6 +590,52 @@ mod tests {
             inbound.get("message").unwrap(),
             ["one\r\ntwo\u{85}three\u{2028}four\tfive"]
         );
+    }
+
+    #[test]
+    fn hiding_characters_are_removed_and_joiners_kept() {
+        let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
+        let inbound: Inbound = [
+            ("email", "x@example.com\u{200b}"),
+            (
+                "name",
+                "Ana \u{202e}zepoL\u{202c} \u{2066}R\u{2069}\u{feff}",
+            ),
+            ("message", family),
+            (
+                "persian",
+                "\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}",
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(inbound.get("email").unwrap(), ["x@example.com"]);
+        assert_eq!(inbound.get("name").unwrap(), ["Ana zepoL R"]);
+        assert_eq!(inbound.get("message").unwrap(), [family]);
+        assert_eq!(
+            inbound.get("persian").unwrap(),
+            ["\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}"]
+        );
+        let mut body = serde_json::json!({"FirstName": "\u{202d}Ana\u{200b}", "LastName": family});
+        clean_json(&mut body);
+        assert_eq!(
+            body,
+            serde_json::json!({"FirstName": "Ana", "LastName": family})
+        );
+    }
+
+    #[test]
+    fn an_email_with_a_format_character_is_invalid() {
+        for raw in [
+            "x@example.com\u{200b}",
+            "x\u{200d}@example.com",
+            "x@exa\u{ad}mple.com",
+            "x@example.com\u{202e}",
+            "\u{2060}x@example.com",
+        ] {
+            assert!(EmailAddress::parse(raw).is_err(), "{raw:?}");
+        }
+        assert!(EmailAddress::parse("x@example.com").is_ok());
     }
 
     #[test]

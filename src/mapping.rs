@@ -365,14 +365,13 @@ const LEADSIN_KEYS: [&str; 12] = [
     "Extra",
 ];
 
-/// Whether a JSON body is in Leadsin's own shape rather than flat fields: an object with any of
-/// `FirstName`, `LastName`, `Email`, `Phone`, `Extra`, `OrgName` (exact PascalCase) that the
-/// source's `rules` do not map as flat field names, where either a name (`FirstName` or
-/// `LastName`) is among them, or `Email`, `Phone` and `Extra`, when present, are lists of
-/// objects. So `{"FirstName": …, "Email": "a@b.example"}` is a Leadsin body whose `Email` has
-/// the wrong shape (and [`map_leadsin`] says so), not a flat body without a mapped name; a flat
-/// form that only happens to call a field `Email` stays on the flat-fields road, and so does a
-/// partner whose `[source.fields]` maps the PascalCase names itself.
+/// Whether a JSON body is in Leadsin's own shape rather than flat fields: an object with
+/// `FirstName` or `LastName`, or whose `Email`, `Phone` or `Extra` is a list of objects (exact
+/// PascalCase), not counting keys the source's `rules` map as flat field names. So
+/// `{"FirstName": …, "Email": "a@b.example"}` is a Leadsin body whose `Email` has the wrong
+/// shape (and [`map_leadsin`] says so), not a flat body without a mapped name; a flat body that
+/// only happens to carry an `OrgName` or a string `Email` stays on the flat-fields road, and so
+/// does a partner whose `[source.fields]` maps the PascalCase names itself.
 pub fn looks_like_leadsin(value: &Value, rules: &MappingRules) -> bool {
     let Some(object) = value.as_object() else {
         return false;
@@ -382,26 +381,15 @@ pub fn looks_like_leadsin(value: &Value, rules: &MappingRules) -> bool {
             || rules.extra.iter().any(|(name, _)| field_name(name) == key)
     };
     let present = |key: &&str| object.contains_key(*key) && !maps_itself(key);
-    let has_a_leadsin_key = [
-        "FirstName",
-        "LastName",
-        "Email",
-        "Phone",
-        "Extra",
-        "OrgName",
-    ]
-    .iter()
-    .any(present);
     let names_a_person = ["FirstName", "LastName"].iter().any(present);
-    let lists_are_entry_lists =
-        ["Email", "Phone", "Extra"]
-            .iter()
-            .all(|key| match object.get(*key) {
-                None | Some(Value::Null) => true,
-                Some(Value::Array(items)) => items.iter().all(Value::is_object),
-                Some(_) => false,
-            });
-    has_a_leadsin_key && (names_a_person || lists_are_entry_lists)
+    let has_an_entry_list = ["Email", "Phone", "Extra"]
+        .iter()
+        .filter(|key| present(key))
+        .any(|key| {
+            matches!(object.get(*key), Some(Value::Array(items))
+                if !items.is_empty() && items.iter().all(Value::is_object))
+        });
+    names_a_person || has_an_entry_list
 }
 
 /// Maps a body that already has Leadsin's own shape (`FirstName`, `Email[{Address,Type}]`, …,
@@ -475,17 +463,23 @@ pub fn map_leadsin(body: &Value, rules: &MappingRules) -> Result<LeadsinPayload,
                             errors.add(&id_path, "is required");
                             None
                         }
-                        Some(raw) => {
-                            scalar_text(&id_path, raw, false, &mut errors).and_then(|raw| {
-                                match raw.parse::<ExtraId>() {
-                                    Ok(id) => Some(id),
-                                    Err(message) => {
-                                        errors.add(&id_path, message);
-                                        None
-                                    }
+                        Some(raw) => match scalar_text(&id_path, raw, false, &mut errors) {
+                            Some(text) => match text.parse::<ExtraId>() {
+                                Ok(id) => Some(id),
+                                Err(message) => {
+                                    errors.add(&id_path, message);
+                                    None
                                 }
-                            })
-                        }
+                            },
+                            // A blank ID names no field, as a missing one does: say so rather
+                            // than drop the value unseen. (Other shapes were reported above.)
+                            None => {
+                                if raw.is_string() {
+                                    errors.add(&id_path, "is required");
+                                }
+                                None
+                            }
+                        },
                     };
                     let value = entry
                         .get("Value")
@@ -1659,6 +1653,23 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_extra_id_is_required_like_a_missing_one() {
+        let body = json!({
+            "FirstName": "Mike", "LastName": "Smith",
+            "Extra": [{"ID": "", "Value": "x"}, {"ID": "  ", "Value": "y"}, {"Value": "z"}]
+        });
+        let rejection = map_leadsin(&body, &MappingRules::default()).unwrap_err();
+        assert_eq!(rejection.code, Rejection::VALIDATION_FAILED);
+        assert_eq!(
+            field_keys(&rejection),
+            ["Extra[0].ID", "Extra[1].ID", "Extra[2].ID"]
+        );
+        for messages in rejection.fields.values() {
+            assert_eq!(messages, &["is required"]);
+        }
+    }
+
+    #[test]
     fn leadsin_numeric_phone_and_extra_id_are_accepted() {
         let rules = MappingRules {
             phone_region: Some("IT".parse().unwrap()),
@@ -1796,6 +1807,20 @@ mod tests {
             (json!({"Email": ["a@x.example"]}), false),
             (json!({"firstname": "Mike"}), false),
             (json!([{"FirstName": "Mike"}]), false),
+            // A flat partner body that only calls its company `OrgName`.
+            (
+                json!({"name": "Ana Lopez", "email": "ana@example.com", "OrgName": "Acme"}),
+                false,
+            ),
+            (
+                json!({"name": "Ana Lopez", "Phone": "+34 600", "OrgName": "Acme"}),
+                false,
+            ),
+            (json!({"name": "Ana Lopez", "Extra": []}), false),
+            (
+                json!({"OrgName": "Acme", "Email": "a@x.example", "Phone": [{"Number": "1"}]}),
+                true,
+            ),
         ];
         for (body, expected) in cases {
             assert_eq!(

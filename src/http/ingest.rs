@@ -41,6 +41,11 @@ pub async fn ingest(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // Before anything else, the source's existence included: whatever the answer, the
+    // connection must not carry on after a body whose end is in doubt.
+    if let Err(e) = check_length(&req) {
+        return e.json_response();
+    }
     let source_id = path.into_inner();
     let Some(source) = state.sources.get(&source_id).cloned() else {
         return IngestError::UnknownSource(source_id).json_response();
@@ -80,6 +85,7 @@ async fn accept(
     state: &AppState,
     source: &Source,
 ) -> Result<Outcome, IngestError> {
+    check_encoding(req)?;
     if !state.accepting() {
         return Err(IngestError::Unavailable {
             retry_after: Duration::from_secs(5),
@@ -95,8 +101,13 @@ async fn accept(
         state.limiters.check(&source.id, client)?;
     }
 
-    let header_key = idempotency_key(req, source)?;
+    let mut header_key = idempotency_key(req, source)?;
     let body = read_body(req, payload, source.limits.max_body, state.body_timeout).await?;
+    if let Some(key) = &mut header_key {
+        // A retry sends the same bytes; a reuse of the key for another lead does not.
+        use sha2::Digest;
+        key.body_digest = Some(hex::encode(sha2::Sha256::digest(&body)));
+    }
     let submission = Submission::new(req.headers().clone(), body, own_origin(req, state))
         .with_query(req.query_string());
     let verified = sources::verify(source, submission)?;
@@ -171,6 +182,10 @@ async fn accept(
                     .increment(1);
                 ids.push(first);
                 replayed = true;
+            }
+            Enqueued::Conflict { first } => {
+                info!(source = %source.id, lead_id = %first, "An Idempotency-Key was reused with a different body; nothing queued.");
+                return Err(IngestError::IdempotencyKeyReused);
             }
         }
     }
@@ -321,6 +336,38 @@ fn own_origin(req: &HttpRequest, state: &AppState) -> Option<String> {
         .then(|| url.origin().ascii_serialization())
 }
 
+/// Refuses a body framed both by `Content-Length` and by `Transfer-Encoding`: a proxy trusting
+/// the one and we the other is request smuggling (RFC 9112 §6.1). The answer closes the
+/// connection.
+fn check_length(req: &HttpRequest) -> Result<(), IngestError> {
+    let headers = req.headers();
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(IngestError::AmbiguousLength);
+    }
+    Ok(())
+}
+
+/// Refuses a body in a `Content-Encoding` other than `identity`, which would otherwise be read
+/// as if it were plain and refused for the wrong reason, or accepted garbled.
+fn check_encoding(req: &HttpRequest) -> Result<(), IngestError> {
+    for value in req.headers().get_all(header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let identity = text
+            .split(',')
+            .map(str::trim)
+            .filter(|coding| !coding.is_empty())
+            .all(|coding| coding.eq_ignore_ascii_case("identity"));
+        if !identity {
+            return Err(IngestError::UnsupportedEncoding(sources::body::shown_name(
+                text.trim(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn idempotency_key(
     req: &HttpRequest,
     source: &Source,
@@ -341,6 +388,8 @@ fn idempotency_key(
     Ok(Some(IdempotencyKey {
         source: source.id.clone(),
         key: key.to_owned(),
+        // Filled in once the body is read.
+        body_digest: None,
     }))
 }
 

@@ -40,9 +40,10 @@
 //! CREATE INDEX leads_dead ON leads (dead_at) WHERE dead_at IS NOT NULL;
 //! CREATE INDEX leads_purge ON leads (purge_at) WHERE purge_at IS NOT NULL;
 //! CREATE INDEX leads_expiry ON leads (state, expires_at) WHERE expires_at IS NOT NULL;
-//! -- Idempotency keys: the first lead queued with each (source, key); expired rows are replaced.
+//! -- Idempotency keys: the first lead queued with each (source, key), and the digest of the
+//! -- body it came with (NULL: none, as for platform keys); expired rows are replaced.
 //! CREATE TABLE idempotency (source TEXT NOT NULL, key TEXT NOT NULL, first_lead TEXT NOT NULL,
-//!                           expires_at INTEGER NOT NULL, UNIQUE (source, key));
+//!                           expires_at INTEGER NOT NULL, body_digest TEXT, UNIQUE (source, key));
 //! -- Switches that outlive the process. One row today: name 'operator_pause', value the
 //! -- OperatorPause JSON, present while an operator has paused delivery (kept across restarts).
 //! CREATE TABLE control (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +70,8 @@
 //!
 //! `PRAGMA user_version` holds the schema version (2). A database of version 1 (queue entries
 //! holding the leads, no records) is upgraded when it holds no queued lead or dead letter, and
-//! refused otherwise: let the older leadgate deliver them first.
+//! refused otherwise: let the older leadgate deliver them first. An `idempotency` table without
+//! `body_digest` (from before the digest) gets the column; its keys' digests are NULL.
 //!
 //! Times are wall-clock milliseconds of this host.
 //!
@@ -136,6 +138,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     key        TEXT    NOT NULL,
     first_lead TEXT    NOT NULL,
     expires_at INTEGER NOT NULL,
+    body_digest TEXT,
     UNIQUE (source, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
@@ -662,9 +665,28 @@ fn prepare_writer(conn: &mut Connection, fsync: Fsync) -> Result<()> {
         upgrade_from_v1(&tx)?;
     }
     tx.execute_batch(SCHEMA).map_err(map_sqlite)?;
+    add_body_digest_column(&tx)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(map_sqlite)?;
     tx.commit().map_err(map_sqlite)
+}
+
+/// Adds `idempotency.body_digest` to a table made before it existed (`CREATE TABLE IF NOT
+/// EXISTS` leaves such a table as it was).
+fn add_body_digest_column(tx: &Connection) -> Result<()> {
+    let has_it: bool = tx
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('idempotency') WHERE name = 'body_digest'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(map_sqlite)?;
+    if !has_it {
+        tx.execute_batch("ALTER TABLE idempotency ADD COLUMN body_digest TEXT")
+            .map_err(map_sqlite)?;
+    }
+    Ok(())
 }
 
 /// Version 1 kept each lead's data in its entry and had no records. Its tables are replaced
@@ -984,10 +1006,11 @@ fn enqueue(
         // case; an expired claim is taken over.
         let claimed = conn
             .prepare_cached(
-                "INSERT INTO idempotency (source, key, first_lead, expires_at)
-                 VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO idempotency (source, key, first_lead, expires_at, body_digest)
+                 VALUES (?1, ?2, ?3, ?4, ?6)
                  ON CONFLICT (source, key) DO UPDATE
-                 SET first_lead = excluded.first_lead, expires_at = excluded.expires_at
+                 SET first_lead = excluded.first_lead, expires_at = excluded.expires_at,
+                     body_digest = excluded.body_digest
                  WHERE idempotency.expires_at <= ?5",
             )
             .and_then(|mut s| {
@@ -996,19 +1019,26 @@ fn enqueue(
                     key.key,
                     row.lead_id,
                     now.saturating_add(idempotency_ms),
-                    now
+                    now,
+                    key.body_digest
                 ])
             })
             .map_err(map_sqlite)?;
         if claimed == 0 {
-            let first: String = conn
-                .prepare_cached("SELECT first_lead FROM idempotency WHERE source = ?1 AND key = ?2")
-                .and_then(|mut s| s.query_row(params![key.source, key.key], |row| row.get(0)))
+            let (first, digest): (String, Option<String>) = conn
+                .prepare_cached(
+                    "SELECT first_lead, body_digest FROM idempotency WHERE source = ?1 AND key = ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![key.source, key.key], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                })
                 .map_err(map_sqlite)?;
             let first = first.parse().map_err(|e| {
                 Error::Other(anyhow::Error::new(e).context("corrupt idempotency record"))
             })?;
-            return Ok(Enqueued::Replayed { first });
+            return Ok(key.repeat(first, digest.as_deref()));
         }
     }
     conn.prepare_cached(

@@ -8,8 +8,10 @@
 //!    rest, see [`Queue::durability_warning`] and the README). An enqueue that fails or times out
 //!    is answered `503`: it may still have landed, which is why idempotency keys exist.
 //! 2. **Idempotency.** An enqueue carrying an [`IdempotencyKey`] already seen within its time to
-//!    live queues nothing and returns [`Enqueued::Replayed`] with the first lead's id. The key,
-//!    the lead and its [`LeadRecord`] are written atomically.
+//!    live queues nothing and returns [`Enqueued::Replayed`] with the first lead's id — or
+//!    [`Enqueued::Conflict`] when both carry a body digest and the digests differ (the key was
+//!    reused for another body). The key, its digest, the lead and its [`LeadRecord`] are
+//!    written atomically.
 //! 3. **Leases.** A consumer leases ready entries with [`Queue::lease`]. An entry is ready when it
 //!    is new, when its retry delay has passed, or when a lease on it was not settled within the
 //!    visibility timeout (the consumer died): then it is redelivered to any consumer. A lease
@@ -138,6 +140,20 @@ pub enum Fsync {
 pub struct IdempotencyKey {
     pub source: String,
     pub key: String,
+    /// A digest of the request body the key came with (a sender's `Idempotency-Key`), so a
+    /// reuse with another body is told apart from a retry; `None` for keys that dedupe by
+    /// identity alone (a platform's lead id, whose redeliveries may differ in envelope).
+    pub body_digest: Option<String>,
+}
+
+impl IdempotencyKey {
+    /// What a repeat of this key answers, given what the first claim stored.
+    fn repeat(&self, first: LeadId, stored_digest: Option<&str>) -> Enqueued {
+        match (self.body_digest.as_deref(), stored_digest) {
+            (Some(now), Some(then)) if now != then => Enqueued::Conflict { first },
+            _ => Enqueued::Replayed { first },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +162,8 @@ pub enum Enqueued {
     Queued,
     /// The idempotency key was seen before: nothing written; this is the first lead's id.
     Replayed { first: LeadId },
+    /// The idempotency key was seen before with a different body: nothing written.
+    Conflict { first: LeadId },
 }
 
 /// One leased entry. `attempt` is the number of the delivery attempt about to be made (1 for a

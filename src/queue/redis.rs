@@ -19,7 +19,7 @@
 //! | `{P}:dead` | sorted set (not a stream: revive and delete_dead find a dead letter by its lead id, which `ZREM`/`ZSCORE` do in the same script as the record change, while a stream entry is addressed only by its own entry id; `ZREVRANGE` lists newest first) | member = lead id of a dead letter, score = when it died (ms) | settle `Dead`; revive and delete_dead remove | none (kept until an operator acts) |
 //! | `{P}:deadlog` | stream, capped at about [`DEADLOG_MAXLEN`] entries (`XTRIM MAXLEN ~`: the oldest go first) and kept no longer than `record_ttl` (a reason may quote the lead's data, e.g. Onpipeline's error message): `XADD MINID` drops older entries at each dead-lettering, and the stats script (sampled every few seconds by every serving process) with `XTRIM MINID` | the dead-letter log, an audit trail for operators (`XREAD`/`XRANGE` it, or tail it with `XREAD BLOCK 0 STREAMS {P}:deadlog $`): one entry per dead-lettering, fields `lead_id`, `source`, `reason` and `at` (ms, Redis server clock; the entry id carries the same time). Only written, never read by leadgate: replay and delete go by `{P}:dead` | settle `Dead`, in the same script as the record and `{P}:dead`; stats (trim only) | none (entries trimmed by age and by the cap) |
 //! | `{P}:delivered` | sorted set | member = lead id, score = when it was delivered (ms): counts the delivered records kept; members older than `record_ttl` are trimmed at each delivery | settle `Delivered` | none |
-//! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key (the length prefix keeps `source`/`key` pairs from colliding) | enqueue (`SET NX PX`) | `idempotency_ttl` |
+//! | `{P}:idem:<len(source)>:<source>:<key>` | string | id of the first lead queued with this key, then a space and the digest of its body when it came with one (a sender's `Idempotency-Key`; values written before digests existed hold the id alone); the length prefix keeps `source`/`key` pairs from colliding | enqueue (`SET NX PX`) | `idempotency_ttl` |
 //! | `{P}:upstream` | string | the shared upstream rate limit's theoretical arrival time (GCRA), µs on the Redis server clock | acquire_upstream | a second past it |
 //! | `{P}:paused` | string | an operator's pause of delivery, [`OperatorPause`] JSON (`{"since": …}`); absent = not paused. Every forwarder on the queue reads it and leases nothing while it exists | pause_delivery (`SET NX`: a pause in force keeps its time), resume_delivery (`DEL`) | none (until an operator resumes) |
 //!
@@ -173,17 +173,17 @@ const ENQUEUE_LUA: &str = r#"
 -- KEYS[2..] per lead: its record, then its idempotency key when it carries one
 -- ARGV[1]   idempotency TTL in ms
 -- ARGV[2..] per lead: lead id, lead JSON, index into KEYS of its record, index into KEYS of
---           its idempotency key (0 = none)
--- Returns one string per lead: '' when queued, else the id of the first lead with that key.
+--           its idempotency key (0 = none), the value claiming that key (the id, and a digest)
+-- Returns one string per lead: '' when queued, else the value of the key's first claim.
 -- The record starts as the lead alone (state queued, attempt 1 are implied): one field is the
 -- cheapest hash to create, and enqueue is the hot path.
 local ttl = ARGV[1]
 local answers = {}
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   local id, lead = ARGV[i], ARGV[i + 1]
   local r, k = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local first = false
-  if k > 0 and not redis.call('SET', KEYS[k], id, 'NX', 'PX', ttl) then
+  if k > 0 and not redis.call('SET', KEYS[k], ARGV[i + 4], 'NX', 'PX', ttl) then
     first = redis.call('GET', KEYS[k])
   end
   if first then
@@ -665,6 +665,8 @@ struct EnqueueRequest {
     lead: String,
     record_key: String,
     idempotency_key: Option<String>,
+    /// The key as the caller gave it, to judge a repeat ([`IdempotencyKey::repeat`]).
+    idempotency: Option<IdempotencyKey>,
     answer: oneshot::Sender<Result<Enqueued>>,
 }
 
@@ -793,6 +795,7 @@ impl RedisQueue {
             lead: json,
             record_key: self.inner.keys.record(lead.id),
             idempotency_key: idempotency.map(|k| self.inner.keys.idempotency(k)),
+            idempotency: idempotency.cloned(),
             answer,
         };
         let handed_over = async {
@@ -1545,10 +1548,19 @@ async fn send_batch(
             }
             None => 0,
         };
+        let claim = match request
+            .idempotency
+            .as_ref()
+            .and_then(|k| k.body_digest.as_ref())
+        {
+            Some(digest) => format!("{} {digest}", request.lead_id),
+            None => request.lead_id.clone(),
+        };
         call.arg(&request.lead_id)
             .arg(&request.lead)
             .arg(record_index)
-            .arg(key_index);
+            .arg(key_index)
+            .arg(claim);
     }
     let answers: Result<Vec<String>> = timed(call.invoke_async(conn)).await;
     match answers {
@@ -1557,9 +1569,15 @@ async fn send_batch(
                 let answer = if first.is_empty() {
                     Ok(Enqueued::Queued)
                 } else {
-                    first
-                        .parse()
-                        .map(|first| Enqueued::Replayed { first })
+                    let (id, digest) = match first.split_once(' ') {
+                        Some((id, digest)) => (id, Some(digest)),
+                        None => (first.as_str(), None),
+                    };
+                    id.parse()
+                        .map(|first| match &request.idempotency {
+                            Some(key) => key.repeat(first, digest),
+                            None => Enqueued::Replayed { first },
+                        })
                         .map_err(|e| {
                             Error::Other(
                                 anyhow::Error::new(e).context("corrupt idempotency record"),

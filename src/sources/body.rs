@@ -396,8 +396,9 @@ fn field_too_large(name: &str, limit: usize) -> BodyError {
     }
 }
 
-/// A sender's field name as errors show it: at most 60 characters, however long it was.
-fn shown_name(name: &str) -> String {
+/// A sender's text (a field name, a header, a path segment) as errors show it: at most 60
+/// characters, however long it was.
+pub fn shown_name(name: &str) -> String {
     name.chars().take(60).collect()
 }
 

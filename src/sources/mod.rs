@@ -188,6 +188,7 @@ pub fn platform_key(source: &Source, platform_id: &str) -> IdempotencyKey {
     IdempotencyKey {
         source: source.id.clone(),
         key: format!("platform:{platform_id}"),
+        body_digest: None,
     }
 }
 

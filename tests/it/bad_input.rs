@@ -331,3 +331,149 @@ async fn without_trusted_proxies_x_forwarded_for_is_ignored_and_the_peer_s_budge
     assert_error(limited, 429, "rate_limited").await;
     app.received(2).await;
 }
+
+/// Sends `head` (ending in the blank line) and `body` on a fresh connection and reads until the
+/// gateway closes it, or 5 s pass.
+async fn raw_exchange(app: &TestApp, head: &str, body: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.gateway().addr())
+        .await
+        .unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&answer).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn content_length_with_chunked_transfer_encoding_is_400_and_the_connection_is_closed() {
+    let app = TestApp::spawn().await;
+    let addr = app.gateway().addr();
+    let body = "name=Ana+Ruiz";
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let head = format!(
+        "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Accept: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let (answer, closed) = raw_exchange(&app, &head, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"ambiguous_length\""), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(closed, "the connection stays open: {answer}");
+    assert_eq!(
+        answer.matches("HTTP/1.1 ").count(),
+        1,
+        "one request, one answer: {answer}"
+    );
+    assert_nothing_queued(&app).await;
+
+    // On a source that does not exist too: the connection is not trusted to carry on.
+    let head = format!(
+        "POST /in/nope HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let (answer, closed) = raw_exchange(&app, &head, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(closed, "the connection stays open: {answer}");
+
+    // Chunked alone is fine.
+    let head = format!(
+        "POST /in/website HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Accept: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(&app, &head, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_content_encoding_other_than_identity_is_415_unsupported_encoding() {
+    let app = TestApp::spawn().await;
+    // A gzip-compressed `{"name":"Ana Lopez"}`: read as plain it would be a misleading 422.
+    let gzip: &[u8] = &[
+        0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xab, 0x56, 0xca, 0x4b, 0xcc,
+        0x4d, 0x55, 0xb2, 0x52, 0x72, 0xcc, 0x4b, 0x54, 0xf0, 0xc9, 0x2f, 0x48, 0xad, 0x52, 0xaa,
+        0x05, 0x00, 0x17, 0xcd, 0xa1, 0x3b, 0x14, 0x00, 0x00, 0x00,
+    ];
+    let long = format!("x-{}\"<", "z".repeat(5000));
+    for (encoding, body, shown) in [
+        ("gzip", gzip.to_vec(), "\"gzip\"".to_owned()),
+        (
+            "foo",
+            b"{\"name\":\"Ana Lopez\"}".to_vec(),
+            "\"foo\"".to_owned(),
+        ),
+        (
+            "identity, br",
+            b"{\"name\":\"Ana Lopez\"}".to_vec(),
+            "\"identity, br\"".to_owned(),
+        ),
+        (
+            long.as_str(),
+            b"{\"name\":\"Ana Lopez\"}".to_vec(),
+            format!("\"x-{}\"", "z".repeat(58)),
+        ),
+    ] {
+        let response = app
+            .http
+            .post(app.url("/in/website"))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let error = assert_error(response, 415, "unsupported_encoding").await;
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&shown), "{encoding:.20}: {message}");
+        assert!(message.len() < 200, "{message}");
+    }
+    assert_nothing_queued(&app).await;
+
+    // `identity` is the absence of an encoding.
+    let response = app
+        .http
+        .post(app.url("/in/website"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "Identity")
+        .body("{\"name\":\"Ana Lopez\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}
+
+#[tokio::test]
+async fn an_unknown_source_s_message_quotes_at_most_60_characters_of_its_id() {
+    let app = TestApp::spawn().await;
+    let id = "a".repeat(5000);
+    for method in [
+        reqwest::Method::POST,
+        reqwest::Method::GET,
+        reqwest::Method::OPTIONS,
+    ] {
+        let response = app
+            .http
+            .request(method.clone(), app.url(&format!("/in/{id}")))
+            .header("content-type", "application/json")
+            .body("{\"name\":\"Ana Ruiz\"}")
+            .send()
+            .await
+            .unwrap();
+        let error = assert_error(response, 404, "unknown_source").await;
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("\"{}\"", "a".repeat(60))) && message.len() < 120,
+            "{method}: {} bytes: {message:.100}",
+            message.len()
+        );
+    }
+}

@@ -494,3 +494,33 @@ async fn control_characters_are_stripped_and_cannot_forge_lines_in_the_unmapped_
         })
     );
 }
+
+#[tokio::test]
+async fn invisible_characters_are_stripped_on_entry_and_emoji_joiners_survive() {
+    let app = TestApp::spawn().await;
+    let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
+    let body = json!({
+        "first_name": "Ana\u{202e}",
+        "last_name": "\u{2066}L\u{f3}pez\u{2069}\u{feff}",
+        "email": "x@example.com\u{200b}",
+        "company": format!("Acme {family}"),
+    });
+    let response = app.post_json("website", &body).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(lead["FirstName"], "Ana", "{lead}");
+    assert_eq!(lead["LastName"], "L\u{f3}pez", "{lead}");
+    assert_eq!(
+        lead["Email"],
+        json!([{"Address": "x@example.com", "Type": "work"}])
+    );
+    assert_eq!(lead["OrgName"], format!("Acme {family}"), "{lead}");
+
+    // A joiner is kept in text, but has no place in an address.
+    let body = json!({"name": "Ana Lopez", "email": "x\u{200d}@example.com"});
+    let response = app.post_json("website", &body).await;
+    assert_eq!(response.status(), 422);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "validation_failed", "{error}");
+    assert!(error["error"]["fields"]["email"].is_array(), "{error}");
+}

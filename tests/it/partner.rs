@@ -142,3 +142,76 @@ async fn a_leadsin_body_with_a_plain_string_email_is_told_the_shape_email_needs(
         json!([{"Address": "ana@example.com", "Type": "work"}])
     );
 }
+
+#[tokio::test]
+async fn a_flat_partner_body_with_an_org_name_key_is_read_as_flat_fields() {
+    let app = TestApp::spawn().await;
+    let body = json!({"name": "Ana Lopez", "email": "ana@example.com", "OrgName": "Acme"});
+    let response = app.post_partner(&body).await;
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+    let lead = &app.received(1).await[0].payload;
+    assert_eq!(lead["FirstName"], "Ana", "{lead}");
+    assert_eq!(lead["LastName"], "Lopez", "{lead}");
+    assert_eq!(
+        lead["Email"],
+        json!([{"Address": "ana@example.com", "Type": "work"}])
+    );
+}
+
+#[tokio::test]
+async fn a_leadsin_extra_entry_with_a_blank_id_is_422_like_one_without_an_id() {
+    let app = TestApp::spawn().await;
+    let body = json!({"FirstName": "Ana", "LastName": "Ruiz",
+        "Extra": [{"ID": "", "Value": "x"}, {"Value": "y"}]});
+    let error = error_of(app.post_partner(&body).await, 422).await;
+    assert_eq!(error["error"]["code"], "validation_failed", "{error}");
+    assert_eq!(
+        error["error"]["fields"],
+        json!({"Extra[0].ID": ["is required"], "Extra[1].ID": ["is required"]})
+    );
+    assert_nothing_queued(&app).await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_reused_with_another_body_is_422_and_the_new_body_is_not_queued() {
+    let app = TestApp::spawn().await;
+    let post = |body: &'static str| {
+        app.http
+            .post(app.url("/in/acme"))
+            .bearer_auth(crate::helpers::app::PARTNER_KEY)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "order-77")
+            .body(body)
+            .send()
+    };
+    let first = post(r#"{"name": "Ana Ruiz", "email": "ana@example.com"}"#)
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+
+    // A retry of the same bytes is answered with the first id.
+    let retry = post(r#"{"name": "Ana Ruiz", "email": "ana@example.com"}"#)
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 202);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(retry["id"], first["id"]);
+
+    // Another lead under the same key is refused, not swallowed.
+    let reused = post(r#"{"name": "Bea Gil", "email": "bea@example.com"}"#)
+        .await
+        .unwrap();
+    let error = error_of(reused, 422).await;
+    assert_eq!(error["error"]["code"], "idempotency_key_reused", "{error}");
+    assert!(
+        !error.to_string().contains("bea@example.com"),
+        "the body is not echoed: {error}"
+    );
+
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["FirstName"], "Ana");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(app.sim.received().len(), 1, "only the first lead arrives");
+}

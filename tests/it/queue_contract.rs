@@ -40,6 +40,7 @@ macro_rules! contract {
 contract!(redis = Redis, embedded = Embedded => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
+    an_idempotency_key_repeated_with_another_body_digest_is_a_conflict_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
     retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
     retry_later_that_does_not_count_keeps_the_attempt,
@@ -71,6 +72,7 @@ contract!(redis = Redis, embedded = Embedded => [
 contract!(cluster = Cluster => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
+    an_idempotency_key_repeated_with_another_body_digest_is_a_conflict_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
     retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
     retry_later_that_does_not_count_keeps_the_attempt,
@@ -99,6 +101,7 @@ contract!(cluster = Cluster => [
 contract!(tls = RedisTls => [
     enqueued_lead_is_leased_once_with_attempt_one,
     replayed_idempotency_key_returns_the_first_id_and_queues_nothing,
+    an_idempotency_key_repeated_with_another_body_digest_is_a_conflict_and_queues_nothing,
     delivered_lease_leaves_the_queue_and_records_the_delivery,
     retry_later_hides_the_entry_until_its_delay_and_counts_the_attempt,
     retry_later_that_does_not_count_keeps_the_attempt,
@@ -286,6 +289,7 @@ fn key(source: &str, key: &str) -> IdempotencyKey {
     IdempotencyKey {
         source: source.to_owned(),
         key: key.to_owned(),
+        body_digest: None,
     }
 }
 
@@ -368,6 +372,61 @@ async fn replayed_idempotency_key_returns_the_first_id_and_queues_nothing(kind: 
         .map(|l| l.lead.id)
         .collect();
     assert_eq!(leased, HashSet::from([first.id, other_source.id]));
+}
+
+async fn an_idempotency_key_repeated_with_another_body_digest_is_a_conflict_and_queues_nothing(
+    kind: Kind,
+) {
+    let harness = Harness::new(kind);
+    let queue = harness.open("a").await;
+    let with_digest = |name: &str, digest: Option<&str>| IdempotencyKey {
+        body_digest: digest.map(str::to_owned),
+        ..key("acme", name)
+    };
+    let first = lead("acme");
+    let order = with_digest("order-18", Some("aaaa"));
+    assert_eq!(
+        queue.enqueue(&first, Some(&order)).await.unwrap(),
+        Enqueued::Queued
+    );
+    // The same body again is a retry; another body is a reuse of the key.
+    assert_eq!(
+        queue.enqueue(&lead("acme"), Some(&order)).await.unwrap(),
+        Enqueued::Replayed { first: first.id }
+    );
+    assert_eq!(
+        queue
+            .enqueue(&lead("acme"), Some(&with_digest("order-18", Some("bbbb"))))
+            .await
+            .unwrap(),
+        Enqueued::Conflict { first: first.id }
+    );
+    // A key claimed without a digest (a platform's, or one kept from before digests) cannot
+    // tell bodies apart: a repeat is a replay, whatever it carries.
+    let plain = lead("acme");
+    assert_eq!(
+        queue
+            .enqueue(&plain, Some(&with_digest("order-19", None)))
+            .await
+            .unwrap(),
+        Enqueued::Queued
+    );
+    assert_eq!(
+        queue
+            .enqueue(&lead("acme"), Some(&with_digest("order-19", Some("cccc"))))
+            .await
+            .unwrap(),
+        Enqueued::Replayed { first: plain.id }
+    );
+
+    let leased: HashSet<_> = queue
+        .lease(10, NO_WAIT)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.lead.id)
+        .collect();
+    assert_eq!(leased, HashSet::from([first.id, plain.id]));
 }
 
 async fn delivered_lease_leaves_the_queue_and_records_the_delivery(kind: Kind) {
@@ -2049,5 +2108,26 @@ mod older_layouts {
         let lead = lead("website");
         queue.enqueue(&lead, None).await.unwrap();
         assert_eq!(queue.lease(1, NO_WAIT).await.unwrap()[0].lead, lead);
+        // Its idempotency table, made before body digests, has gained the column.
+        let order = IdempotencyKey {
+            body_digest: Some("aaaa".to_owned()),
+            ..key("website", "order-1")
+        };
+        let first = super::lead("website");
+        assert_eq!(
+            queue.enqueue(&first, Some(&order)).await.unwrap(),
+            Enqueued::Queued
+        );
+        let other = IdempotencyKey {
+            body_digest: Some("bbbb".to_owned()),
+            ..order.clone()
+        };
+        assert_eq!(
+            queue
+                .enqueue(&super::lead("website"), Some(&other))
+                .await
+                .unwrap(),
+            Enqueued::Conflict { first: first.id }
+        );
     }
 }
