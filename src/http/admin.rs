@@ -66,6 +66,30 @@ fn guard(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
     }
 }
 
+/// The most an admin request's body may hold: a replay of about 2,000 ids (`{"all": true}`
+/// replays any number).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Reads an admin request's body within `LEADGATE_BODY_TIMEOUT` and [`MAX_BODY`], as the
+/// ingest handler reads a lead's.
+async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<web::Bytes, HttpResponse> {
+    super::ingest::read_body(req, payload, MAX_BODY, state.body_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::error::IngestError::TooLarge { limit } => error(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("an admin request's body may be at most {limit} bytes"),
+            ),
+            // A timeout closes the connection (the rest of the body may still be coming).
+            other => other.json_response(),
+        })
+}
+
 fn bad_request(message: String) -> HttpResponse {
     error(
         actix_web::http::StatusCode::BAD_REQUEST,
@@ -205,12 +229,19 @@ struct ReplayFailure {
 /// replay marked in it.
 pub async fn replay(
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // The token is checked before a byte of the body is read (actix closes the connection of
+    // an answer sent with its body unread): a stranger's slow or endless body must not hold a
+    // connection, or memory, here.
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
+    let body = match read_body(&req, payload, &state).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let body: ReplayRequest = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => return bad_request(format!("the body is not a replay request: {e}")),

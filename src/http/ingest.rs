@@ -350,8 +350,8 @@ const INITIAL_BODY_CAPACITY: usize = 8 * 1024;
 
 /// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
 /// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
-/// the whole body has not arrived within `deadline`.
-async fn read_body(
+/// the whole body has not arrived within `deadline`. The admin API reads its bodies with it too.
+pub(crate) async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,

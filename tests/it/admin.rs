@@ -782,3 +782,104 @@ async fn the_admin_cli_ends_quietly_when_its_output_pipe_is_closed() {
         assert!(stderr.is_empty(), "{args:?} said: {stderr}");
     }
 }
+
+/// Sends `head` (a request line and headers, ending in the blank line) and `body` on a raw
+/// connection, keeps it open, and returns what the gateway answered until it closed the
+/// connection (or `limit` passed), with how long that took.
+async fn raw_exchange(
+    app: &TestApp,
+    head: &str,
+    body: &[u8],
+    limit: Duration,
+) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.gateway().addr();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}Host: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut answer)).await;
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A replay request whose body never finishes: `Content-Length: 100`, one byte sent.
+const STALLED_REPLAY: &str =
+    "POST /admin/dead/replay HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n";
+
+#[tokio::test]
+async fn a_replay_without_the_token_is_refused_at_once_whatever_its_body_does() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let (answer, took) = raw_exchange(&app, STALLED_REPLAY, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"unauthorized\""), "{answer}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the refusal and the close took {took:?}"
+    );
+
+    let wrong = format!("{STALLED_REPLAY}Authorization: Bearer admin-token-0000000000\r\n");
+    let (answer, took) = raw_exchange(&app, &wrong, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+
+    // The routes that take no body do not wait for one either.
+    let pause = STALLED_REPLAY.replace("/admin/dead/replay", "/admin/pause");
+    let (answer, took) = raw_exchange(&app, &pause, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_replay_to_an_instance_without_the_admin_api_is_answered_404_at_once() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let (answer, took) = raw_exchange(&app, STALLED_REPLAY, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("LEADGATE_ADMIN_TOKEN"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn an_operator_s_stalled_replay_body_is_cut_off_at_the_body_deadline() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "1s");
+    })
+    .await;
+    let head = format!("{STALLED_REPLAY}Authorization: Bearer {ADMIN}\r\n");
+    let (answer, took) = raw_exchange(&app, &head, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_timeout\""), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_body_declared_larger_than_the_admin_cap_is_refused_before_reading() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let head = format!(
+        "POST /admin/dead/replay HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000\r\nAuthorization: Bearer {ADMIN}\r\n"
+    );
+    let (answer, took) = raw_exchange(&app, &head, b"{\"ids\": [", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"payload_too_large\""), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
