@@ -98,8 +98,10 @@ fn bad_request(message: String) -> HttpResponse {
     )
 }
 
+/// A lead id as a ULID: case does not matter (`01j…` is `01J…`), and answers name it in its
+/// canonical upper-case form.
 fn parse_id(text: &str) -> Result<LeadId, HttpResponse> {
-    text.parse().map_err(|_| {
+    text.trim().parse().map_err(|_| {
         error(
             actix_web::http::StatusCode::BAD_REQUEST,
             "malformed_body",
@@ -255,36 +257,37 @@ pub async fn replay(
             "send either {\"ids\": [...]} or {\"all\": true}".to_owned(),
         );
     }
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
     let letters: Vec<DeadLetter> = if body.all {
         match state.queue.dead_letters(usize::MAX).await {
             Ok(letters) => letters,
             Err(e) => return queue_error(e),
         }
     } else {
-        let mut letters = Vec::new();
+        // Every id is checked before any is replayed, and each is answered once, by its
+        // canonical form, however often and in whatever case it was named.
+        let mut ids: Vec<LeadId> = Vec::with_capacity(body.ids.len());
         for text in &body.ids {
-            let id = match parse_id(text) {
-                Ok(id) => id,
+            match parse_id(text) {
+                Ok(id) if !ids.contains(&id) => ids.push(id),
+                Ok(_) => {}
                 Err(bad) => return bad,
-            };
+            }
+        }
+        let mut letters = Vec::new();
+        for id in ids {
             match state.queue.dead_letter(id).await {
                 Ok(Some(letter)) => letters.push(letter),
-                Ok(None) => {}
+                Ok(None) => failed.push(ReplayFailure {
+                    id: id.to_string(),
+                    error: "no such dead letter".to_owned(),
+                }),
                 Err(e) => return queue_error(e),
             }
         }
         letters
     };
-    let mut replayed = Vec::new();
-    let mut failed = Vec::new();
-    let found: std::collections::HashSet<String> =
-        letters.iter().map(|l| l.lead.id.to_string()).collect();
-    for text in body.ids.iter().filter(|id| !found.contains(*id)) {
-        failed.push(ReplayFailure {
-            id: text.clone(),
-            error: "no such dead letter".to_owned(),
-        });
-    }
     for letter in letters {
         let id = letter.lead.id;
         match remap(&state, &letter) {

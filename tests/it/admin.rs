@@ -883,3 +883,76 @@ async fn a_replay_body_declared_larger_than_the_admin_cap_is_refused_before_read
     assert!(answer.contains("\"payload_too_large\""), "{answer}");
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+/// `leadgate admin replay` with an id copied in lower case, and named twice: one replay, one
+/// delivery, answered once by the id's canonical form, and a successful exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_replays_an_id_given_in_lower_case_and_twice_once() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Lower Case"]).await;
+    let lower = ids[0].to_ascii_lowercase();
+    assert_ne!(lower, ids[0]);
+    let output = admin_cli(&app, &["replay", &lower, &lower, &ids[0]]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["replayed"], json!([ids[0]]), "{answer}");
+    assert_eq!(answer["failed"], json!([]), "{answer}");
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Case");
+    eventually(Duration::from_secs(5), "the delivery", || async {
+        (app.stats().await.delivered == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.sim.received().len(), 1, "delivered once");
+}
+
+#[tokio::test]
+async fn replay_answers_a_missing_id_named_twice_once_in_canonical_form() {
+    let app = app_with_admin().await;
+    let missing = leadgate::lead::LeadId::new().to_string();
+    let lower = missing.to_ascii_lowercase();
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"ids": [lower, missing]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], json!([]), "{answer}");
+    assert_eq!(
+        answer["failed"],
+        json!([{"id": missing, "error": "no such dead letter"}]),
+        "{answer}"
+    );
+    // A bad id among good ones refuses the whole request: nothing is replayed.
+    let ids = dead_letters(&app, &["Not Yet"]).await;
+    let bad = admin_post(
+        &app,
+        "/admin/dead/replay",
+        json!({"ids": [ids[0], "not-a-ulid"]}),
+    )
+    .await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(app.stats().await.dead, 1);
+}
+
+#[tokio::test]
+async fn a_lead_can_be_read_and_its_dead_letter_deleted_by_its_id_in_lower_case() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Lower Delete"]).await;
+    let lower = ids[0].to_ascii_lowercase();
+    let response = admin_get(&app, &format!("/admin/leads/{lower}")).await;
+    assert_eq!(response.status(), 200);
+    let record: Value = response.json().await.unwrap();
+    assert_eq!(record["id"], ids[0], "{record}");
+    assert_eq!(record["state"], "dead", "{record}");
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/admin/dead/{lower}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(app.stats().await.dead, 0);
+}
