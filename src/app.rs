@@ -134,7 +134,14 @@ impl Gateway {
             (None, true) => DeliveryStatus::Held {
                 reason: "no Onpipeline token: set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE; leads are queued and wait".to_owned(),
             },
-            (Some(_), true) => DeliveryStatus::Running,
+            // Checked now, so `/readyz` and the log say so from the start, not at the first
+            // lead; the forwarder reads the file again until it can.
+            (Some((_, token)), true) => match token.load() {
+                Ok(_) => DeliveryStatus::Running,
+                Err(e) => DeliveryStatus::Held {
+                    reason: crate::forwarder::token_unreadable(&e),
+                },
+            },
         };
         if let DeliveryStatus::Held { reason } = &status {
             warn!(
@@ -162,12 +169,6 @@ impl Gateway {
         };
         let forwarder_task = match (delivery_plan, options.forwarder) {
             (Some((client_settings, token)), true) => {
-                if let Err(e) = token.load() {
-                    warn!(
-                        error = format!("{e:#}"),
-                        "The Onpipeline token cannot be read yet; delivery will pause until it can."
-                    );
-                }
                 let forwarder = Forwarder {
                     queue: queue.clone(),
                     client: LeadsinClient::new(&client_settings)?,

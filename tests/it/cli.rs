@@ -480,3 +480,61 @@ async fn json_logs_carry_source_and_lead_id_and_mask_emails_and_phones() {
     assert!(!log.contains("jana.json@example.com"), "{log}");
     assert!(!log.contains("2079460018"), "{log}");
 }
+
+#[test]
+fn check_config_fails_naming_a_token_file_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-token");
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot read LEADGATE_ONPIPELINE_TOKEN_FILE {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file"), "{stderr}");
+
+    // An empty file is no token either.
+    std::fs::write(&missing, "\n").unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("is empty"), "{stderr}");
+
+    // A readable one is named in the summary.
+    std::fs::write(&missing, "a-token-0123456789\n").unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("(token from {})", missing.display())),
+        "{stdout}"
+    );
+}
