@@ -78,6 +78,12 @@ impl Gateway {
                 .context("the ingest role needs a source (run with --no-ingest to only deliver)")?;
         }
 
+        // Bound before anything else starts: a second instance started by mistake on a taken
+        // port must stop here, before it opens the queue and runs a forwarder on it.
+        let listener = std::net::TcpListener::bind(settings.listen)
+            .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
+        let addr = listener.local_addr()?;
+
         let simulator = if options.sandbox {
             let sim = Simulator::start(SimConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -204,9 +210,6 @@ impl Gateway {
         ));
         // The recorder is installed by now: every series known in advance exists from here on.
         crate::telemetry::metric::register_known_series(&state.sources);
-        let listener = std::net::TcpListener::bind(settings.listen)
-            .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
-        let addr = listener.local_addr()?;
         let server_state = state.clone();
         let server =
             HttpServer::new(move || App::new().configure(http::configure(server_state.clone())))

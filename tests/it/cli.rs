@@ -538,3 +538,78 @@ fn check_config_fails_naming_a_token_file_it_cannot_read() {
         "{stdout}"
     );
 }
+
+/// A second `serve` started by mistake on a taken port, with the same data directory: it exits
+/// non-zero at once naming the address, before it opens the queue — it leases nothing of what
+/// the first instance holds (delivery held there) and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_a_taken_port_exits_before_touching_the_queue() {
+    use crate::helpers::app::{ADMIN_TOKEN, TOKEN};
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.unset("LEADGATE_ONPIPELINE_TOKEN")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let first = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    for i in 0..3 {
+        let response = http
+            .post(format!("{}/in/website", first.base))
+            .json(&serde_json::json!({"name": format!("Waiting Lead{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+
+    let taken = first.base.trim_start_matches("http://").to_owned();
+    let mut second = leadgate()
+        .arg("serve")
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("LEADGATE_LISTEN", &taken)
+        .env("LEADGATE_ONPIPELINE_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            second.kill().unwrap();
+            panic!("the second serve kept running on a taken port");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = second.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on {taken} (LEADGATE_LISTEN)")),
+        "{log}"
+    );
+    assert!(log.contains("in use"), "the cause is given: {log}");
+    for started_first in ["Queue opened", "Forwarder started"] {
+        assert!(
+            !log.contains(started_first),
+            "it got as far as {started_first:?}:\n{log}"
+        );
+    }
+
+    let stats: Value = http
+        .get(format!("{}/admin/stats", first.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["ready"], 3, "{stats}");
+    assert_eq!(stats["leased"], 0, "{stats}");
+    assert!(sim.requests().is_empty(), "nothing was sent");
+}
