@@ -613,3 +613,25 @@ async fn a_second_serve_on_a_taken_port_exits_before_touching_the_queue() {
     assert_eq!(stats["leased"], 0, "{stats}");
     assert!(sim.requests().is_empty(), "nothing was sent");
 }
+
+#[test]
+fn check_config_names_a_duplicate_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[source.fields]\nemail = \"Email.work\"\nemail = \"Email.home\"\n",
+    )
+    .unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:7: duplicate key email", path.display())),
+        "{stderr}"
+    );
+}
