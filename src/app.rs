@@ -78,6 +78,12 @@ impl Gateway {
                 .context("the ingest role needs a source (run with --no-ingest to only deliver)")?;
         }
 
+        // Bound before anything else starts: a second instance started by mistake on a taken
+        // port must stop here, before it opens the queue and runs a forwarder on it.
+        let listener = std::net::TcpListener::bind(settings.listen)
+            .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
+        let addr = listener.local_addr()?;
+
         let simulator = if options.sandbox {
             let sim = Simulator::start(SimConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -134,7 +140,14 @@ impl Gateway {
             (None, true) => DeliveryStatus::Held {
                 reason: "no Onpipeline token: set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE; leads are queued and wait".to_owned(),
             },
-            (Some(_), true) => DeliveryStatus::Running,
+            // Checked now, so `/readyz` and the log say so from the start, not at the first
+            // lead; the forwarder reads the file again until it can.
+            (Some((_, token)), true) => match token.load() {
+                Ok(_) => DeliveryStatus::Running,
+                Err(e) => DeliveryStatus::Held {
+                    reason: crate::forwarder::token_unreadable(&e),
+                },
+            },
         };
         if let DeliveryStatus::Held { reason } = &status {
             warn!(
@@ -162,12 +175,6 @@ impl Gateway {
         };
         let forwarder_task = match (delivery_plan, options.forwarder) {
             (Some((client_settings, token)), true) => {
-                if let Err(e) = token.load() {
-                    warn!(
-                        error = format!("{e:#}"),
-                        "The Onpipeline token cannot be read yet; delivery will pause until it can."
-                    );
-                }
                 let forwarder = Forwarder {
                     queue: queue.clone(),
                     client: LeadsinClient::new(&client_settings)?,
@@ -203,9 +210,6 @@ impl Gateway {
         ));
         // The recorder is installed by now: every series known in advance exists from here on.
         crate::telemetry::metric::register_known_series(&state.sources);
-        let listener = std::net::TcpListener::bind(settings.listen)
-            .with_context(|| format!("cannot listen on {} (LEADGATE_LISTEN)", settings.listen))?;
-        let addr = listener.local_addr()?;
         let server_state = state.clone();
         let server =
             HttpServer::new(move || App::new().configure(http::configure(server_state.clone())))

@@ -58,7 +58,8 @@ pub enum DeliveryStatus {
     Off {
         reason: String,
     },
-    /// Delivery cannot run: no Onpipeline token is configured. Leads wait in the queue.
+    /// Delivery cannot run: no Onpipeline token is configured, or its file cannot be read
+    /// (re-read with back-off until it can; then delivery starts). Leads wait in the queue.
     Held {
         reason: String,
     },
@@ -190,6 +191,37 @@ impl DeliveryState {
                 ..
             }
         )
+    }
+
+    fn is_held(&self) -> bool {
+        matches!(self.get(), DeliveryStatus::Held { .. })
+    }
+
+    /// While held, says why anew (the token file's error may have changed).
+    fn still_held(&self, reason: String) {
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(*status, DeliveryStatus::Held { .. }) {
+            *status = DeliveryStatus::Held { reason };
+        }
+    }
+
+    /// Ends the hold once the token file can be read: delivery runs, or stays paused when an
+    /// operator's pause (`since`) is in force on the queue. Returns whether it was held.
+    fn end_hold(&self, operator_pause: Option<DateTime<Utc>>) -> bool {
+        let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*status, DeliveryStatus::Held { .. }) {
+            return false;
+        }
+        *status = match operator_pause {
+            Some(since) => DeliveryStatus::Paused {
+                reason: "paused by an operator".to_owned(),
+                since,
+                by_operator: true,
+            },
+            None => DeliveryStatus::Running,
+        };
+        metrics::gauge!(metric::PAUSED).set(if operator_pause.is_some() { 1.0 } else { 0.0 });
+        true
     }
 
     /// Pauses delivery because Onpipeline refused us (first reason wins); returns whether this
@@ -327,6 +359,11 @@ impl InFlight {
     }
 }
 
+/// Why delivery is held when the token (its file) cannot be read, as `/readyz` says it.
+pub fn token_unreadable(e: &anyhow::Error) -> String {
+    format!("the Onpipeline token cannot be read ({e:#}); leads are queued and wait until it can")
+}
+
 /// How long one lease call waits for work before looking at shutdown and pause again.
 const LEASE_WAIT: Duration = Duration::from_millis(500);
 
@@ -391,6 +428,16 @@ impl Forwarder {
         while !*shutdown.borrow() {
             while tasks.try_join_next().is_some() {}
 
+            if this.state.is_held() {
+                // The token file could not be read at start-up: nothing is leased until it can.
+                tokio::select! {
+                    _ = tokio::time::sleep(probe_delay) => {}
+                    _ = shutdown.changed() => continue,
+                }
+                probe_delay = (probe_delay * 2).min(this.probe_max);
+                this.try_end_hold().await;
+                continue;
+            }
             if this.state.is_paused() {
                 // Wait for in-flight attempts to finish before probing, so one probe means one
                 // request.
@@ -492,6 +539,25 @@ impl Forwarder {
         }
         follower.abort();
         info!("Forwarder stopped.");
+    }
+
+    /// Reads the token file again while delivery is held for it; starts delivery once it reads.
+    async fn try_end_hold(&self) {
+        if let Err(e) = self.token.load() {
+            self.state.still_held(token_unreadable(&e));
+            return;
+        }
+        // An operator's pause stored meanwhile was not applied while held: apply it now.
+        match self.queue.operator_pause().await {
+            Ok(pause) => {
+                if self.state.end_hold(pause.map(|p| p.since)) {
+                    info!("The Onpipeline token can be read now; delivery starts.");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "Could not read the operator's pause; delivery stays held a while longer.");
+            }
+        }
     }
 
     /// Sends one lead while paused; resumes delivery when Onpipeline takes it.

@@ -10,6 +10,10 @@ use crate::mapping::Target;
 pub fn run(settings: &Settings) -> anyhow::Result<()> {
     let sources = settings.load_sources()?;
     sources.require_some(&settings.sources)?;
+    // A token file that cannot be read would hold delivery from the start.
+    if let Some(token) = settings.token_source() {
+        token.load()?;
+    }
     crate::admin_client::print_stdout(&describe(settings, &sources))
 }
 
@@ -41,8 +45,9 @@ pub fn describe(settings: &Settings, sources: &Sources) -> String {
             .map(|u| u.to_string())
             .unwrap_or_default(),
         match settings.token_source() {
-            Some(_) => "token set",
-            None => "NO TOKEN: delivery will be held",
+            Some(super::TokenSource::Inline(_)) => "token set".to_owned(),
+            Some(super::TokenSource::File(path)) => format!("token from {}", path.display()),
+            None => "NO TOKEN: delivery will be held".to_owned(),
         }
     );
     if let Some(ip) = settings.egress_ip {

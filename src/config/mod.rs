@@ -46,7 +46,7 @@ pub struct Settings {
     pub ca_file: Option<PathBuf>,
     pub egress_ip: Option<IpAddr>,
     pub egress_proxy: Option<SecretString>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "cidr_list")]
     pub trusted_proxies: Vec<IpNet>,
     #[serde(default)]
     pub log_format: LogFormat,
@@ -162,6 +162,29 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like 30s: {e}")))
 }
 
+/// A comma-separated list of CIDRs, `10.0.0.0/8, ::1/128`: blanks around an entry are
+/// ignored, and so is an empty entry (a trailing comma); a bad entry is named.
+fn cidr_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_cidr_list(&text).map_err(serde::de::Error::custom)
+}
+
+fn parse_cidr_list(text: &str) -> Result<Vec<IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry.parse::<IpNet>().map_err(|e| {
+                format!("entry {entry:?} is not a CIDR like 10.0.0.0/8 or 2001:db8::/32 ({e})")
+            })
+        })
+        .collect()
+}
+
+/// Variables whose parse errors may quote what they hold: lists of addresses, never secrets.
+/// Any other variable's value is kept out of error messages.
+const SHOWN_IN_ERRORS: &[&str] = &["LEADGATE_TRUSTED_PROXIES"];
+
 /// Where the Onpipeline token comes from. A file is read again whenever delivery is paused and
 /// probes, so a rotated token is picked up without a restart.
 #[derive(Clone)]
@@ -233,12 +256,16 @@ impl Settings {
             bail!("set LEADGATE_ONPIPELINE_TOKEN or LEADGATE_ONPIPELINE_TOKEN_FILE, not both");
         }
         if let Some(url) = &self.redis_url {
-            let url = url.expose_secret();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            // With LEADGATE_REDIS_CLUSTER, a comma-separated list of seed nodes (blanks around
+            // each are ignored).
+            let seeds = crate::queue::redis::seed_urls(url.expose_secret());
+            if !seeds
+                .first()
+                .is_some_and(|url| url.starts_with("redis://") || url.starts_with("rediss://"))
+            {
                 bail!("LEADGATE_REDIS_URL must start with redis:// or rediss://");
             }
-            // With LEADGATE_REDIS_CLUSTER, a comma-separated list of seed nodes.
-            if !self.redis_cluster && (url.contains(",redis://") || url.contains(",rediss://")) {
+            if !self.redis_cluster && seeds.len() > 1 {
                 bail!(
                     "LEADGATE_REDIS_URL lists several URLs: set LEADGATE_REDIS_CLUSTER=true for a Redis Cluster"
                 );
@@ -367,7 +394,7 @@ fn name_the_culprit(vars: &[(String, String)], e: envy::Error) -> String {
                 .split(" while parsing value")
                 .next()
                 .unwrap_or(&reason);
-            let reason = if reason.contains(&var.1) {
+            let reason = if reason.contains(&var.1) && !SHOWN_IN_ERRORS.contains(&var.0.as_str()) {
                 "invalid value"
             } else {
                 reason
@@ -443,6 +470,41 @@ mod tests {
         .unwrap();
         assert_eq!(s.retry_base, Duration::from_millis(250));
         assert_eq!(s.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn trusted_proxies_may_have_blanks_around_entries_and_a_bad_entry_is_named() {
+        let s = env(&[(
+            "LEADGATE_TRUSTED_PROXIES",
+            " 10.0.0.0/8, ::1/128 ,\t192.168.0.0/16,",
+        )])
+        .unwrap();
+        let nets: Vec<String> = s.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.168.0.0/16"]);
+
+        for (value, entry) in [
+            ("10.0.0.0/8, 10.1.2.300/32", "10.1.2.300/32"),
+            ("10.0.0.0/33", "10.0.0.0/33"),
+        ] {
+            let err = env(&[("LEADGATE_TRUSTED_PROXIES", value)]).err().unwrap();
+            let text = format!("{err:#}");
+            assert!(text.contains("LEADGATE_TRUSTED_PROXIES"), "{text}");
+            assert!(text.contains(&format!("{entry:?}")), "{text}");
+        }
+    }
+
+    #[test]
+    fn redis_seed_urls_may_have_blanks_after_commas() {
+        let urls = "redis://10.0.0.1:6379, redis://10.0.0.2:6379";
+        let s = env(&[
+            ("LEADGATE_REDIS_URL", urls),
+            ("LEADGATE_REDIS_CLUSTER", "true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.backend(), Backend::Redis { cluster: true, .. }));
+        // Without LEADGATE_REDIS_CLUSTER the list is still recognised as one.
+        let err = env(&[("LEADGATE_REDIS_URL", urls)]).err().unwrap();
+        assert!(err.to_string().contains("LEADGATE_REDIS_CLUSTER"), "{err}");
     }
 
     #[test]

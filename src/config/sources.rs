@@ -480,7 +480,7 @@ impl Sources {
         };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| ctx.line_of(s.start)).unwrap_or(0);
-            ctx.error_at_line(line, e.message().trim_end().to_owned())
+            ctx.error_at_line(line, syntax_message(&e, text))
         })?;
         let mut sources = Sources::default();
         // Each id with the line of its first definition.
@@ -559,6 +559,22 @@ struct RawLimits {
     total: Option<S>,
     max_body: Option<S>,
     max_fields: Option<Spanned<i64>>,
+}
+
+/// The TOML parser's message, with the key named when it only says `duplicate key`: the key
+/// is read from the error's span, as written in the file (`email`, `"e mail"`; of a dotted
+/// key, the part repeated).
+fn syntax_message(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end();
+    let key = e
+        .span()
+        .and_then(|span| text.get(span))
+        .map(str::trim)
+        .filter(|key| !key.is_empty() && key.len() <= 100 && !key.contains('\n'));
+    match key {
+        Some(key) if message == "duplicate key" => format!("duplicate key {key}"),
+        _ => message.to_owned(),
+    }
 }
 
 struct Ctx<'a> {
@@ -1336,6 +1352,29 @@ api_keys = ["${ACME_KEY}"]
         let err = parse(text).err().unwrap().to_string();
         assert!(err.starts_with("leadgate.toml:4:"), "{err}");
         assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn a_duplicate_key_is_named_with_its_line() {
+        let head = "[[source]]\nid = \"w\"\nkind = \"form\"\n\n[source.fields]\n";
+        for (fields, expected) in [
+            (
+                "email = \"Email.work\"\nemail = \"Email.home\"\n",
+                "leadgate.toml:7: duplicate key email",
+            ),
+            (
+                "\"e mail\" = \"Email.work\"\n'e mail' = \"Email.home\"\n",
+                "leadgate.toml:7: duplicate key 'e mail'",
+            ),
+        ] {
+            let err = parse(&format!("{head}{fields}")).err().unwrap().to_string();
+            assert_eq!(err, expected);
+        }
+        let err = parse("[[source]]\nid = \"w\"\nid = \"v\"\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(err, "leadgate.toml:3: duplicate key id");
     }
 
     #[test]

@@ -66,6 +66,30 @@ fn guard(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
     }
 }
 
+/// The most an admin request's body may hold: a replay of about 2,000 ids (`{"all": true}`
+/// replays any number).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Reads an admin request's body within `LEADGATE_BODY_TIMEOUT` and [`MAX_BODY`], as the
+/// ingest handler reads a lead's.
+async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<web::Bytes, HttpResponse> {
+    super::ingest::read_body(req, payload, MAX_BODY, state.body_timeout)
+        .await
+        .map_err(|e| match e {
+            crate::error::IngestError::TooLarge { limit } => error(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("an admin request's body may be at most {limit} bytes"),
+            ),
+            // A timeout closes the connection (the rest of the body may still be coming).
+            other => other.json_response(),
+        })
+}
+
 fn bad_request(message: String) -> HttpResponse {
     error(
         actix_web::http::StatusCode::BAD_REQUEST,
@@ -74,8 +98,10 @@ fn bad_request(message: String) -> HttpResponse {
     )
 }
 
+/// A lead id as a ULID: case does not matter (`01j…` is `01J…`), and answers name it in its
+/// canonical upper-case form.
 fn parse_id(text: &str) -> Result<LeadId, HttpResponse> {
-    text.parse().map_err(|_| {
+    text.trim().parse().map_err(|_| {
         error(
             actix_web::http::StatusCode::BAD_REQUEST,
             "malformed_body",
@@ -205,12 +231,19 @@ struct ReplayFailure {
 /// replay marked in it.
 pub async fn replay(
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // The token is checked before a byte of the body is read (actix closes the connection of
+    // an answer sent with its body unread): a stranger's slow or endless body must not hold a
+    // connection, or memory, here.
     if let Err(denied) = guard(&req, &state) {
         return denied;
     }
+    let body = match read_body(&req, payload, &state).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
     let body: ReplayRequest = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => return bad_request(format!("the body is not a replay request: {e}")),
@@ -224,36 +257,37 @@ pub async fn replay(
             "send either {\"ids\": [...]} or {\"all\": true}".to_owned(),
         );
     }
+    let mut replayed = Vec::new();
+    let mut failed = Vec::new();
     let letters: Vec<DeadLetter> = if body.all {
         match state.queue.dead_letters(usize::MAX).await {
             Ok(letters) => letters,
             Err(e) => return queue_error(e),
         }
     } else {
-        let mut letters = Vec::new();
+        // Every id is checked before any is replayed, and each is answered once, by its
+        // canonical form, however often and in whatever case it was named.
+        let mut ids: Vec<LeadId> = Vec::with_capacity(body.ids.len());
         for text in &body.ids {
-            let id = match parse_id(text) {
-                Ok(id) => id,
+            match parse_id(text) {
+                Ok(id) if !ids.contains(&id) => ids.push(id),
+                Ok(_) => {}
                 Err(bad) => return bad,
-            };
+            }
+        }
+        let mut letters = Vec::new();
+        for id in ids {
             match state.queue.dead_letter(id).await {
                 Ok(Some(letter)) => letters.push(letter),
-                Ok(None) => {}
+                Ok(None) => failed.push(ReplayFailure {
+                    id: id.to_string(),
+                    error: "no such dead letter".to_owned(),
+                }),
                 Err(e) => return queue_error(e),
             }
         }
         letters
     };
-    let mut replayed = Vec::new();
-    let mut failed = Vec::new();
-    let found: std::collections::HashSet<String> =
-        letters.iter().map(|l| l.lead.id.to_string()).collect();
-    for text in body.ids.iter().filter(|id| !found.contains(*id)) {
-        failed.push(ReplayFailure {
-            id: text.clone(),
-            error: "no such dead letter".to_owned(),
-        });
-    }
     for letter in letters {
         let id = letter.lead.id;
         match remap(&state, &letter) {

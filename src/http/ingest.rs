@@ -417,8 +417,9 @@ fn body_deadline(base: Duration, expected: usize) -> Duration {
 /// Reads the body, refusing with 413 as soon as it is known to exceed `limit` (at once from a
 /// declared `Content-Length`, or as soon as a chunked body passes the limit) and with 408 when
 /// the whole body has not arrived within its deadline ([`body_deadline`] of `base` and the
-/// declared length, or of `limit` for a body of unknown length).
-async fn read_body(
+/// declared length, or of `limit` for a body of unknown length). The admin API reads its
+/// bodies with it too.
+pub(crate) async fn read_body(
     req: &HttpRequest,
     payload: web::Payload,
     limit: usize,

@@ -1339,6 +1339,7 @@ impl RedisQueue {
 }
 
 async fn open_single(url: &str, certs: Option<TlsCertificates>) -> Result<(Conn, Dialer)> {
+    let url = url.trim();
     let client = match certs {
         Some(certs) if url.starts_with("rediss://") => redis::Client::build_with_tls(url, certs),
         _ => redis::Client::open(url),

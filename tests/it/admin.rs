@@ -782,3 +782,177 @@ async fn the_admin_cli_ends_quietly_when_its_output_pipe_is_closed() {
         assert!(stderr.is_empty(), "{args:?} said: {stderr}");
     }
 }
+
+/// Sends `head` (a request line and headers, ending in the blank line) and `body` on a raw
+/// connection, keeps it open, and returns what the gateway answered until it closed the
+/// connection (or `limit` passed), with how long that took.
+async fn raw_exchange(
+    app: &TestApp,
+    head: &str,
+    body: &[u8],
+    limit: Duration,
+) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.gateway().addr();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}Host: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(limit, stream.read_to_end(&mut answer)).await;
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A replay request whose body never finishes: `Content-Length: 100`, one byte sent.
+const STALLED_REPLAY: &str =
+    "POST /admin/dead/replay HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n";
+
+#[tokio::test]
+async fn a_replay_without_the_token_is_refused_at_once_whatever_its_body_does() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let (answer, took) = raw_exchange(&app, STALLED_REPLAY, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"unauthorized\""), "{answer}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the refusal and the close took {took:?}"
+    );
+
+    let wrong = format!("{STALLED_REPLAY}Authorization: Bearer admin-token-0000000000\r\n");
+    let (answer, took) = raw_exchange(&app, &wrong, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+
+    // The routes that take no body do not wait for one either.
+    let pause = STALLED_REPLAY.replace("/admin/dead/replay", "/admin/pause");
+    let (answer, took) = raw_exchange(&app, &pause, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_replay_to_an_instance_without_the_admin_api_is_answered_404_at_once() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let (answer, took) = raw_exchange(&app, STALLED_REPLAY, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("LEADGATE_ADMIN_TOKEN"), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[tokio::test]
+async fn an_operator_s_stalled_replay_body_is_cut_off_at_the_body_deadline() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "1s");
+    })
+    .await;
+    let head = format!("{STALLED_REPLAY}Authorization: Bearer {ADMIN}\r\n");
+    let (answer, took) = raw_exchange(&app, &head, b"{", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_timeout\""), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "answered after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_body_declared_larger_than_the_admin_cap_is_refused_before_reading() {
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.set("LEADGATE_ADMIN_TOKEN", ADMIN)
+            .set("LEADGATE_BODY_TIMEOUT", "30s");
+    })
+    .await;
+    let head = format!(
+        "POST /admin/dead/replay HTTP/1.1\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000\r\nAuthorization: Bearer {ADMIN}\r\n"
+    );
+    let (answer, took) = raw_exchange(&app, &head, b"{\"ids\": [", Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"payload_too_large\""), "{answer}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+/// `leadgate admin replay` with an id copied in lower case, and named twice: one replay, one
+/// delivery, answered once by the id's canonical form, and a successful exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_cli_replays_an_id_given_in_lower_case_and_twice_once() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Lower Case"]).await;
+    let lower = ids[0].to_ascii_lowercase();
+    assert_ne!(lower, ids[0]);
+    let output = admin_cli(&app, &["replay", &lower, &lower, &ids[0]]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["replayed"], json!([ids[0]]), "{answer}");
+    assert_eq!(answer["failed"], json!([]), "{answer}");
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Case");
+    eventually(Duration::from_secs(5), "the delivery", || async {
+        (app.stats().await.delivered == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.sim.received().len(), 1, "delivered once");
+}
+
+#[tokio::test]
+async fn replay_answers_a_missing_id_named_twice_once_in_canonical_form() {
+    let app = app_with_admin().await;
+    let missing = leadgate::lead::LeadId::new().to_string();
+    let lower = missing.to_ascii_lowercase();
+    let answer: Value = admin_post(&app, "/admin/dead/replay", json!({"ids": [lower, missing]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"], json!([]), "{answer}");
+    assert_eq!(
+        answer["failed"],
+        json!([{"id": missing, "error": "no such dead letter"}]),
+        "{answer}"
+    );
+    // A bad id among good ones refuses the whole request: nothing is replayed.
+    let ids = dead_letters(&app, &["Not Yet"]).await;
+    let bad = admin_post(
+        &app,
+        "/admin/dead/replay",
+        json!({"ids": [ids[0], "not-a-ulid"]}),
+    )
+    .await;
+    assert_eq!(bad.status(), 400);
+    assert_eq!(app.stats().await.dead, 1);
+}
+
+#[tokio::test]
+async fn a_lead_can_be_read_and_its_dead_letter_deleted_by_its_id_in_lower_case() {
+    let app = app_with_admin().await;
+    let ids = dead_letters(&app, &["Lower Delete"]).await;
+    let lower = ids[0].to_ascii_lowercase();
+    let response = admin_get(&app, &format!("/admin/leads/{lower}")).await;
+    assert_eq!(response.status(), 200);
+    let record: Value = response.json().await.unwrap();
+    assert_eq!(record["id"], ids[0], "{record}");
+    assert_eq!(record["state"], "dead", "{record}");
+    let deleted = app
+        .http
+        .delete(app.url(&format!("/admin/dead/{lower}")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(app.stats().await.dead, 0);
+}

@@ -480,3 +480,158 @@ async fn json_logs_carry_source_and_lead_id_and_mask_emails_and_phones() {
     assert!(!log.contains("jana.json@example.com"), "{log}");
     assert!(!log.contains("2079460018"), "{log}");
 }
+
+#[test]
+fn check_config_fails_naming_a_token_file_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-token");
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot read LEADGATE_ONPIPELINE_TOKEN_FILE {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("No such file"), "{stderr}");
+
+    // An empty file is no token either.
+    std::fs::write(&missing, "\n").unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("is empty"), "{stderr}");
+
+    // A readable one is named in the summary.
+    std::fs::write(&missing, "a-token-0123456789\n").unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env(
+            "LEADGATE_SOURCES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/leadgate.toml"),
+        )
+        .env("LEADGATE_ONPIPELINE_TOKEN_FILE", &missing)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("(token from {})", missing.display())),
+        "{stdout}"
+    );
+}
+
+/// A second `serve` started by mistake on a taken port, with the same data directory: it exits
+/// non-zero at once naming the address, before it opens the queue — it leases nothing of what
+/// the first instance holds (delivery held there) and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_a_taken_port_exits_before_touching_the_queue() {
+    use crate::helpers::app::{ADMIN_TOKEN, TOKEN};
+    let sim = start_sim(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = GatewayEnv::new(dir.path(), &sim, &default_sources());
+    env.unset("LEADGATE_ONPIPELINE_TOKEN")
+        .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let first = GatewayProcess::start(&env, &[]).await;
+    let http = client();
+    for i in 0..3 {
+        let response = http
+            .post(format!("{}/in/website", first.base))
+            .json(&serde_json::json!({"name": format!("Waiting Lead{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+
+    let taken = first.base.trim_start_matches("http://").to_owned();
+    let mut second = leadgate()
+        .arg("serve")
+        .envs(env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("LEADGATE_LISTEN", &taken)
+        .env("LEADGATE_ONPIPELINE_TOKEN", TOKEN)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(20) {
+            second.kill().unwrap();
+            panic!("the second serve kept running on a taken port");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = second.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("cannot listen on {taken} (LEADGATE_LISTEN)")),
+        "{log}"
+    );
+    assert!(log.contains("in use"), "the cause is given: {log}");
+    for started_first in ["Queue opened", "Forwarder started"] {
+        assert!(
+            !log.contains(started_first),
+            "it got as far as {started_first:?}:\n{log}"
+        );
+    }
+
+    let stats: Value = http
+        .get(format!("{}/admin/stats", first.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["ready"], 3, "{stats}");
+    assert_eq!(stats["leased"], 0, "{stats}");
+    assert!(sim.requests().is_empty(), "nothing was sent");
+}
+
+#[test]
+fn check_config_names_a_duplicate_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.toml");
+    std::fs::write(
+        &path,
+        "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[source.fields]\nemail = \"Email.work\"\nemail = \"Email.home\"\n",
+    )
+    .unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:7: duplicate key email", path.display())),
+        "{stderr}"
+    );
+}

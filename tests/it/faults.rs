@@ -1097,3 +1097,96 @@ async fn sigterm_releases_leases_still_running_at_the_deadline() {
         "delivered long before the 60 s lease timeout: the leases were released"
     );
 }
+
+/// A token file that cannot be read at start-up holds delivery from the start — `/readyz` says
+/// so, naming the file, before any lead arrives, and nothing is sent — until the file is
+/// written; then the waiting lead is delivered once.
+#[tokio::test]
+async fn an_unreadable_token_file_holds_delivery_from_start_up_until_it_can_be_read() {
+    use crate::helpers::app::TestApp;
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("onpipeline-token");
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.unset("LEADGATE_ONPIPELINE_TOKEN").set(
+            "LEADGATE_ONPIPELINE_TOKEN_FILE",
+            token_file.display().to_string(),
+        );
+    })
+    .await;
+    let readyz = || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let ready = readyz().await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["delivery"]["state"], "held", "{ready}");
+    let reason = ready["delivery"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("token cannot be read") && reason.contains("onpipeline-token"),
+        "{ready}"
+    );
+
+    let response = app
+        .post_json("website", &json!({"name": "Held Token"}))
+        .await;
+    assert_eq!(response.status(), 202);
+    // Several re-reads (LEADGATE_PAUSE_PROBE_MAX is 300ms here): still held, nothing sent.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(readyz().await["delivery"]["state"], "held");
+    assert!(app.sim.requests().is_empty(), "nothing is sent while held");
+
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Token");
+    let ready = readyz().await;
+    assert_eq!(ready["delivery"]["state"], "running", "{ready}");
+    assert_eq!(app.sim.requests().len(), 1, "one request, accepted");
+}
+
+/// An operator's pause made while delivery was held for its token file is still in force
+/// once the file can be read: nothing is sent until the operator resumes.
+#[tokio::test]
+async fn an_operator_pause_made_while_held_for_the_token_file_outlasts_the_hold() {
+    use crate::helpers::app::TestApp;
+    use leadgate::forwarder::DeliveryStatus;
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("onpipeline-token");
+    let app = TestApp::spawn_with(&default_sources(), |env| {
+        env.unset("LEADGATE_ONPIPELINE_TOKEN")
+            .set(
+                "LEADGATE_ONPIPELINE_TOKEN_FILE",
+                token_file.display().to_string(),
+            )
+            .set("LEADGATE_ADMIN_TOKEN", ADMIN_TOKEN);
+    })
+    .await;
+    let admin = |path: &str| app.http.post(app.url(path)).bearer_auth(ADMIN_TOKEN).send();
+    assert_eq!(admin("/admin/pause").await.unwrap().status(), 200);
+    let response = app
+        .post_json("website", &json!({"name": "Paused Held"}))
+        .await;
+    assert_eq!(response.status(), 202);
+    std::fs::write(&token_file, TOKEN).unwrap();
+    eventually(Duration::from_secs(10), "the hold to end", || async {
+        matches!(
+            app.gateway().delivery(),
+            DeliveryStatus::Paused {
+                by_operator: true,
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(app.sim.requests().is_empty(), "the operator's pause holds");
+    assert_eq!(admin("/admin/resume").await.unwrap().status(), 200);
+    let leads = app.received(1).await;
+    assert_eq!(leads[0].payload["LastName"], "Held");
+}
