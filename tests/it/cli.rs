@@ -1,5 +1,6 @@
 //! The command line: `check-config` and `serve --sandbox` as a new user runs them.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,6 +16,22 @@ fn leadgate() -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     command
+}
+
+/// Writes `contents` as the sources file `name` in `dir` and runs `check-config` on it.
+fn check_config(
+    dir: &std::path::Path,
+    name: &str,
+    contents: &str,
+) -> (PathBuf, std::process::Output) {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    let output = leadgate()
+        .arg("check-config")
+        .env("LEADGATE_SOURCES", &path)
+        .output()
+        .unwrap();
+    (path, output)
 }
 
 #[test]
@@ -44,9 +61,9 @@ fn check_config_prints_each_source_with_its_url_and_mapping() {
 #[test]
 fn check_config_warns_of_platform_sources_that_would_drop_invalid_values() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("leadgate.toml");
-    std::fs::write(
-        &path,
+    let (_, output) = check_config(
+        dir.path(),
+        "leadgate.toml",
         r#"
 [[source]]
 id = "site"
@@ -63,13 +80,7 @@ kind = "google"
 google_key = "google-key-0123456789"
 unmapped_extra = "4444444"
 "#,
-    )
-    .unwrap();
-    let output = leadgate()
-        .arg("check-config")
-        .env("LEADGATE_SOURCES", &path)
-        .output()
-        .unwrap();
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     let section = |id: &str| {
@@ -87,17 +98,11 @@ unmapped_extra = "4444444"
 #[test]
 fn check_config_names_file_line_and_key_of_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let (path, output) = check_config(
+        dir.path(),
+        "bad.toml",
         "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[source.fields]\nemail = \"Email.office\"\n",
-    )
-    .unwrap();
-    let output = leadgate()
-        .arg("check-config")
-        .env("LEADGATE_SOURCES", &path)
-        .output()
-        .unwrap();
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -110,17 +115,11 @@ fn check_config_names_file_line_and_key_of_an_error() {
 #[test]
 fn check_config_names_the_line_of_a_duplicate_source_id_s_second_definition() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dup.toml");
-    std::fs::write(
-        &path,
+    let (path, output) = check_config(
+        dir.path(),
+        "dup.toml",
         "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[[source]]\nid = \"web\"\nkind = \"form\"\n",
-    )
-    .unwrap();
-    let output = leadgate()
-        .arg("check-config")
-        .env("LEADGATE_SOURCES", &path)
-        .output()
-        .unwrap();
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -137,13 +136,7 @@ fn check_config_names_the_line_of_a_duplicate_source_id_s_second_definition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sources_file_without_sources_fails_check_config_and_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("empty.toml");
-    std::fs::write(&path, "# every [[source]] was removed\n").unwrap();
-    let output = leadgate()
-        .arg("check-config")
-        .env("LEADGATE_SOURCES", &path)
-        .output()
-        .unwrap();
+    let (path, output) = check_config(dir.path(), "empty.toml", "# every [[source]] was removed\n");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(
@@ -400,14 +393,7 @@ async fn serve_without_a_token_logs_that_delivery_is_held_and_readyz_says_so() {
     );
 
     let http = client();
-    let readyz: Value = http
-        .get(format!("{}/readyz", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: Value = gateway.readyz().await.unwrap();
     assert_eq!(readyz["status"], "degraded", "{readyz}");
     assert_eq!(readyz["delivery"]["state"], "held", "{readyz}");
     assert!(
@@ -617,17 +603,11 @@ async fn a_second_serve_on_a_taken_port_exits_before_touching_the_queue() {
 #[test]
 fn check_config_names_a_duplicate_key_and_its_line() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("s.toml");
-    std::fs::write(
-        &path,
+    let (path, output) = check_config(
+        dir.path(),
+        "s.toml",
         "[[source]]\nid = \"web\"\nkind = \"form\"\n\n[source.fields]\nemail = \"Email.work\"\nemail = \"Email.home\"\n",
-    )
-    .unwrap();
-    let output = leadgate()
-        .arg("check-config")
-        .env("LEADGATE_SOURCES", &path)
-        .output()
-        .unwrap();
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(

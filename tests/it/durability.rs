@@ -54,14 +54,7 @@ async fn accepted_leads_survive_kill_9(redis: Option<&RedisServer>, fsync: &str)
     }
     env.set("LEADGATE_EMBEDDED_FSYNC", fsync);
     let mut gateway = GatewayProcess::start(&env, &[]).await;
-    let readyz: Value = client()
-        .get(format!("{}/readyz", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: Value = gateway.readyz().await.unwrap();
     assert_eq!(readyz["delivery"]["state"], "held", "{readyz}");
 
     let ids = post_many(&gateway.base, LEADS).await;

@@ -297,14 +297,7 @@ async fn ingest_only_and_forwarder_only_processes_split_the_work_on_one_redis() 
             .unwrap();
         assert_eq!(response.status(), 202);
     }
-    let readyz: Value = http
-        .get(format!("{}/readyz", ingest.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: Value = ingest.readyz().await.unwrap();
     assert_eq!(readyz["status"], "ready", "{readyz}");
     assert_eq!(readyz["delivery"]["state"], "off", "{readyz}");
     // Long enough for a forwarder to have leased and sent them, had one run.
@@ -339,14 +332,7 @@ async fn ingest_only_and_forwarder_only_processes_split_the_work_on_one_redis() 
     assert!(refused.headers().contains_key("retry-after"));
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
-    let readyz: Value = http
-        .get(format!("{}/readyz", forwarder.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz: Value = forwarder.readyz().await.unwrap();
     assert_eq!(readyz["status"], "ready", "{readyz}");
     assert_eq!(readyz["ingest"], false, "{readyz}");
     assert_eq!(readyz["delivery"]["state"], "running", "{readyz}");
@@ -710,14 +696,7 @@ async fn a_revoked_token_pauses_delivery_uncounted_until_the_token_file_is_fixed
         );
     }
     let readyz: Value = eventually(Duration::from_secs(10), "delivery to pause", || async {
-        let body: Value = http
-            .get(format!("{}/readyz", gateway.base))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = gateway.readyz().await?;
         (body["delivery"]["state"] == "paused").then_some(body)
     })
     .await;

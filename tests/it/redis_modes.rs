@@ -19,14 +19,7 @@ async fn one_lead_is_delivered_once(
     gateway: &GatewayProcess,
     sim: &leadgate::sim::Simulator,
 ) -> String {
-    let ready: Value = client()
-        .get(format!("{}/readyz", gateway.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = gateway.readyz().await.unwrap();
     assert_eq!(ready["queue"]["backend"], "redis", "{ready}");
     assert_eq!(ready["queue"]["reachable"], true, "{ready}");
 

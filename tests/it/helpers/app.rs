@@ -503,6 +503,18 @@ impl GatewayProcess {
             .ok()
     }
 
+    /// `GET /readyz`, as JSON; `None` when it does not answer JSON.
+    pub async fn readyz(&self) -> Option<Value> {
+        client()
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
     pub async fn admin_stats(&self) -> Option<Value> {
         self.admin_get("/admin/stats").await
     }
